@@ -1,0 +1,78 @@
+"""The networks: reconstruction U-Net (with DACM and Sparse-Skip) and segmentation U-Net."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diff_fastener_jax.models.dacm import DACM
+from diff_fastener_jax.models.segmentation import SegmentationUNet
+from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
+
+__all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "build_models", "count_params",
+           "init_params", "kept_skips", "compute_dtype"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+    """Maps `model.dtype` to a jnp dtype, with a clear error for unknown names."""
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def attention_downsample_factors(image_size: int, resolutions) -> tuple[int, ...]:
+    """Feature-map sizes (at `image_size` input) -> the level downsampling factors that get attention.
+
+    Fixing the factors at build time keeps the parameter count independent of the input resolution.
+    """
+    factors = []
+    for r in resolutions:
+        if r <= 0 or image_size % r:
+            raise ValueError(f"model.attention_resolutions: {r} does not divide data.image_size={image_size}")
+        factors.append(image_size // r)
+    return tuple(sorted(factors))
+
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet, SegmentationUNet]:
+    """Builds (reconstruction U-Net, segmentation U-Net) from `config.model` and `config.data.image_size`."""
+    m = config.model
+    dtype = compute_dtype(m.dtype)
+    recon = ReconstructionUNet(
+        in_channels=m.in_channels,
+        base_channels=m.base_channels,
+        channel_mults=tuple(m.channel_mults),
+        num_res_blocks=m.num_res_blocks,
+        attention_ds=attention_downsample_factors(config.data.image_size, m.attention_resolutions),
+        num_heads=m.num_heads,
+        groups=m.num_groups,
+        activation=m.activation,
+        dropout=m.dropout,
+        skip_every=m.skip_every,
+        use_dacm=m.use_dacm,
+        dacm_use_cbam=m.dacm_use_cbam,
+        dacm_use_dilated=m.dacm_use_dilated,
+        dacm_reduction=m.dacm_reduction,
+        dtype=dtype,
+    )
+    seg = SegmentationUNet(channels=tuple(m.seg_channels), groups=m.num_groups, dtype=dtype)
+    return recon, seg
+
+
+def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: int | None = None):
+    """Initialises {'recon': ..., 'seg': ...} float32 params for one image of `image_size`."""
+    recon, seg = build_models(config)
+    size = image_size or config.data.image_size
+    c = config.model.in_channels
+    k1, k2 = jax.random.split(key)
+    x = jnp.zeros((1, size, size, c), jnp.float32)
+    recon_params = recon.init(k1, x, jnp.zeros((1,), jnp.int32))["params"]
+    seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32))["params"]
+    return {"recon": recon_params, "seg": seg_params}
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a parameter pytree."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,131 @@
+"""Building blocks shared by the reconstruction U-Net: norms, time embedding, res blocks, attention.
+
+All modules take a compute `dtype`; parameters stay float32 (flax's `param_dtype` default) and the
+GroupNorm statistics are always computed in float32 so bf16 compute does not drift.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # The paper swaps SiLU for GELU everywhere; the exact (erf) form, as in PyTorch's default.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Returns the activation function called `name` ('gelu', 'silu' or 'relu')."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"model.activation: unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def num_groups_for(channels: int, groups: int) -> int:
+    """Largest group count <= `groups` that divides `channels` (tiny test widths need fewer than 32)."""
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm whose statistics are computed in float32 whatever the compute dtype."""
+
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        g = num_groups_for(x.shape[-1], self.groups)
+        y = nn.GroupNorm(num_groups=g, epsilon=1e-5, dtype=jnp.float32)(x.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of integer timesteps. t: (B,) -> (B, dim) float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]  # (B, half)
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2. (B, H, W, C) -> (B, H/2, W/2, C)."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def upsample_nearest2(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2x upsampling. (B, H, W, C) -> (B, 2H, 2W, C)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class ResBlock(nn.Module):
+    """GN-act-conv, + time projection, GN-act-dropout-conv(zero init), with a 1x1 skip if widths change.
+
+    `resample` = 'down' / 'up' makes it a BigGAN-style resampling block: both the residual path (after
+    the first activation) and the skip path are average-pooled / nearest-upsampled.
+    """
+
+    out_channels: int
+    activation: str = "gelu"
+    dropout: float = 0.0
+    groups: int = 32
+    resample: str | None = None  # None | 'down' | 'up'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
+        act = get_activation(self.activation)
+        resize = {None: lambda a: a, "down": avg_pool2, "up": upsample_nearest2}[self.resample]
+        h = act(GroupNorm32(self.groups, self.dtype)(x))
+        h = resize(h)
+        x = resize(x)
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(h)
+        # (B, 4*base) -> (B, 1, 1, C): the timestep shifts every channel.
+        emb = nn.Dense(self.out_channels, dtype=self.dtype, name="temb_proj")(act(temb.astype(self.dtype)))
+        h = h + emb[:, None, None, :]
+        h = act(GroupNorm32(self.groups, self.dtype)(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype,
+                    kernel_init=nn.initializers.zeros, name="conv_out")(h)
+        if x.shape[-1] != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual, zero-initialised output projection.
+
+    Uses `jax.nn.dot_product_attention`, which lowers to a fused (cuDNN flash) kernel on GPUs.
+    """
+
+    num_heads: int = 4
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} does not divide the {c} channels of an attention block")
+        head_dim = c // self.num_heads
+        h = GroupNorm32(self.groups, self.dtype)(x).reshape(b, hgt * wid, c)  # (B, N, C)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)  # (B, N, 3C)
+        q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3, self.num_heads, head_dim), 3, axis=2)
+        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, heads, D)
+        out = out.reshape(b, hgt * wid, c)
+        out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
+        return x + out.reshape(b, hgt, wid, c)

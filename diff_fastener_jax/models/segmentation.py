@@ -1,0 +1,66 @@
+"""Segmentation U-Net: per-pixel anomaly probability from concat(image, reconstruction) (DESIGN.md §3).
+
+Six levels (64, 128, 256, 512, 512, 512 by default), two conv3-GroupNorm-act per block, max-pool down,
+bilinear up + conv3-GN-act, skip concatenation, a conv3 head to one channel. GroupNorm replaces the
+reference's BatchNorm: per-device batches are 2-4 images, and GN carries no running state.
+The decoder width at level j is channels[max(j - 1, 0)], which reproduces the reference's widths.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diff_fastener_jax.models.layers import Dtype, GroupNorm32
+
+
+class ConvNormAct(nn.Module):
+    """conv3 -> GroupNorm -> ReLU."""
+
+    features: int
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(x)
+        return jax.nn.relu(GroupNorm32(self.groups, self.dtype)(x))
+
+
+class SegmentationUNet(nn.Module):
+    """(B, H, W, 2C) concat(image, recon) -> (B, H, W, 1) probability (or logits)."""
+
+    channels: Sequence[int] = (64, 128, 256, 512, 512, 512)
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_logits: bool = False) -> jax.Array:
+        n = len(self.channels)
+        factor = 2 ** (n - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"image size {x.shape[1:3]} must be divisible by {factor} (2**(len(model.seg_channels) - 1))")
+        block = lambda f, name: nn.Sequential(  # noqa: E731
+            [ConvNormAct(f, self.groups, self.dtype), ConvNormAct(f, self.groups, self.dtype)], name=name)
+
+        h = x.astype(self.dtype)
+        feats = []
+        for j, ch in enumerate(self.channels):
+            if j:
+                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+            h = block(ch, f"enc{j}")(h)
+            feats.append(h)
+
+        for j in reversed(range(n - 1)):
+            ch = self.channels[max(j - 1, 0)]
+            b, hh, ww, c = h.shape
+            h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method="bilinear")
+            h = ConvNormAct(ch, self.groups, self.dtype, name=f"up{j}")(h)
+            h = jnp.concatenate([h, feats[j]], axis=-1)
+            h = block(ch, f"dec{j}")(h)
+
+        logits = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype, name="head")(h).astype(jnp.float32)
+        return logits if return_logits else jax.nn.sigmoid(logits)

@@ -1,0 +1,131 @@
+"""Networks: pinned parameter counts, shapes, Sparse-Skip savings, DACM, zero init, bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+
+from diff_fastener_jax.config_utils import load_config
+from diff_fastener_jax.models import DACM, build_models, count_params, init_params, kept_skips
+from diff_fastener_jax.models.__main__ import model_summary
+
+
+def _abstract_param_counts(config, size=256):
+    recon, seg = build_models(config)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    xs = jax.ShapeDtypeStruct((1, size, size, 6), jnp.float32)
+    pr = jax.eval_shape(recon.init, jax.random.key(0), x, t)
+    ps = jax.eval_shape(seg.init, jax.random.key(0), xs)
+    return count_params(pr), count_params(ps)
+
+
+def test_dense_reference_matches_published_parameter_counts():
+    config = load_config(f"{ROOT}/configs/dense_reference.py")
+    n_recon, n_seg = _abstract_param_counts(config)
+    assert abs(n_recon / 131.65e6 - 1) < 0.01, n_recon
+    assert abs(n_seg / 28.37e6 - 1) < 0.01, n_seg
+    # Exact pins: any change to the wiring shows up here.
+    assert n_recon == 131_654_403
+    assert n_seg == 28_373_569
+
+
+def test_paper_config_pinned_and_smaller_than_dense():
+    n_recon, n_seg = _abstract_param_counts(load_config(f"{ROOT}/configs/default.py"))
+    assert n_recon == 120_537_701
+    assert n_seg == 28_373_569
+
+
+def test_kept_skips_pattern():
+    assert kept_skips(6, 2, 1) == (True,) * 18
+    kept = kept_skips(6, 2, 3)
+    assert sum(kept) == 6 and kept[2] and kept[17] and not kept[0]
+    with pytest.raises(ValueError, match="skip_every"):
+        kept_skips(6, 2, 0)
+
+
+def test_sparse_skip_saves_params_and_flops():
+    dense = tiny_config(**{"model.skip_every": 1})
+    sparse = tiny_config(**{"model.skip_every": 2})
+    s_dense, s_sparse = model_summary(dense), model_summary(sparse)
+    assert s_sparse["params_recon"] < s_dense["params_recon"]
+    assert s_sparse["gflops_recon"] < s_dense["gflops_recon"]
+    assert s_sparse["params_seg"] == s_dense["params_seg"]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_output_shapes_and_resolution_independent_params(size):
+    config = tiny_config()
+    recon, seg = build_models(config)
+    params = init_params(config, jax.random.key(0))  # built at data.image_size = 32
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    eps = recon.apply({"params": params["recon"]}, x, jnp.array([3, 700]))
+    assert eps.shape == (2, size, size, 3) and eps.dtype == jnp.float32
+    prob = seg.apply({"params": params["seg"]}, jnp.concatenate([x, x], -1))
+    assert prob.shape == (2, size, size, 1)
+    assert bool(jnp.all((prob >= 0) & (prob <= 1)))
+    # Params initialised at this size have the same count as at 32 px.
+    assert count_params(init_params(config, jax.random.key(0), image_size=size)) == count_params(params)
+
+
+def test_fresh_unet_predicts_exactly_zero():
+    config = tiny_config()
+    recon, _ = build_models(config)
+    params = init_params(config, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    eps = recon.apply({"params": params["recon"]}, x, jnp.array([0, 999]))
+    assert float(jnp.max(jnp.abs(eps))) == 0.0
+
+
+def test_bf16_compute_float32_params():
+    config = tiny_config(**{"model.dtype": "bfloat16"})
+    recon, seg = build_models(config)
+    params = init_params(config, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    # Perturb the zero-init output conv so the output is non-trivial.
+    params["recon"]["out_conv"]["kernel"] = 0.01 * jnp.ones_like(params["recon"]["out_conv"]["kernel"])
+    eps_bf16 = recon.apply({"params": params["recon"]}, x, jnp.array([5, 500]))
+    recon32, _ = build_models(tiny_config())
+    eps_f32 = recon32.apply({"params": params["recon"]}, x, jnp.array([5, 500]))
+    assert eps_bf16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(eps_bf16)))
+    np.testing.assert_allclose(eps_bf16, eps_f32, atol=0.05 * float(jnp.max(jnp.abs(eps_f32))) + 1e-3)
+    prob = seg.apply({"params": params["seg"]}, jnp.concatenate([x, x], -1))
+    assert prob.dtype == jnp.float32 and prob.shape == (2, 32, 32, 1)
+
+
+def test_dacm_keeps_shape_and_switches():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+    for cbam, dil in [(True, True), (True, False), (False, True)]:
+        m = DACM(use_cbam=cbam, use_dilated=dil, reduction=4, groups=8)
+        p = m.init(jax.random.key(1), x)
+        assert m.apply(p, x).shape == x.shape
+        assert ("channel_attention" in p["params"]) == cbam
+        assert ("dilated_conv" in p["params"]) == dil
+    ident = DACM(use_cbam=False, use_dilated=False)
+    assert bool(jnp.all(ident.apply(ident.init(jax.random.key(1), x), x) == x))
+
+
+def test_dacm_conv_has_dilation_two():
+    """An impulse through the dilated conv touches only offsets in {-2, 0, 2}^2."""
+    m = DACM(use_cbam=False, use_dilated=True, groups=1)
+    x = jnp.zeros((1, 11, 11, 4)).at[0, 5, 5, :].set(1.0)
+    p = m.init(jax.random.key(0), x)
+    _, state = m.apply(p, x, capture_intermediates=True, mutable=["intermediates"])
+    y = state["intermediates"]["dilated_conv"]["__call__"][0]  # (1, 11, 11, C)
+    response = np.abs(np.asarray(y - p["params"]["dilated_conv"]["bias"])).sum(-1)[0]
+    rows, cols = np.nonzero(response > 1e-7)
+    offsets = set(zip((rows - 5).tolist(), (cols - 5).tolist()))
+    assert offsets == {(i, j) for i in (-2, 0, 2) for j in (-2, 0, 2)}
+
+
+def test_bad_sizes_raise_clear_errors():
+    config = tiny_config()
+    recon, _ = build_models(config)
+    params = init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="divisible"):
+        recon.apply({"params": params["recon"]}, jnp.zeros((1, 33, 33, 3)), jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="model.activation"):
+        build_models(tiny_config(**{"model.activation": "tanh"}))[0].init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32))
