@@ -15,110 +15,12 @@ and 99.1 / 98.9 on its rail-fastener set after 1500 epochs at batch 4 (2 normal 
 
 import ml_collections
 
-DATA_PRESETS = ("mvtec", "visa", "fastener", "demo")
-
-
-def model_config() -> ml_collections.ConfigDict:
-    """Network sizes (DESIGN.md §3)."""
-    m = ml_collections.ConfigDict()
-    m.in_channels = 3
-    m.base_channels = 128
-    m.channel_mults = (1, 1, 2, 2, 4, 4)
-    m.num_res_blocks = 2
-    m.attention_resolutions = (32, 16, 8)  # feature-map sizes (pixels) that get self-attention
-    m.num_heads = 4
-    m.num_groups = 32  # GroupNorm groups (clamped to the channel count for tiny widths)
-    m.activation = "gelu"  # 'gelu' (paper) | 'silu' (reference)
-    m.dropout = 0.0
-    m.skip_every = 3  # Sparse-Skip: keep every k-th encoder skip; 1 = dense (reference)
-    m.use_dacm = True
-    m.dacm_use_cbam = True
-    m.dacm_use_dilated = True
-    m.dacm_reduction = 16
-    m.seg_channels = (64, 128, 256, 512, 512, 512)
-    m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; params are always float32
-    return m
+from diff_fastener_jax.config_schema import DATA_PRESETS, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the full config; `arg` selects the data preset."""
+    """The paper's settings; `arg` selects the data preset (mvtec, visa, fastener, demo)."""
     preset = arg or "mvtec"
     if preset not in DATA_PRESETS:
         raise ValueError(f"configs/default.py: unknown preset {preset!r}; choose one of {DATA_PRESETS}")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    c.data = ml_collections.ConfigDict()
-    c.data.format = preset if preset != "fastener" else "folder"
-    c.data.root = ""  # dataset root (for 'demo': where to generate; default <workdir>/demo_data)
-    c.data.category = "fastener" if preset in ("fastener", "demo") else ""
-    c.data.image_size = 256
-    c.data.val_fraction = 0.1  # held-out slice of train/good for validation and threshold calibration
-    c.data.texture_dir = ""  # optional folder of anomaly source textures (e.g. DTD); never downloaded
-    c.data.foreground = "otsu"  # 'otsu' (objects) | 'full' (textures)
-    c.data.num_workers = 2  # grain worker processes (0 = in-process)
-    c.data.prefetch = 2  # per-worker buffer (batches)
-    # generic folder layout: sub-folder names below root/category
-    c.data.normal_dir = "normal"
-    c.data.abnormal_dir = "abnormal"
-    c.data.mask_dir = "masks"
-    # demo generator (format 'demo')
-    c.data.demo_n_train = 64
-    c.data.demo_n_test = 48
-    # k-fold protocol (crossval.py sets these): fold -1 = no fold split
-    c.data.num_folds = 5
-    c.data.fold = -1
-
-    c.model = model_config()
-
-    c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.T = 1000
-    c.diffusion.schedule = "linear"  # 'linear' | 'cosine'
-    c.diffusion.beta_start = 1e-4
-    c.diffusion.beta_end = 0.02
-    c.diffusion.tau = 300  # training: t_s ~ U{0..tau-1}, t_b ~ U{tau..T-1}
-    c.diffusion.eval_t_small = 200
-    c.diffusion.eval_t_big = 400
-    c.diffusion.guidance_w = 1.0
-
-    c.loss = ml_collections.ConfigDict()
-    c.loss.noise_weight = 1.0
-    c.loss.focal_weight = 5.0
-    c.loss.smoothl1_weight = 1.0
-    c.loss.focal_alpha = 0.5
-    c.loss.focal_gamma = 4.0
-    c.loss.smoothl1_beta = 1.0
-    c.loss.detach_recon = False
-    c.loss.anomaly_oriented_noise = False  # GLAD eq. 10 target for the synthetic half
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr_recon = 1e-4
-    c.optim.lr_seg = 1e-4
-    c.optim.ema_decay = 0.0  # 0 disables EMA
-    c.optim.clip = 0.0  # global-norm gradient clipping; 0 disables
-
-    c.infer = ml_collections.ConfigDict()
-    c.infer.top_k = 50  # at 256²; scaled with the pixel count at other sizes
-    c.infer.map = "segmentation"  # 'segmentation' | 'recon_error' (seed 002 baseline)
-    c.infer.batch_size = 16
-    c.infer.seed = 0
-
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 4  # GLOBAL; even and divisible by 2 x devices (half normal, half synthetic)
-    c.train.num_steps = -1  # -1: derive from num_epochs
-    c.train.num_epochs = 1500
-    c.train.checkpoint_every = 2000
-    c.train.keep_checkpoints = 3
-    c.train.log_every = 50
-    c.train.eval_every = 5000
-    c.train.val_batches = 4
-    c.train.tensorboard = False
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.fpr_target = 0.01  # label threshold: this FPR on held-out normal validation images
-    c.eval.threshold = -1.0  # >= 0: use this image-score threshold instead
-    c.eval.aupro_limit = 0.3
-    c.eval.num_panels = 6
-    c.eval.pixel_bins = 10000
-
-    return c
+    return base_config(preset)

@@ -50,3 +50,45 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, obje
         with node.ignore_type():
             node[parts[-1]] = value
     return config
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, object]:
+    """{'data.root': ..., 'model.base_channels': ...} for a (nested) ConfigDict or dict."""
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, (dict, ml_collections.ConfigDict)):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+    """Reads a run's saved config.json back into the schema (lists become tuples where the schema has tuples)."""
+    import json
+
+    from diff_fastener_jax.config_schema import base_config
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no saved config at {path}: is this a training workdir?")
+    with open(path) as f:
+        saved = json.load(f)
+    config = base_config()
+    known = flatten(config)
+    values = {k: v for k, v in flatten(saved).items() if k in known}
+    unknown = sorted(set(flatten(saved)) - set(known))
+    if unknown:
+        raise KeyError(f"{path}: unknown config key(s) {unknown}")
+    return apply_overrides(config, {k: (v if not isinstance(v, str) else repr(v)) for k, v in values.items()})
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, str]:
+    """['--config.data.root=/x', ...] -> {'data.root': '/x'}; anything else raises a clear error."""
+    out = {}
+    for a in args:
+        if not a.startswith("--config.") or "=" not in a:
+            raise ValueError(f"unexpected argument {a!r}: overrides look like --config.data.root=/path")
+        k, v = a[len("--config."):].split("=", 1)
+        out[k] = v
+    return out

@@ -25,3 +25,22 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+def assert_same_training_result(params_a, params_b, lr: float, steps: int):
+    """Params from two runs that differ only in float summation order (device count, process count).
+
+    Adam's first steps move each weight by about lr * sign(grad), so a weight whose gradient is at the
+    1e-8 level (Adam's epsilon) can move by a different fraction of lr when the summation order changes.
+    Nearly every weight must agree to float32 tolerance; none may differ by more than the steps allow.
+    """
+    import jax
+    import numpy as np
+
+    a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(params_a))])
+    b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(params_b))])
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    close = diff <= 1e-6 + 1e-4 * np.abs(b)
+    assert close.mean() > 0.999, f"only {close.mean():.5f} of the weights agree"
+    assert diff.max() <= 2 * lr * steps + 1e-6, diff.max()
