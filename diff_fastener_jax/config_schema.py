@@ -52,6 +52,7 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.data.normal_dir = "normal"
     c.data.abnormal_dir = "abnormal"
     c.data.mask_dir = "masks"
+    c.data.folder_test_fraction = 0.2  # share of the normal images held out as test normals (seeded)
     # demo generator (format 'demo')
     c.data.demo_n_train = 64
     c.data.demo_n_test = 48

@@ -11,7 +11,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests build the same tiny programs (each train run makes a fresh jitted step); a persistent
+# compilation cache shared by the session turns the repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "DFJ_TEST_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dfj_test_jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def tiny_config(**overrides):

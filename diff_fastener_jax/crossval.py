@@ -1,0 +1,80 @@
+r"""The paper's k-fold protocol over the normal images: train and evaluate each fold, then summarise.
+
+  python -m diff_fastener_jax.crossval --config configs/demo.py --workdir runs/demo_cv --folds 5
+
+Fold k holds out the k-th fifth of the normal training images: the model trains on the rest and is
+evaluated on the held-out normals plus the test split's anomalies. Each fold is an ordinary run in
+`<workdir>/fold_<k>` (resumable); the summary (mean ± std per metric) goes to
+`<workdir>/crossval.json` and `<workdir>/crossval.html`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from diff_fastener_jax import report
+from diff_fastener_jax.evaluate import evaluate_run
+from diff_fastener_jax.run_loading import load_run_config, load_run_params
+
+# --config and --workdir are train's flags (absl flags are process-global; defining them twice fails).
+from diff_fastener_jax.train import _CONFIG, _WORKDIR, train_and_evaluate
+
+_FOLDS = flags.DEFINE_integer("folds", 5, "number of folds (k)")
+
+SUMMARY_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro",
+                "precision", "recall", "images_per_second")
+
+
+def summarize(per_fold: list[dict]) -> dict[str, tuple[float, float]]:
+    """{metric: (mean, std)} over folds, for the metrics every fold reports."""
+    out = {}
+    for k in SUMMARY_KEYS:
+        vals = [f[k] for f in per_fold if k in f and f[k] is not None and np.isfinite(f[k])]
+        if vals:
+            out[k] = (float(np.mean(vals)), float(np.std(vals)))
+    return out
+
+
+def run_crossval(config, workdir: str, folds: int, *, quiet: bool = False) -> dict:
+    """Trains and evaluates every fold; writes crossval.json / crossval.html; returns the summary."""
+    if folds < 2:
+        raise ValueError(f"--folds must be >= 2, got {folds}")
+    per_fold = []
+    for k in range(folds):
+        cfg = config.copy_and_resolve_references()
+        cfg.unlock()
+        cfg.data.num_folds = folds
+        cfg.data.fold = k
+        fold_dir = os.path.join(workdir, f"fold_{k}")
+        train_and_evaluate(cfg, fold_dir, quiet=quiet)
+        run_cfg = load_run_config(fold_dir)
+        params, _ = load_run_params(fold_dir, run_cfg)
+        res = evaluate_run(run_cfg, params, os.path.join(fold_dir, "eval"), title=f"fold {k}/{folds}",
+                           show_progress=not quiet)
+        per_fold.append({key: res.get(key) for key in SUMMARY_KEYS} | {"fold": k})
+    summary = summarize(per_fold)
+    record = {"folds": folds, "per_fold": per_fold,
+              "summary": {k: {"mean": m, "std": s} for k, (m, s) in summary.items()}}
+    with open(os.path.join(workdir, "crossval.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    report.write_summary_html(os.path.join(workdir, "crossval.html"), f"{folds}-fold cross-validation", summary)
+    return record
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    record = run_crossval(_CONFIG.value, _WORKDIR.value, _FOLDS.value)
+    for k, v in record["summary"].items():
+        print(f"{k:<20} {v['mean']:.4f} ± {v['std']:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,420 @@
+"""Dataset readers (DESIGN.md §6): MVTec AD layout, VisA's split CSV, a generic folder layout, and
+the built-in synthetic demo (MVTec layout).
+
+Layouts (paths below `data.root`):
+
+  mvtec / demo  <category>/train/good/*.png                  normal training images
+                <category>/test/<defect>/*.png               test images ('good' = normal)
+                <category>/ground_truth/<defect>/<stem>_mask.png   one mask per defective test image
+  visa          split_csv/1cls.csv  columns object,split,label,image,mask (paths relative to root,
+                label 'normal' / 'anomaly'); `data.category` picks one object ('' = all objects)
+  folder        <category>/<normal_dir>/*.png                normal images (split train/test below)
+                <category>/<abnormal_dir>/<type>/*.png       defective images (or directly in abnormal_dir)
+                <category>/<mask_dir>/<type>/<stem>*.png     optional masks (if mask_dir exists, every
+                                                             defective image needs one)
+
+Splits (`list_samples`): 'train' = normal training images minus the validation slice; 'val' = a
+`data.val_fraction` slice of the normal training images (deterministic under `seed`), used for
+validation and threshold calibration; 'test' = the test split, never used for training. The folder
+layout has no test split of its own: a `data.folder_test_fraction` share of its normal images (chosen
+under `seed`) plus every defective image form its test split.
+
+k-fold (`data.fold` >= 0): the normal training pool (for the folder layout: ALL its normal images) is
+split into `data.num_folds` folds under `seed`; fold `data.fold` is held out and becomes the test split's
+normals, joined by the layout's anomalous test images (the layout's own test normals are not used).
+'train' and 'val' then come from the other folds.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val", "test")
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+
+# Separate random streams per decision, so changing one split never reshuffles another.
+_STREAM_FOLDS, _STREAM_VAL, _STREAM_FOLDER_TEST = 1, 2, 3
+
+
+class DatasetError(ValueError):
+    """Bad dataset input: a missing/empty folder, an unreadable image, an unmatched mask, ..."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One image of a dataset split."""
+
+    path: str
+    label: int  # 0 normal, 1 anomalous
+    defect: str  # 'good' for normal images
+    mask_path: str | None = None  # None: no pixel annotation (all-zero mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _size_hw(size) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def _open_fully(path: str) -> Image.Image:
+    """Opens and fully decodes an image (truncated/corrupt files fail here, not later)."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"image file {path} does not exist")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+    return img
+
+
+def _to_uint8_array(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 (H, W) or (H, W, C); 16-bit and float images are rescaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(img)
+
+
+def load_image(path: str, size) -> np.ndarray:
+    """Decodes `path` to uint8 (H, W, 3) at `size` (int or (H, W)) with bilinear resizing.
+
+    Greyscale, palette and alpha images become 3-channel RGB. Raises DatasetError naming the file if it
+    is missing or cannot be fully decoded.
+    """
+    h, w = _size_hw(size)
+    img = _open_fully(path)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = Image.fromarray(_to_uint8_array(img))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+
+
+def load_mask(path: str | None, size) -> np.ndarray:
+    """Binary mask float32 (H, W, 1) in {0, 1} at `size` (nearest resizing); zeros when `path` is None.
+
+    Pixels > 127 are defective. Masks stored as small label values (maximum in 1..127, e.g. 0/1 PNGs)
+    are read as 'nonzero = defective' instead, so they do not silently become empty.
+    """
+    h, w = _size_hw(size)
+    if path is None:
+        return np.zeros((h, w, 1), np.float32)
+    img = _open_fully(path)
+    a = _to_uint8_array(img)
+    if a.ndim == 3:
+        a = a[..., :3].max(axis=-1) if a.shape[-1] >= 3 else a[..., 0]
+    top = int(a.max()) if a.size else 0
+    binary = a > (0 if 0 < top <= 127 else 127)
+    m = Image.fromarray(binary.astype(np.uint8) * 255)
+    if m.size != (w, h):
+        m = m.resize((w, h), Image.NEAREST)
+    return (np.asarray(m) > 127).astype(np.float32)[..., None]  # (H, W, 1)
+
+
+def image_to_float(image_u8: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (the networks' input range)."""
+    return image_u8.astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+def load_arrays(samples: Sequence[Sample], size) -> dict:
+    """Decodes `samples` for evaluation.
+
+    Returns image float32 (N, H, W, 3) in [-1, 1], mask float32 (N, H, W, 1), label int32 (N,),
+    defect list[str], path list[str].
+    """
+    h, w = _size_hw(size)
+    n = len(samples)
+    images = np.empty((n, h, w, 3), np.float32)
+    masks = np.empty((n, h, w, 1), np.float32)
+    for i, s in enumerate(samples):
+        images[i] = image_to_float(load_image(s.path, (h, w)))
+        masks[i] = load_mask(s.mask_path, (h, w))
+    return {"image": images, "mask": masks, "label": np.array([s.label for s in samples], np.int32),
+            "defect": [s.defect for s in samples], "path": [s.path for s in samples]}
+
+
+def verify_images(samples: Sequence[Sample]) -> None:
+    """Fully decodes every image and mask of `samples`; raises DatasetError at the first bad file."""
+    for s in samples:
+        _open_fully(s.path)
+        if s.mask_path is not None:
+            _open_fully(s.mask_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout parsing
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise DatasetError(f"{what}: folder {path} does not exist")
+
+
+def _images_in(folder: str, what: str, allow_empty: bool = False) -> list[str]:
+    """Sorted image paths directly inside `folder` (which must exist and, unless allowed, hold images)."""
+    _require_dir(folder, what)
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                   if _is_image(n) and os.path.isfile(os.path.join(folder, n)))
+    if not paths and not allow_empty:
+        raise DatasetError(f"{what}: folder {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def _subdirs(folder: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder)
+                  if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _category_dir(data_cfg) -> str:
+    category = str(data_cfg.get("category", "") or "")
+    if not category:
+        raise DatasetError(f"data.category is required for data.format={data_cfg.format!r}")
+    root = str(data_cfg.root or "")
+    if not root:
+        raise DatasetError(f"data.root is required for data.format={data_cfg.format!r}")
+    path = os.path.join(root, category)
+    _require_dir(path, f"data.root/data.category ({data_cfg.format} layout)")
+    return path
+
+
+def _parse_mvtec(data_cfg) -> tuple[list[Sample], list[Sample]]:
+    """(normal training pool, test split) of an MVTec-layout category."""
+    cat = _category_dir(data_cfg)
+    train = [Sample(p, 0, "good") for p in _images_in(os.path.join(cat, "train", "good"),
+                                                      "MVTec layout train/good")]
+    test_dir, gt_dir = os.path.join(cat, "test"), os.path.join(cat, "ground_truth")
+    _require_dir(test_dir, "MVTec layout test split")
+    defects = _subdirs(test_dir)
+    if not defects:
+        raise DatasetError(f"MVTec layout: {test_dir} has no <defect>/ sub-folders (expected good/ and defects)")
+    test: list[Sample] = []
+    for defect in defects:
+        images = _images_in(os.path.join(test_dir, defect), f"MVTec layout test/{defect}")
+        if defect == "good":
+            test += [Sample(p, 0, "good") for p in images]
+            continue
+        masks = _images_in(os.path.join(gt_dir, defect), f"MVTec layout ground_truth/{defect} "
+                           f"(every defective test image needs a mask)", allow_empty=True)
+        # <stem>_mask.png (MVTec) or, failing that, <stem>.png (some MVTec-style exports).
+        by_stem = {_stem(m): m for m in masks if not _stem(m).endswith("_mask")}
+        by_stem.update({_stem(m)[:-len("_mask")]: m for m in masks if _stem(m).endswith("_mask")})
+        used = set()
+        for p in images:
+            stem = _stem(p)
+            mask = by_stem.get(stem)
+            if mask is None:
+                raise DatasetError(f"MVTec layout: defective image {p} has no mask "
+                                   f"(expected {os.path.join(gt_dir, defect, stem + '_mask.png')})")
+            used.add(mask)
+            test.append(Sample(p, 1, defect, mask))
+        orphans = sorted(set(masks) - used)
+        if orphans:
+            raise DatasetError(f"MVTec layout: mask {orphans[0]} has no image in {os.path.join(test_dir, defect)}"
+                               + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
+    if os.path.isdir(gt_dir):
+        for defect in _subdirs(gt_dir):
+            if defect != "good" and defect not in defects:
+                raise DatasetError(f"MVTec layout: masks in {os.path.join(gt_dir, defect)} have no images "
+                                   f"(folder {os.path.join(test_dir, defect)} does not exist)")
+    return train, test
+
+
+def _parse_visa(data_cfg) -> tuple[list[Sample], list[Sample]]:
+    """(normal training pool, test split) from VisA's split_csv/1cls.csv."""
+    root = str(data_cfg.root or "")
+    if not root:
+        raise DatasetError("data.root is required for data.format='visa'")
+    csv_path = os.path.join(root, "split_csv", "1cls.csv")
+    if not os.path.isfile(csv_path):
+        raise DatasetError(f"VisA layout: split file {csv_path} does not exist")
+    category = str(data_cfg.get("category", "") or "")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in VISA_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"VisA layout: {csv_path} lacks column(s) {missing} "
+                               f"(has {reader.fieldnames}; expected {list(VISA_COLUMNS)})")
+        rows = list(enumerate(reader, start=2))  # line numbers for error messages (line 1 = header)
+    objects = sorted({r["object"] for _, r in rows})
+    if category:
+        rows = [(i, r) for i, r in rows if r["object"] == category]
+        if not rows:
+            raise DatasetError(f"VisA layout: no rows for data.category={category!r} in {csv_path} "
+                               f"(objects there: {objects})")
+    train, test = [], []
+    for line, r in rows:
+        where = f"{csv_path} line {line}"
+        split, label = r["split"].strip(), r["label"].strip()
+        if split not in ("train", "test"):
+            raise DatasetError(f"VisA layout: {where}: split {split!r} is not 'train' or 'test'")
+        if label not in ("normal", "anomaly"):
+            raise DatasetError(f"VisA layout: {where}: label {label!r} is not 'normal' or 'anomaly'")
+        image = os.path.join(root, r["image"].strip())
+        if not os.path.isfile(image):
+            raise DatasetError(f"VisA layout: {where}: image {image} does not exist")
+        mask = None
+        if label == "anomaly":
+            if not r["mask"].strip():
+                raise DatasetError(f"VisA layout: {where}: anomalous image {image} has no mask")
+            mask = os.path.join(root, r["mask"].strip())
+            if not os.path.isfile(mask):
+                raise DatasetError(f"VisA layout: {where}: mask {mask} of image {image} does not exist")
+        s = Sample(image, int(label == "anomaly"), "good" if label == "normal" else "anomaly", mask)
+        if split == "train":
+            if s.label:
+                raise DatasetError(f"VisA layout: {where}: anomalous image {image} in the train split")
+            train.append(s)
+        else:
+            test.append(s)
+    return train, test
+
+
+def _match_masks(images: list[str], mask_folder: str, what: str) -> dict[str, str]:
+    """{image path: mask path} for masks named <image stem>[_-.]* ; every image needs exactly one."""
+    masks = _images_in(mask_folder, what, allow_empty=True)
+    stems = {_stem(p): p for p in images}
+    found: dict[str, str] = {}
+    for m in masks:
+        ms = _stem(m)
+        # The longest image stem that prefixes the mask name (so img1 never steals img10's mask).
+        cands = [s for s in stems if ms == s or (ms.startswith(s) and ms[len(s)] in "_-.")]
+        if not cands:
+            raise DatasetError(f"folder layout: mask {m} matches no defective image "
+                               f"(its name must start with an image's stem: <stem>.png, <stem>_mask.png)")
+        image = stems[max(cands, key=len)]
+        if image in found:
+            raise DatasetError(f"folder layout: image {image} has two masks: {found[image]} and {m}")
+        found[image] = m
+    for p in images:
+        if p not in found:
+            raise DatasetError(f"folder layout: defective image {p} has no mask in {mask_folder} "
+                               f"(expected {_stem(p)}*.png; remove {os.path.dirname(mask_folder)} "
+                               f"to run without masks)")
+    return found
+
+
+def _parse_folder(data_cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(all normals, normal training pool, test split) of the generic folder layout."""
+    cat = _category_dir(data_cfg)
+    normal_dir = os.path.join(cat, str(data_cfg.normal_dir))
+    abnormal_dir = os.path.join(cat, str(data_cfg.abnormal_dir))
+    mask_root = os.path.join(cat, str(data_cfg.mask_dir)) if data_cfg.get("mask_dir") else ""
+    normals = [Sample(p, 0, "good") for p in _images_in(normal_dir, "folder layout data.normal_dir")]
+
+    _require_dir(abnormal_dir, "folder layout data.abnormal_dir")
+    direct = _images_in(abnormal_dir, "folder layout data.abnormal_dir", allow_empty=True)
+    groups = [(os.path.basename(abnormal_dir.rstrip(os.sep)), direct, mask_root)] if direct else []
+    for t in _subdirs(abnormal_dir):
+        groups.append((t, _images_in(os.path.join(abnormal_dir, t), f"folder layout defect type {t!r}"),
+                       os.path.join(mask_root, t) if mask_root else ""))
+    if not groups:
+        raise DatasetError(f"folder layout: {abnormal_dir} holds neither images nor <type>/ sub-folders")
+    has_masks = bool(mask_root) and os.path.isdir(mask_root)
+    anomalous = []
+    for defect, images, mask_folder in groups:
+        masks = _match_masks(images, mask_folder, f"folder layout masks of {defect!r}") if has_masks else {}
+        anomalous += [Sample(p, 1, defect, masks.get(p)) for p in images]
+
+    # Deterministic test share of the normals (the layout has no test split of its own).
+    frac = float(data_cfg.get("folder_test_fraction", 0.2))
+    if not 0.0 <= frac < 1.0:
+        raise DatasetError(f"data.folder_test_fraction must be in [0, 1), got {frac}")
+    perm = np.random.default_rng([seed, _STREAM_FOLDER_TEST]).permutation(len(normals))
+    n_test = min(int(round(frac * len(normals))), len(normals) - 1)
+    test_idx = set(perm[:n_test].tolist())
+    train = [s for i, s in enumerate(normals) if i not in test_idx]
+    test = [s for i, s in enumerate(normals) if i in test_idx] + anomalous
+    return normals, train, test
+
+
+def _split_off(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(rest, held-out `fraction`) chosen under `seed`; keeps at least one image in `rest`."""
+    if fraction <= 0 or len(samples) < 2:
+        return list(samples), []
+    n_val = min(max(1, int(round(fraction * len(samples)))), len(samples) - 1)
+    perm = np.random.default_rng([seed, _STREAM_VAL]).permutation(len(samples))
+    held = set(perm[:n_val].tolist())
+    return ([s for i, s in enumerate(samples) if i not in held],
+            [s for i, s in enumerate(samples) if i in held])
+
+
+def list_samples(data_cfg, split: str, seed: int) -> list[Sample]:
+    """The samples of `split` ('train', 'val', 'test') for the layout in `data_cfg` (config.data).
+
+    Deterministic under `seed`; the whole layout is checked on every call, so a bad file anywhere raises
+    DatasetError before anything trains. 'train' and 'val' hold normal images only.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    fmt = str(data_cfg.format)
+    if fmt in ("mvtec", "demo"):
+        pool, test = _parse_mvtec(data_cfg)
+        all_normals = pool
+    elif fmt == "visa":
+        pool, test = _parse_visa(data_cfg)
+        all_normals = pool
+    elif fmt == "folder":
+        all_normals, pool, test = _parse_folder(data_cfg, seed)
+    else:
+        raise DatasetError(f"data.format={fmt!r} is not one of mvtec, visa, folder, demo")
+
+    fold, num_folds = int(data_cfg.get("fold", -1)), int(data_cfg.get("num_folds", 5))
+    if fold >= 0:
+        if not 0 <= fold < num_folds:
+            raise DatasetError(f"data.fold={fold} must be -1 (off) or in [0, data.num_folds={num_folds})")
+        if len(all_normals) < num_folds:
+            raise DatasetError(f"data.num_folds={num_folds} exceeds the {len(all_normals)} normal images")
+        perm = np.random.default_rng([seed, _STREAM_FOLDS]).permutation(len(all_normals))
+        held = set(np.array_split(perm, num_folds)[fold].tolist())
+        pool = [s for i, s in enumerate(all_normals) if i not in held]
+        test = [s for i, s in enumerate(all_normals) if i in held] + [s for s in test if s.label == 1]
+
+    train, val = _split_off(pool, float(data_cfg.get("val_fraction", 0.0)), seed)
+    if not train:
+        raise DatasetError(f"no normal training images for data.format={fmt!r} under {data_cfg.root}")
+    return {"train": train, "val": val, "test": test}[split]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Demo data
+
+
+def ensure_demo_data(config_data, default_root: str) -> str:
+    """Returns the demo dataset root (`config_data.root` or `default_root`), generating the synthetic
+    rail-fastener scenes there first if `<root>/<category>` does not exist yet."""
+    from diff_fastener_jax.data.demo import generate_demo_dataset
+
+    root = str(config_data.get("root", "") or "") or default_root
+    category = str(config_data.get("category", "") or "") or "fastener"
+    if not os.path.isdir(os.path.join(root, category)):
+        size = int(min(256, max(32, int(config_data.get("image_size", 128)))))
+        try:
+            generate_demo_dataset(root, n_train=int(config_data.get("demo_n_train", 64)),
+                                  n_test=int(config_data.get("demo_n_test", 48)), size=size, seed=0,
+                                  category=category)
+        except FileExistsError:
+            pass  # another process (multi-host launch) generated it first
+    return os.path.abspath(root)

@@ -1,0 +1,335 @@
+r"""The training input pipeline (DESIGN.md §6) on Grain, and the fixed validation batches.
+
+    MapDataset.range(N) -> seed -> shuffle -> repeat      one infinite, per-epoch reshuffled index stream
+      -> batch(2)                                         pairs of normal images
+      -> map(decode + resize)                             both images of the pair, uint8
+      -> random_map(synthesis)                            2nd image gets a synthetic anomaly
+      -> batch(B_local / 2) -> [process::processes]       this process's block of each global batch
+      -> map(interleave) -> to_iter_dataset -> mp_prefetch(workers)
+
+Batches are numpy dicts for THIS process: image float32 (B_local, H, W, 3) in [-1, 1], mask float32
+(B_local, H, W, 1), is_synthetic float32 (B_local,) (+ clean (B_local, H, W, 3), the rows before
+synthesis, when loss.anomaly_oriented_noise is on). Row i is synthetic iff i is odd, so every
+contiguous even-sized per-device chunk is half normal, half synthetic.
+
+Determinism: all randomness is keyed by the global pair index (grain's random_map seeds per element),
+so batches do not depend on the worker count, and the concatenation of the processes' rows (in
+process order) equals the single-process batch. The iterator's state is just the number of batches
+consumed; `set_state` restarts the pipeline there (also with another worker count).
+
+Throughput: python -m diff_fastener_jax.data.pipeline --bench [--size 256 --workers 0,1,2 --batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import tempfile
+import time
+import weakref
+
+import grain
+import numpy as np
+
+from diff_fastener_jax.data import datasets
+from diff_fastener_jax.data.synthesis import TextureBank, synthesize_anomaly
+
+STATE_VERSION = 1
+CACHE_BYTES = 256 << 20  # per process (each grain worker has its own): decoded training images
+
+# Iterators with worker processes still open; closed at exit so their shared-memory buffers are
+# released before interpreter shutdown (otherwise Python warns about leaked shared_memory objects).
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for it in list(_OPEN_ITERATORS):
+        it.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline stages (module-level classes so the spawned grain workers can unpickle them)
+
+
+class _LoadPair:
+    """(2,) sample indices -> {'normal', 'source'}: uint8 (H, W, 3) each.
+
+    Decoded, resized images are kept in a per-process cache (up to CACHE_BYTES): training revisits
+    every image each epoch, and decoding full-size PNGs is about half the pipeline's CPU time."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = list(paths), int(size)
+        self._cache: dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
+
+    def __getstate__(self):  # workers start with an empty cache
+        state = dict(self.__dict__)
+        state["_cache"], state["_cached_bytes"] = {}, 0
+        return state
+
+    def _load(self, i: int) -> np.ndarray:
+        image = self._cache.get(i)
+        if image is None:
+            image = datasets.load_image(self.paths[i], self.size)
+            if self._cached_bytes + image.nbytes <= CACHE_BYTES:
+                image.setflags(write=False)  # shared by later batches: must never be modified
+                self._cache[i] = image
+                self._cached_bytes += image.nbytes
+        return image
+
+    def __call__(self, idx: np.ndarray) -> dict:
+        return {"normal": self._load(int(idx[0])), "source": self._load(int(idx[1]))}
+
+
+class _SynthesizePair:
+    """Pair -> {'image' (2, H, W, 3), 'mask' (2, H, W, 1), 'is_synthetic' (2,) [, 'clean']}: row 0 is
+    the normal image as is, row 1 the source image with a synthetic anomaly."""
+
+    def __init__(self, fg_mode: str, texture_bank: TextureBank | None, with_clean: bool):
+        self.fg_mode, self.texture_bank, self.with_clean = fg_mode, texture_bank, with_clean
+
+    def __call__(self, pair: dict, rng: np.random.Generator) -> dict:
+        normal = datasets.image_to_float(pair["normal"])
+        source = datasets.image_to_float(pair["source"])
+        anomalous, mask, _ = synthesize_anomaly(source, rng, texture_bank=self.texture_bank,
+                                                fg_mode=self.fg_mode)
+        out = {"image": np.stack([normal, anomalous]),
+               "mask": np.stack([np.zeros_like(mask), mask]),
+               "is_synthetic": np.array([0.0, 1.0], np.float32)}
+        if self.with_clean:
+            out["clean"] = np.stack([normal, source])
+        return out
+
+
+def _interleave(chunk: dict) -> dict:
+    """(P, 2, ...) pairs -> (2P, ...) rows: normal, synthetic, normal, synthetic, ..."""
+    return {k: np.ascontiguousarray(v.reshape((-1,) + v.shape[2:])) for k, v in chunk.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train iterator
+
+
+def _texture_bank(data_cfg) -> TextureBank | None:
+    folder = str(data_cfg.get("texture_dir", "") or "")
+    return TextureBank(folder) if folder else None
+
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+    """Rows per process; checks the global batch splits into even per-process halves."""
+    if batch_size <= 0 or batch_size % 2:
+        raise ValueError(f"train.batch_size={batch_size} must be a positive even number "
+                         f"(half normal, half synthetic)")
+    if batch_size % (2 * process_count):
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by 2 x {process_count} processes")
+    return batch_size // process_count
+
+
+def build_train_dataset(config, *, seed: int, process_index: int = 0, process_count: int = 1
+                        ) -> grain.MapDataset:
+    """The infinite MapDataset whose element k is this process's share of global batch k."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    b_local = local_batch_size(int(config.train.batch_size), process_count)
+    samples = datasets.list_samples(config.data, "train", seed=seed)
+    paths = [s.path for s in samples]
+    with_clean = bool(config.get("loss", {}).get("anomaly_oriented_noise", False))
+    ds = (grain.MapDataset.range(len(paths))
+          .seed(seed)
+          .shuffle()
+          .repeat()
+          .batch(2, drop_remainder=True)
+          .map(_LoadPair(paths, int(config.data.image_size)))
+          .random_map(_SynthesizePair(str(config.data.foreground), _texture_bank(config.data), with_clean))
+          .batch(b_local // 2, drop_remainder=True))
+    return ds[process_index::process_count].map(_interleave)
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's mp_prefetch reads its absl flags (in the parent, to forward them to the workers); outside
+    an absl app (pytest, notebooks, scripts) they are unparsed and reading them raises. Mark them
+    parsed so every flag keeps its default; a no-op under absl.app.run."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class TrainIterator:
+    """Iterator over this process's training batches with JSON-serialisable, worker-count-independent
+    state ({'version', 'step', 'seed', 'batch_size', 'process_index', 'process_count'})."""
+
+    def __init__(self, dataset: grain.MapDataset, *, num_workers: int, prefetch: int, meta: dict):
+        self._dataset = dataset
+        self._num_workers = int(num_workers)
+        self._prefetch = max(1, int(prefetch))
+        self._meta = dict(meta)
+        self._step = 0
+        self._it = None
+
+    def _start(self) -> None:
+        ds = self._dataset[self._step:] if self._step else self._dataset
+        # Two threads per process: PIL decoding and large numpy ops release the GIL.
+        threads = 2
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                     prefetch_buffer_size=self._prefetch))
+        if self._num_workers > 0:
+            _ensure_absl_flags_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._num_workers, per_worker_buffer_size=self._prefetch))
+            _OPEN_ITERATORS.add(self)
+        self._it = iter(it_ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        if self._num_workers > 0:
+            # Worker outputs are views of shared memory; copy them into ordinary arrays so nothing
+            # downstream (e.g. a zero-copy device_put on CPU) keeps the segments alive until exit.
+            batch = {k: np.array(v, copy=True, subok=False) for k, v in batch.items()}
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position in the batch sequence."""
+        return {"version": STATE_VERSION, "step": self._step, **self._meta}
+
+    def set_state(self, state: dict) -> None:
+        """Continues from `state` (from `get_state`); refuses state of a differently seeded or batched run."""
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"not an input-pipeline state from TrainIterator.get_state(): {state!r:.200}")
+        for key in ("seed", "batch_size"):
+            if key in state and state[key] != self._meta[key]:
+                raise ValueError(f"input-pipeline state has {key}={state[key]!r} but this run has "
+                                 f"{self._meta[key]!r}; resume with the original config")
+        self.close()
+        self._step = int(state["step"])
+
+    def close(self) -> None:
+        """Stops the worker processes (if any); the next `next()` restarts at the current step."""
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+        _OPEN_ITERATORS.discard(self)
+
+
+def make_train_iterator(config, *, seed: int, process_index: int = 0, process_count: int = 1,
+                        num_workers: int | None = None) -> TrainIterator:
+    """Infinite iterator of this process's training batches (batch_size // process_count rows each).
+
+    `num_workers` overrides config.data.num_workers (0 = in-process, no mp_prefetch).
+    """
+    ds = build_train_dataset(config, seed=seed, process_index=process_index, process_count=process_count)
+    workers = int(config.data.num_workers if num_workers is None else num_workers)
+    if workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {workers}")
+    meta = {"seed": int(seed), "batch_size": int(config.train.batch_size),
+            "process_index": int(process_index), "process_count": int(process_count)}
+    return TrainIterator(ds, num_workers=workers, prefetch=int(config.data.get("prefetch", 2)), meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation batches
+
+
+def make_val_batches(config, *, seed: int, num_batches: int) -> list[dict]:
+    """`num_batches` fixed batches (train.batch_size rows, same dict format as training) built from the
+    held-out normal validation images: even rows as they are, odd rows with a synthetic anomaly drawn
+    deterministically from (seed, row pair). Validation images are reused cyclically when there are
+    few. Returns [] when there are no validation images (data.val_fraction = 0)."""
+    samples = datasets.list_samples(config.data, "val", seed=seed)
+    if not samples or num_batches <= 0:
+        return []
+    b = local_batch_size(int(config.train.batch_size), 1)
+    size, n = int(config.data.image_size), len(samples)
+    bank = _texture_bank(config.data)
+    synth = _SynthesizePair(str(config.data.foreground), bank,
+                            bool(config.get("loss", {}).get("anomaly_oriented_noise", False)))
+    cache: dict[int, np.ndarray] = {}
+
+    def image(i: int) -> np.ndarray:
+        if i not in cache:
+            cache[i] = datasets.load_image(samples[i].path, size)
+        return cache[i]
+
+    batches = []
+    for k in range(num_batches):
+        pairs = []
+        for j in range(k * b // 2, (k + 1) * b // 2):
+            rng = np.random.default_rng([seed, 0x7A1, j])  # own stream, independent of training
+            pairs.append(synth({"normal": image(j % n), "source": image((j + n // 2) % n)}, rng))
+        batches.append(_interleave({key: np.stack([p[key] for p in pairs]) for key in pairs[0]}))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------
+# Throughput benchmark
+
+
+def benchmark(config, worker_counts, num_batches: int, seed: int = 0) -> list[dict]:
+    """images/s of the training pipeline per worker count (the first batch, which includes worker
+    start-up, is timed separately). For 0 workers also the CPU time per image (all threads of this
+    process), which, unlike wall time, hardly depends on what else the machine is doing."""
+    results = []
+    for w in worker_counts:
+        it = make_train_iterator(config, seed=seed, num_workers=w)
+        t0 = time.perf_counter()
+        next(it)
+        t1, c1 = time.perf_counter(), time.process_time()
+        for _ in range(num_batches):
+            next(it)
+        dt, dc = time.perf_counter() - t1, time.process_time() - c1
+        it.close()
+        n = num_batches * int(config.train.batch_size)
+        ips = n / max(dt, 1e-9)
+        r = {"workers": w, "size": int(config.data.image_size), "batch": int(config.train.batch_size),
+             "batches": num_batches, "images_per_s": round(ips, 1),
+             "images_per_s_per_worker": round(ips / max(1, w), 1), "first_batch_s": round(t1 - t0, 2)}
+        if w == 0:
+            r["cpu_ms_per_image"] = round(1000 * dc / n, 2)
+        results.append(r)
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Training input pipeline tools.")
+    p.add_argument("--bench", action="store_true", help="measure training-pipeline throughput")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--root", default="", help="MVTec-layout root to read (default: generated demo data)")
+    p.add_argument("--category", default="fastener")
+    p.add_argument("--foreground", default="otsu", choices=("otsu", "full"))
+    a = p.parse_args(argv)
+    if not a.bench:
+        p.error("nothing to do: pass --bench")
+    from diff_fastener_jax.config_schema import base_config
+
+    config = base_config("mvtec")
+    config.data.image_size = a.size
+    config.data.category = a.category
+    config.data.foreground = a.foreground
+    config.train.batch_size = a.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.root:
+            config.data.root = a.root
+        else:
+            from diff_fastener_jax.data.demo import generate_demo_dataset
+
+            generate_demo_dataset(tmp, n_train=64, n_test=4, size=a.size, category=a.category)
+            config.data.root = tmp
+        print(json.dumps({"cpu_count": os.cpu_count(), "root": a.root or "generated demo"}), flush=True)
+        for r in benchmark(config, [int(w) for w in a.workers.split(",")], a.batches):
+            print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Loading a finished (or running) training run: its config and the parameters of a checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
+from diff_fastener_jax.config_utils import apply_overrides, config_from_json
+from diff_fastener_jax.train_step import create_train_state
+
+
+def load_run_config(workdir: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """The run's saved config.json with CLI overrides applied."""
+    config = config_from_json(os.path.join(workdir, "config.json"))
+    return apply_overrides(config, overrides or {})
+
+
+def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int | None = None):
+    """(params, step): the checkpoint's EMA params when EMA was on, else its raw params."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints: train first")
+    step = ckpt.latest_step() if step is None else step
+    if step not in steps:
+        raise ValueError(f"--checkpoint {step}: not in {workdir}/checkpoints (available: {sorted(steps)})")
+    # Restore onto this process's first device whatever topology saved it (e.g. 2 hosts x 4 GPUs).
+    on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_device),
+        jax.eval_shape(lambda: create_train_state(config, jax.random.key(0))))
+    state, _ = ckpt.restore(step, abstract, expected_shapes=param_shapes(abstract.params))
+    ckpt.close()
+    params = state.ema_params if config.optim.ema_decay > 0 else state.params
+    return params, step

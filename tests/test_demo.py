@@ -1,0 +1,72 @@
+"""The synthetic rail-fastener demo dataset: layout, masks, README, determinism, visible defects."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diff_fastener_jax.config_schema import base_config
+from diff_fastener_jax.data import demo
+from diff_fastener_jax.data.datasets import list_samples
+
+
+def _read(path):
+    return np.asarray(Image.open(path))
+
+
+def test_layout_masks_and_readme(tmp_path):
+    cat = demo.generate_demo_dataset(tmp_path, n_train=5, n_test=9, size=32, seed=0)
+    assert cat == tmp_path / "fastener"
+    assert len(os.listdir(cat / "train" / "good")) == 5
+    counts = {k: len(os.listdir(cat / "test" / k)) for k in ("good",) + demo.DEFECTS}
+    assert sum(counts.values()) == 9 and min(counts.values()) >= 2
+    for d in demo.DEFECTS:
+        for name in os.listdir(cat / "test" / d):
+            image = _read(cat / "test" / d / name)
+            mask = _read(cat / "ground_truth" / d / name.replace(".png", "_mask.png"))
+            assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
+            assert set(np.unique(mask)) == {0, 255}  # binary and non-empty
+    assert not (cat / "ground_truth" / "good").exists()
+    assert "SYNTHETIC" in (tmp_path / "README.txt").read_text()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no leftover temp folder
+
+    c = base_config("demo")
+    c.data.root, c.data.image_size, c.data.val_fraction = str(tmp_path), 32, 0.0
+    test = list_samples(c.data, "test", seed=0)
+    assert len(list_samples(c.data, "train", seed=0)) == 5 and len(test) == 9
+    assert sorted({s.defect for s in test}) == sorted(("good",) + demo.DEFECTS)
+    with pytest.raises(FileExistsError):
+        demo.generate_demo_dataset(tmp_path, n_train=5, n_test=9, size=32)
+
+
+def test_deterministic_under_seed(tmp_path):
+    a = demo.generate_demo_dataset(tmp_path / "a", n_train=2, n_test=4, size=32, seed=5)
+    b = demo.generate_demo_dataset(tmp_path / "b", n_train=2, n_test=4, size=32, seed=5)
+    c = demo.generate_demo_dataset(tmp_path / "c", n_train=2, n_test=4, size=32, seed=6)
+    rel = os.path.join("test", "broken_clip", "000.png")
+    assert np.array_equal(_read(a / rel), _read(b / rel))
+    assert not np.array_equal(_read(a / rel), _read(c / rel))
+
+
+@pytest.mark.parametrize("defect", demo.DEFECTS)
+def test_defects_are_visible_and_localised(defect):
+    """A defective scene differs from its normal twin (same random state) strongly inside the mask and
+    hardly anywhere else."""
+    for seed in range(3):
+        good, empty = demo.render_scene(64, np.random.default_rng(seed))
+        bad, mask = demo.render_scene(64, np.random.default_rng(seed), defect)
+        assert not empty.any() and mask.sum() >= 20
+        diff = np.abs(good.astype(np.float32) - bad.astype(np.float32)).mean(axis=-1)
+        assert diff[mask].mean() > 25.0
+        grown = mask.copy()  # allow the soft edges and the clip's drop shadow just outside the mask
+        for axis in (0, 1):
+            for shift in (-2, -1, 1, 2):
+                grown |= np.roll(mask, shift, axis=axis)
+        assert diff[~grown].mean() < 1.0
+
+
+def test_cli(tmp_path, capsys):
+    demo.main(["--out", str(tmp_path), "--n-train", "2", "--n-test", "4", "--size", "32"])
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "fastener" / "test")) == 4

@@ -1,0 +1,129 @@
+"""Perlin masks and anomaly synthesis: masks binary and non-empty, changes only inside the mask, the
+blend formula, beta range, foreground handling, texture folders, reproducibility."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diff_fastener_jax.data import perlin, synthesis
+from diff_fastener_jax.data.datasets import DatasetError
+
+H = W = 32
+
+
+def _object_image(dark_background=True):
+    """A bright square on a dark background (or the inverse), float32 (H, W, 3) in [-1, 1]."""
+    x = np.full((H, W, 3), -0.8 if dark_background else 0.8, np.float32)
+    x[8:24, 10:26] = 0.7 if dark_background else -0.7
+    x += np.random.default_rng(0).normal(0, 0.02, x.shape).astype(np.float32)
+    return x
+
+
+def test_perlin_noise_range_shape_and_determinism():
+    n = perlin.perlin_noise((H, W + 8), (4, 2), np.random.default_rng(0), angle_deg=30.0)
+    assert n.shape == (H, W + 8) and n.dtype == np.float32
+    assert np.abs(n).max() <= 1.0 and n.std() > 0.05
+    assert np.array_equal(n, perlin.perlin_noise((H, W + 8), (4, 2), np.random.default_rng(0), 30.0))
+    assert perlin.max_scale_exponent(256) == 5 and perlin.max_scale_exponent(16) == 4
+    assert perlin.max_scale_exponent(1) == 0
+
+
+def test_perlin_mask_reproducible():
+    a = perlin.perlin_mask((H, W), np.random.default_rng(3))
+    assert a.dtype == bool and np.array_equal(a, perlin.perlin_mask((H, W), np.random.default_rng(3)))
+
+
+def test_anomaly_mask_never_empty_and_inside_foreground():
+    fg = np.zeros((H, W), bool)
+    fg[5, 7] = True  # a single foreground pixel: Perlin almost surely misses it -> rectangle fallback
+    for seed in range(5):
+        m = synthesis.anomaly_mask((H, W), np.random.default_rng(seed), fg)
+        assert m.any() and not (m & ~fg).any()
+    big = np.zeros((H, W), bool)
+    big[:, : W // 2] = True
+    for seed in range(5):
+        m = synthesis.anomaly_mask((H, W), np.random.default_rng(seed), big)
+        assert m.any() and not (m & ~big).any()
+
+
+@pytest.mark.parametrize("fg_mode", ["otsu", "full"])
+def test_synthesis_changes_only_inside_a_binary_mask(fg_mode):
+    x = _object_image()
+    for seed in range(12):
+        out, m, beta = synthesis.synthesize_anomaly(x, np.random.default_rng(seed), fg_mode=fg_mode)
+        assert out.shape == x.shape and out.dtype == np.float32
+        assert m.shape == (H, W, 1) and m.dtype == np.float32
+        assert set(np.unique(m)) <= {0.0, 1.0} and m.sum() > 0
+        assert 0.2 <= beta < 0.8
+        outside = m[..., 0] == 0
+        assert np.array_equal(out[outside], x[outside])
+        assert out.min() >= -1.0 and out.max() <= 1.0
+        if fg_mode == "otsu":  # the anomaly lands on the object (the bright square)
+            assert not m[..., 0][:8].any() and not m[..., 0][24:].any()
+
+
+def test_synthesis_reproducible_under_seed():
+    x = _object_image()
+    a = synthesis.synthesize_anomaly(x, np.random.default_rng(7))
+    b = synthesis.synthesize_anomaly(x, np.random.default_rng(7))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    c = synthesis.synthesize_anomaly(x, np.random.default_rng(8))
+    assert not np.array_equal(a[1], c[1]) or not np.array_equal(a[0], c[0])
+
+
+def test_blend_formula(monkeypatch):
+    """out = x (1 - M) + (1 - b) src M + b x M, with src the anomaly source."""
+    monkeypatch.setattr(synthesis, "anomaly_source", lambda x01, rng, bank=None: np.full_like(x01, 1.0))
+    x = _object_image()
+    out, m, beta = synthesis.synthesize_anomaly(x, np.random.default_rng(1), fg_mode="full")
+    expected = x * (1 - m) + (1 - beta) * 1.0 * m + beta * x * m
+    np.testing.assert_allclose(out, np.clip(expected, -1, 1), atol=1e-6)
+
+
+def test_given_foreground_restricts_the_mask():
+    fg = np.zeros((H, W, 1), np.float32)
+    fg[:, 20:] = 1
+    for seed in range(5):
+        _, m, _ = synthesis.synthesize_anomaly(_object_image(), np.random.default_rng(seed), foreground=fg)
+        assert m.sum() > 0 and not m[:, :20].any()
+
+
+def test_otsu_foreground_picks_the_object_either_polarity():
+    for dark_bg in (True, False):
+        fg = synthesis.foreground_mask(_object_image(dark_bg), "otsu")
+        assert fg[8:24, 10:26].all() and not fg[:8].any()
+    assert synthesis.foreground_mask(_object_image(), "full").all()
+    assert synthesis.foreground_mask(np.zeros((H, W, 3), np.float32), "otsu").all()  # flat: whole image
+    with pytest.raises(ValueError, match="data.foreground"):
+        synthesis.foreground_mask(_object_image(), "grabcut")
+
+
+def test_augment_and_strip_shuffle_keep_shape_and_range():
+    rng = np.random.default_rng(0)
+    x01 = (_object_image() + 1) / 2
+    for _ in range(10):
+        y = synthesis.augment(x01, rng)
+        assert y.shape == x01.shape and y.min() >= 0 and y.max() <= 1
+    s = synthesis.strip_shuffle(x01, rng)
+    assert s.shape == x01.shape
+    np.testing.assert_array_equal(np.sort(s.ravel()), np.sort(x01.ravel()))  # a permutation of pixels
+    for _ in range(8):
+        t = synthesis.procedural_texture((H, W), rng)
+        assert t.shape == (H, W, 3) and t.min() >= 0 and t.max() <= 1
+
+
+def test_texture_bank_source(tmp_path):
+    (tmp_path / "dtd" / "striped").mkdir(parents=True)
+    for i, color in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.fromarray(np.full((40, 50, 3), color, np.uint8)).save(tmp_path / "dtd" / "striped" / f"{i}.jpg")
+    bank = synthesis.TextureBank(str(tmp_path / "dtd"))
+    assert len(bank) == 2
+    t = bank.sample(np.random.default_rng(0), (H, W))
+    assert t.shape == (H, W, 3) and t.min() >= 0 and t.max() <= 1
+    out, m, _ = synthesis.synthesize_anomaly(_object_image(), np.random.default_rng(0), texture_bank=bank)
+    assert m.sum() > 0 and np.array_equal(out[m[..., 0] == 0], _object_image()[m[..., 0] == 0])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="contains no images"):
+        synthesis.TextureBank(str(tmp_path / "empty"))
+    with pytest.raises(DatasetError, match="does not exist"):
+        synthesis.TextureBank(str(tmp_path / "nope"))

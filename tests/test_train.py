@@ -1,0 +1,109 @@
+"""The training CLI end to end at a smoke size: metrics, checkpoints, exact resume, config errors."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from diff_fastener_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
+from diff_fastener_jax.config_validation import ConfigError, validate_config
+from diff_fastener_jax.run_loading import load_run_config, load_run_params
+from diff_fastener_jax.train import train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """Demo data generated once for the module (the train CLI would generate it per workdir)."""
+    from diff_fastener_jax.data.datasets import ensure_demo_data
+
+    config = tiny_config()
+    return ensure_demo_data(config.data, str(tmp_path_factory.mktemp("demo") / "demo_data"))
+
+
+def _config(demo_root, **kw):
+    config = tiny_config(**kw)
+    config.data.root = demo_root
+    return config
+
+
+def _params(workdir, step=None):
+    config = load_run_config(workdir)
+    params, _ = load_run_params(workdir, config, step)
+    return jax.tree_util.tree_leaves(jax.device_get(params))
+
+
+def test_smoke_train_writes_metrics_config_checkpoints(demo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    last = train_and_evaluate(_config(demo_root), workdir, quiet=True)
+    assert np.isfinite(last["total"])
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_lines = [x for x in lines if "total" in x]
+    assert [x["step"] for x in train_lines] == [2, 4, 6]
+    assert all(np.isfinite(x[k]) for x in train_lines for k in ("total", "noise", "focal", "smoothl1"))
+    assert all(x["images_per_s"] > 0 and "eta_s" in x for x in train_lines)
+    assert any(x.get("event") == "validation" and "val_image_auroc" in x for x in lines)
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["model"]["base_channels"] == 16
+    steps = Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
+    assert sorted(steps) == [3, 6]
+
+
+def test_resume_equals_uninterrupted(demo_root, tmp_path):
+    full = str(tmp_path / "full")
+    train_and_evaluate(_config(demo_root, **{"train.num_steps": 6}), full, quiet=True)
+    part = str(tmp_path / "part")
+    train_and_evaluate(_config(demo_root, **{"train.num_steps": 3}), part, quiet=True)
+    # "Crash": the process ends after step 3's checkpoint; the same command with more steps resumes.
+    last = train_and_evaluate(_config(demo_root, **{"train.num_steps": 6}), part, quiet=True)
+    assert last["step"] == 6
+    lines = [json.loads(x) for x in open(os.path.join(part, "metrics.jsonl"))]
+    assert any(x.get("event") == "resume" and x["step"] == 3 for x in lines)
+    for a, b in zip(_params(full), _params(part)):
+        np.testing.assert_array_equal(a, b)  # bit for bit on CPU
+
+
+def test_interrupted_save_leaves_previous_checkpoint_usable(demo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(_config(demo_root, **{"train.num_steps": 3}), workdir, quiet=True)
+    ckdir = os.path.join(workdir, "checkpoints")
+    # A save that died half way: orbax writes into a temporary folder and renames it only when done.
+    shutil.copytree(os.path.join(ckdir, "3"), os.path.join(ckdir, "6.orbax-checkpoint-tmp-1234"))
+    os.remove(os.path.join(ckdir, "6.orbax-checkpoint-tmp-1234", "state", "_METADATA")) if os.path.exists(
+        os.path.join(ckdir, "6.orbax-checkpoint-tmp-1234", "state", "_METADATA")) else None
+    assert Checkpointer(ckdir).latest_step() == 3
+    last = train_and_evaluate(_config(demo_root, **{"train.num_steps": 4}), workdir, quiet=True)
+    assert last["step"] == 4
+
+
+def test_resume_with_other_model_shapes_is_refused(demo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(_config(demo_root, **{"train.num_steps": 3}), workdir, quiet=True)
+    with pytest.raises(IncompatibleCheckpointError, match="other shapes"):
+        train_and_evaluate(_config(demo_root, **{"train.num_steps": 4, "model.base_channels": 32}),
+                           workdir, quiet=True)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"train.batch_size": 5}, "must be even"),
+    ({"train.batch_size": 6}, "not divisible by 2 x 4 devices"),
+    ({"diffusion.eval_t_small": 400, "diffusion.eval_t_big": 200}, "t_s < t_b"),
+    ({"data.format": "mvtec", "data.root": "/nonexistent/root"}, "data.root"),
+    ({"model.activation": "tanh"}, "model.activation"),
+    ({"data.image_size": 36}, "data.image_size"),
+])
+def test_invalid_configs_fail_before_compiling(overrides, match):
+    config = tiny_config(**overrides)
+    with pytest.raises(ConfigError, match=match):
+        validate_config(config, num_devices=4)
+
+
+def test_unknown_config_key_is_refused():
+    config = tiny_config()
+    config.unlock()
+    config.train.bacth_size = 4
+    with pytest.raises(ConfigError, match="train.bacth_size"):
+        validate_config(config, num_devices=1)
