@@ -71,6 +71,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     need(0 <= diff.eval_t_small < diff.eval_t_big < diff.T, "diffusion.eval_t_small/eval_t_big",
          f"need 0 <= t_s < t_b < T, got t_s={diff.eval_t_small}, t_b={diff.eval_t_big}, T={diff.T}")
     need(config.infer.map in ("segmentation", "recon_error"), "infer.map", f"unknown map {config.infer.map!r}")
+    need(config.infer.method in ("norm_guided", "one_step", "ddim", "ddpm"), "infer.method",
+         f"unknown method {config.infer.method!r}")
+    need(config.infer.ddim_steps >= 1, "infer.ddim_steps", f"must be >= 1, got {config.infer.ddim_steps}")
     need(config.infer.top_k >= 1, "infer.top_k", f"must be >= 1, got {config.infer.top_k}")
     need(config.optim.lr_recon > 0 and config.optim.lr_seg > 0, "optim.lr_recon/lr_seg", "must be > 0")
     need(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", f"must be in [0, 1), got {config.optim.ema_decay}")

@@ -180,6 +180,8 @@ def make_infer_fn(config: ml_collections.ConfigDict) -> Callable:
     d = config.diffusion
     if not 0 <= d.eval_t_small < d.eval_t_big < d.T:
         raise ValueError(f"diffusion: need 0 <= eval_t_small ({d.eval_t_small}) < eval_t_big ({d.eval_t_big}) < T ({d.T})")
+    if config.infer.method not in ("norm_guided", "one_step", "ddim", "ddpm"):
+        raise ValueError(f"infer.method must be norm_guided, one_step, ddim or ddpm, got {config.infer.method!r}")
     if config.infer.map not in ("segmentation", "recon_error"):
         raise ValueError(f"infer.map must be 'segmentation' or 'recon_error', got {config.infer.map!r}")
 
@@ -193,9 +195,17 @@ def make_infer_fn(config: ml_collections.ConfigDict) -> Callable:
         def eps_fn(x, t):
             return recon_net.apply({"params": params["recon"]}, x, t)
 
-        out = diffusion.norm_guided_reconstruction(
-            eps_fn, sched, images, t_s, t_b, noises[:, 0], noises[:, 1], w=d.guidance_w, fuse_passes=True)
-        recon = out["recon"]
+        method = config.infer.method
+        if method == "norm_guided":
+            recon = diffusion.norm_guided_reconstruction(
+                eps_fn, sched, images, t_s, t_b, noises[:, 0], noises[:, 1], w=d.guidance_w, fuse_passes=True)["recon"]
+        elif method == "one_step":
+            x_b = diffusion.q_sample(sched, images, t_b, noises[:, 1])
+            recon = jnp.clip(diffusion.x0_from_eps(sched, x_b, t_b, eps_fn(x_b, t_b)), -1.0, 1.0)
+        elif method == "ddim":
+            recon = diffusion.ddim_reconstruct(eps_fn, sched, images, int(d.eval_t_big), int(config.infer.ddim_steps), keys)
+        else:  # ddpm
+            recon = diffusion.ddpm_reconstruct(eps_fn, sched, images, int(d.eval_t_big), keys)
         if config.infer.map == "segmentation":
             amap = seg_net.apply({"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1))[..., 0]
         else:

@@ -129,3 +129,22 @@ def test_infer_recon_error_map_and_sharded():
     _, _, score4 = infer(params, jax.device_put(jnp.asarray(images), sh), jax.random.key(0),
                          jax.device_put(jnp.arange(8), sh))
     np.testing.assert_allclose(np.asarray(score4), np.asarray(score), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["one_step", "ddim", "ddpm"])
+def test_infer_ablation_methods(method):
+    config = tiny_config(**{"infer.method": method, "infer.ddim_steps": 3, "diffusion.eval_t_small": 10,
+                            "diffusion.eval_t_big": 20})
+    params = _trained_params(config)
+    infer = make_infer_fn(config)
+    images = jnp.asarray(_batch(2)["image"])
+    r1, a1, s1 = infer(params, images, jax.random.key(0), jnp.arange(2))
+    r2, _, s2 = infer(params, images, jax.random.key(0), jnp.arange(2))
+    assert r1.shape == images.shape and a1.shape == (2, 32, 32)
+    np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+    assert float(jnp.max(jnp.abs(r1))) <= 1.0
+
+
+def test_unknown_infer_method_is_refused():
+    with pytest.raises(ValueError, match="infer.method"):
+        make_infer_fn(tiny_config(**{"infer.method": "magic"}))
