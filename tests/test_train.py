@@ -70,13 +70,16 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(demo_root, tmp_path)
     workdir = str(tmp_path / "run")
     train_and_evaluate(_config(demo_root, **{"train.num_steps": 3}), workdir, quiet=True)
     ckdir = os.path.join(workdir, "checkpoints")
-    # A save that died half way: orbax writes into a temporary folder and renames it only when done.
-    shutil.copytree(os.path.join(ckdir, "3"), os.path.join(ckdir, "6.orbax-checkpoint-tmp-1234"))
-    os.remove(os.path.join(ckdir, "6.orbax-checkpoint-tmp-1234", "state", "_METADATA")) if os.path.exists(
-        os.path.join(ckdir, "6.orbax-checkpoint-tmp-1234", "state", "_METADATA")) else None
+    # A save that died half way: orbax writes into a temporary folder and renames it only when done,
+    # so what a crash leaves behind is an unfinished "<step>.orbax-checkpoint-tmp" folder.
+    partial = os.path.join(ckdir, "6.orbax-checkpoint-tmp")
+    shutil.copytree(os.path.join(ckdir, "3"), partial)
+    shutil.rmtree(os.path.join(partial, "state"))
     assert Checkpointer(ckdir).latest_step() == 3
-    last = train_and_evaluate(_config(demo_root, **{"train.num_steps": 4}), workdir, quiet=True)
-    assert last["step"] == 4
+    # Resuming goes on from step 3 and writes a complete step 6 where the partial one was.
+    last = train_and_evaluate(_config(demo_root, **{"train.num_steps": 6}), workdir, quiet=True)
+    assert last["step"] == 6
+    assert sorted(Checkpointer(ckdir).all_steps()) == [3, 6]
 
 
 def test_resume_with_other_model_shapes_is_refused(demo_root, tmp_path):
@@ -107,3 +110,12 @@ def test_unknown_config_key_is_refused():
     config.train.bacth_size = 4
     with pytest.raises(ConfigError, match="train.bacth_size"):
         validate_config(config, num_devices=1)
+
+
+def test_non_finite_loss_stops_with_the_step_named():
+    from diff_fastener_jax.train import NonFiniteLossError, _check_finite
+
+    nan = float("nan")
+    with pytest.raises(NonFiniteLossError, match="step 17"):
+        _check_finite(17, {"finite": 0.0, "total": nan, "noise": nan, "focal": 0.1})
+    _check_finite(18, {"finite": 1.0, "total": 1.0, "noise": 1.0, "focal": 0.1})  # finite: no error
