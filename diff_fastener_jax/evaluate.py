@@ -22,7 +22,7 @@ from diff_fastener_jax import metrics as M
 from diff_fastener_jax import parallel, report
 from diff_fastener_jax.config_utils import parse_cli_overrides
 from diff_fastener_jax.data import datasets
-from diff_fastener_jax.inference import run_infer, score_in_batches
+from diff_fastener_jax.inference import place_params, run_infer, score_in_batches
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
 from diff_fastener_jax.train_step import make_infer_fn
 
@@ -65,6 +65,7 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
     mesh = parallel.make_mesh(jax.local_devices())
+    params = place_params(params, mesh)
     infer = make_infer_fn(config)
     key = jax.random.key(config.infer.seed)
     if test_samples is None:

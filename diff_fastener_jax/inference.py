@@ -23,6 +23,13 @@ def progress(done: int, total: int, start: float, label: str = "images") -> None
     sys.stderr.flush()
 
 
+def place_params(params, mesh):
+    """Puts the (possibly single-device) params on every device of `mesh` once, before batched inference."""
+    if mesh is None or mesh.devices.size == 1:
+        return params
+    return parallel.replicate(params, mesh)
+
+
 def run_infer(infer: Callable, params, images: np.ndarray, indices: np.ndarray, key, mesh=None,
               pad_to: int = 0):
     """One batch through `infer`, padded (to `pad_to` rows, then to the device count) and split over the mesh.

@@ -22,7 +22,7 @@ from PIL import Image
 from diff_fastener_jax import parallel
 from diff_fastener_jax.config_utils import parse_cli_overrides
 from diff_fastener_jax.evaluate import calibrated_threshold
-from diff_fastener_jax.inference import progress, run_infer
+from diff_fastener_jax.inference import place_params, progress, run_infer
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
 from diff_fastener_jax.train_step import make_infer_fn
 
@@ -62,6 +62,7 @@ def predict(config, params, paths: list[str], out_dir: str, *, show_progress: bo
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
     mesh = parallel.make_mesh(jax.local_devices())
+    params = place_params(params, mesh)
     infer = make_infer_fn(config)
     key = jax.random.key(config.infer.seed)
     if threshold is None:

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax.models.layers import Dtype, GroupNorm32, get_activation
+from diff_fastener_jax.models.layers import Conv, Dense, Dtype, GroupNorm32, get_activation
 
 
 class ChannelAttention(nn.Module):
@@ -24,8 +24,8 @@ class ChannelAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         hidden = max(c // self.reduction, 1)
-        fc1 = nn.Dense(hidden, use_bias=False, dtype=self.dtype, name="fc1")
-        fc2 = nn.Dense(c, use_bias=False, dtype=self.dtype, name="fc2")
+        fc1 = Dense(hidden, use_bias=False, dtype=self.dtype, name="fc1")
+        fc2 = Dense(c, use_bias=False, dtype=self.dtype, name="fc2")
         avg = jnp.mean(x, axis=(1, 2))  # (B, C)
         mx = jnp.max(x, axis=(1, 2))  # (B, C)
         gate = jax.nn.sigmoid(fc2(jax.nn.relu(fc1(avg))) + fc2(jax.nn.relu(fc1(mx))))
@@ -42,7 +42,7 @@ class SpatialAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         desc = jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)], axis=-1)
         k = self.kernel_size
-        gate = nn.Conv(1, (k, k), padding=k // 2, use_bias=False, dtype=self.dtype, name="conv")(desc)
+        gate = Conv(1, (k, k), padding=k // 2, use_bias=False, dtype=self.dtype, name="conv")(desc)
         return x * jax.nn.sigmoid(gate)  # (B, H, W, C) * (B, H, W, 1)
 
 
@@ -65,7 +65,7 @@ class DACM(nn.Module):
             h = SpatialAttention(dtype=self.dtype, name="spatial_attention")(h)
         if self.use_dilated:
             d = self.dilation
-            h = nn.Conv(x.shape[-1], (3, 3), padding=d, kernel_dilation=(d, d), dtype=self.dtype,
+            h = Conv(x.shape[-1], (3, 3), padding=d, kernel_dilation=(d, d), dtype=self.dtype,
                         name="dilated_conv")(h)
             h = get_activation(self.activation)(GroupNorm32(self.groups, self.dtype)(h))
         if not (self.use_cbam or self.use_dilated):

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax.models.layers import Dtype, GroupNorm32
+from diff_fastener_jax.models.layers import Conv, Dtype, GroupNorm32
 
 
 class ConvNormAct(nn.Module):
@@ -26,7 +26,7 @@ class ConvNormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(x)
+        x = Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(x)
         return jax.nn.relu(GroupNorm32(self.groups, self.dtype)(x))
 
 
@@ -62,5 +62,5 @@ class SegmentationUNet(nn.Module):
             h = jnp.concatenate([h, feats[j]], axis=-1)
             h = block(ch, f"dec{j}")(h)
 
-        logits = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype, name="head")(h).astype(jnp.float32)
+        logits = Conv(1, (3, 3), padding=1, dtype=self.dtype, name="head")(h).astype(jnp.float32)
         return logits if return_logits else jax.nn.sigmoid(logits)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from diff_fastener_jax.models.dacm import DACM
 from diff_fastener_jax.models.layers import (
     AttentionBlock,
+    Conv,
+    Dense,
     Dtype,
     GroupNorm32,
     ResBlock,
@@ -72,10 +74,10 @@ class ReconstructionUNet(nn.Module):
 
         temb_dim = 4 * self.base_channels
         temb = timestep_embedding(t, self.base_channels)  # (B, base)
-        temb = nn.Dense(temb_dim, name="temb_dense0")(temb)
-        temb = nn.Dense(temb_dim, name="temb_dense1")(act(temb))  # (B, 4*base), float32
+        temb = Dense(temb_dim, name="temb_dense0")(temb)
+        temb = Dense(temb_dim, name="temb_dense1")(act(temb))  # (B, 4*base), float32
 
-        h = nn.Conv(self.base_channels, (3, 3), padding=1, dtype=self.dtype, name="stem")(x.astype(self.dtype))
+        h = Conv(self.base_channels, (3, 3), padding=1, dtype=self.dtype, name="stem")(x.astype(self.dtype))
         skips = [h]
         for level, mult in enumerate(self.channel_mults):
             for i in range(self.num_res_blocks):
@@ -108,6 +110,6 @@ class ReconstructionUNet(nn.Module):
                     h = res(h.shape[-1], f"up{level}_upsample", "up")(h, temb, train)
 
         h = act(GroupNorm32(self.groups, self.dtype)(h))
-        out = nn.Conv(self.in_channels, (3, 3), padding=1, dtype=self.dtype,
+        out = Conv(self.in_channels, (3, 3), padding=1, dtype=self.dtype,
                       kernel_init=nn.initializers.zeros, name="out_conv")(h)
         return out.astype(jnp.float32)

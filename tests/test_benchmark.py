@@ -1,0 +1,165 @@
+"""The benchmark CLI's record, and what bfloat16 compute does to scores and gradients (no timing asserts)."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+
+from diff_fastener_jax import benchmark
+from diff_fastener_jax.models import init_params
+from diff_fastener_jax.train_step import make_infer_fn, make_loss_fn
+
+# bfloat16 vs float32 one-step inference on the smoke config with perturbed params (measured on
+# XLA:CPU, jax 0.10.2: map max |diff| 0.013-0.015, mean 0.002; score max |diff| 0.0006-0.0013;
+# recon max |diff| 0.007-0.023; the 64 px demo config gives map max 0.02-0.036, score 0.001-0.0015).
+# The tolerances leave about 3x headroom over the smoke config's measurements.
+BF16_MAP_MAX_ABS = 0.05
+BF16_MAP_MEAN_ABS = 0.01
+BF16_SCORE_MAX_ABS = 0.005
+BF16_RECON_MAX_ABS = 0.08
+
+
+def perturbed_params(config, scale=0.05, seed=0):
+    """Initial params plus Gaussian noise, so the zero-initialised output layers are not zero."""
+    params = init_params(config, jax.random.key(seed))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def test_bfloat16_inference_close_to_float32():
+    c32 = tiny_config()
+    c16 = tiny_config(**{"model.dtype": "bfloat16"})
+    params = perturbed_params(c32)
+    images = jax.random.uniform(jax.random.key(2), (8, 32, 32, 3), minval=-1.0, maxval=1.0)
+    indices = jnp.arange(8, dtype=jnp.int32)
+    r32, m32, s32 = make_infer_fn(c32)(params, images, jax.random.key(3), indices)
+    r16, m16, s16 = make_infer_fn(c16)(params, images, jax.random.key(3), indices)
+    # Outputs stay float32 (params float32, map and score computed from float32 logits).
+    assert r16.dtype == m16.dtype == s16.dtype == jnp.float32
+    # The maps must not be saturated, or the comparison would say nothing.
+    assert 0.05 < float(m32.std()) and 0.05 < float(m32.min()) and float(m32.max()) < 0.999
+    map_diff = np.abs(np.asarray(m32) - np.asarray(m16))
+    assert map_diff.max() > 0, "bfloat16 compute changed nothing: is model.dtype wired through?"
+    assert map_diff.max() < BF16_MAP_MAX_ABS, map_diff.max()
+    assert map_diff.mean() < BF16_MAP_MEAN_ABS, map_diff.mean()
+    assert np.abs(np.asarray(s32) - np.asarray(s16)).max() < BF16_SCORE_MAX_ABS
+    assert np.abs(np.asarray(r32) - np.asarray(r16)).max() < BF16_RECON_MAX_ABS
+
+
+def _grads(config, params):
+    b, s = 4, config.data.image_size
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
+             "mask": jnp.asarray(rng.uniform(size=(b, s, s, 1)) > 0.9, jnp.float32),
+             "is_synthetic": jnp.asarray([0.0, 1.0, 0.0, 1.0])}
+    t = jnp.arange(b, dtype=jnp.int32) * 10
+    n1 = jax.random.normal(jax.random.key(5), (b, s, s, 3))
+    n2 = jax.random.normal(jax.random.key(6), (b, s, s, 3))
+    loss_fn = make_loss_fn(config)
+    return jax.jit(jax.grad(lambda p: loss_fn(p, batch, t, t + 300, n1, n2, jax.random.key(0))[0]))(params)
+
+
+def test_bfloat16_loss_terms_are_float32():
+    config = tiny_config(**{"model.dtype": "bfloat16"})
+    params = perturbed_params(config)
+    b, s = 2, config.data.image_size
+    batch = {"image": jnp.zeros((b, s, s, 3)), "mask": jnp.zeros((b, s, s, 1)), "is_synthetic": jnp.array([0.0, 1.0])}
+    t = jnp.array([5, 6], jnp.int32)
+    noise = jnp.ones((b, s, s, 3))
+    loss_fn = make_loss_fn(config)
+    total, terms = jax.jit(loss_fn)(params, batch, t, t + 300, noise, noise, jax.random.key(0))
+    assert total.dtype == jnp.float32
+    assert all(v.dtype == jnp.float32 and bool(jnp.isfinite(v)) for v in terms.values())
+    # Gradients reach the float32 params as float32 (shapes and dtypes only: no compile needed).
+    grads = jax.eval_shape(jax.grad(lambda p: loss_fn(p, batch, t, t + 300, noise, noise, jax.random.key(0))[0]),
+                           params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_bfloat16_gradients_close_to_float32():
+    """bf16 compute keeps gradients close to float32 (bias adds, and so bias gradients, stay float32)."""
+    c32 = tiny_config()
+    c16 = tiny_config(**{"model.dtype": "bfloat16"})
+    params = perturbed_params(c32, scale=0.02)
+    g32 = jax.tree_util.tree_leaves_with_path(_grads(c32, params))
+    g16 = jax.tree_util.tree_leaves(_grads(c16, params))
+    worst = []
+    for (path, a), b in zip(g32, g16):
+        norm = float(jnp.linalg.norm(a))
+        rel = float(jnp.linalg.norm(a - b)) / norm
+        ratio = float(jnp.linalg.norm(b)) / norm
+        worst.append((rel, ratio, jax.tree_util.keystr(path)))
+    worst.sort(reverse=True)
+    # bf16 rounding gives a few percent (median ~2%); measured with float32 bias adds: max 0.18.
+    assert worst[0][0] < 0.35, worst[:3]
+    assert all(0.75 < ratio < 1.33 for _, ratio, _ in worst), [w for w in worst if not 0.75 < w[1] < 1.33]
+
+
+def test_benchmark_main_writes_record(tmp_path):
+    out = tmp_path / "bench.json"
+    config = f"{ROOT}/configs/demo.py:smoke"
+    rc = benchmark.main(["--config", config, "--batch-sizes", "1,4", "--train-batch", "4",
+                         "--repeats", "1", "--dtype", "float32", "--out", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    for key in benchmark.REQUIRED_KEYS:
+        assert key in r, key
+    assert r["dtype"] == "float32" and r["image_size"] == 32
+    assert r["device"].startswith("cpu")
+    assert [row["batch"] for row in r["infer"]] == [1, 4]
+    for row in r["infer"]:
+        assert row["images_per_s"] > 0 and row["ms_per_image"] > 0
+        assert math.isclose(row["images_per_s"] * row["ms_per_image"], 1000.0, rel_tol=1e-6)
+    # Batch 4 runs sharded over the 4 simulated devices; FLOPs per image must not depend on that.
+    assert [row["devices"] for row in r["infer"]] == [1, 4]
+    g1, g4 = (row["gflops_per_image"] for row in r["infer"])
+    assert math.isclose(g1, g4, rel_tol=0.05), (g1, g4)
+    assert r["train"]["batch"] == 4 and r["train"]["images_per_s"] > 0
+    # a train step costs more than one inference (backward pass), well under 10x
+    assert r["gflops_per_image_infer"] < r["train"]["gflops_per_image"] < 10 * r["gflops_per_image_infer"]
+    assert r["achieved_tflops"] > 0 and 0 < r["fraction_of_peak"] < 1.5
+    assert set(r["compile_s"]) == {"infer_b1", "infer_b4", "train"}
+    assert all(v > 0 for v in r["compile_s"].values())
+    assert r["params_recon"] > r["params_seg"] > 0
+
+
+def test_benchmark_profile_lists_every_block():
+    config = tiny_config()
+    params = init_params(config, jax.random.key(0))
+    p = benchmark.profile_components(config, params, batch=1, repeats=1)
+    recon_names = [b["block"] for b in p["recon_blocks"]]
+    assert recon_names[:3] == ["temb_dense0", "temb_dense1", "stem"] and recon_names[-1] == "out_conv"
+    assert "mid_dacm" in recon_names and "mid_attn" in recon_names
+    # The seg net's Sequential blocks own no params: their inner ConvNormAct calls are listed instead.
+    seg_types = {b["type"] for b in p["seg_blocks"]}
+    assert "Sequential" not in seg_types and "ConvNormAct" in seg_types
+    # Every block's FLOPs add up to about the whole network's.
+    total = sum(b["gflops"] for b in p["recon_blocks"])
+    assert math.isclose(total, p["recon_unet_2b"]["gflops"], rel_tol=0.1), (total, p["recon_unet_2b"]["gflops"])
+    assert all(b["ms"] > 0 for b in p["recon_blocks"] + p["seg_blocks"])
+
+
+def test_gpu_peak_table_matches_specific_names_first():
+    class Fake:
+        platform = "gpu"
+
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert benchmark.device_limits(Fake("NVIDIA H100 80GB HBM3"), "bfloat16")["peak_tflops"] == 989.0
+    assert benchmark.device_limits(Fake("NVIDIA H100 PCIe"), "bfloat16")["peak_tflops"] == 756.0
+    assert benchmark.device_limits(Fake("NVIDIA A100-SXM4-80GB"), "float32")["peak_tflops"] == 156.0
+    assert benchmark.device_limits(Fake("NVIDIA A10"), "bfloat16")["peak_tflops"] == 125.0
+    assert math.isnan(benchmark.device_limits(Fake("Mystery GPU"), "bfloat16")["peak_tflops"])
+
+
+def test_bad_batch_sizes_exit_with_message(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--config", f"{ROOT}/configs/demo.py:smoke", "--batch-sizes", "1,x"])
+    assert "--batch-sizes" in capsys.readouterr().err
