@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diff_fastener_jax import parallel
-from diff_fastener_jax.config_utils import apply_overrides, load_config
+from diff_fastener_jax.config_utils import apply_overrides, load_config, parse_set_overrides
 from diff_fastener_jax.models import build_models, count_params, init_params
 from diff_fastener_jax.train_step import create_train_state, make_infer_fn, make_train_step
 
@@ -440,12 +440,10 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     config = load_config(args.config)
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            p.error(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.removeprefix("config.")] = v
+    try:
+        overrides = parse_set_overrides(args.set)
+    except ValueError as e:
+        p.error(str(e))
     if args.dtype:
         overrides["model.dtype"] = args.dtype
     apply_overrides(config, overrides)

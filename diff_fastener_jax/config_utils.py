@@ -83,6 +83,17 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     return apply_overrides(config, {k: (v if not isinstance(v, str) else repr(v)) for k, v in values.items()})
 
 
+def parse_set_overrides(items: list[str]) -> dict[str, str]:
+    """['model.dtype=bfloat16', 'config.data.image_size=128'] (from repeated --set) -> {key: value}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.removeprefix("config.")] = v
+    return out
+
+
 def parse_cli_overrides(args: list[str]) -> dict[str, str]:
     """['--config.data.root=/x', ...] -> {'data.root': '/x'}; anything else raises a clear error."""
     out = {}

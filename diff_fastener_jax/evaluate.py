@@ -19,12 +19,11 @@ import jax
 import numpy as np
 
 from diff_fastener_jax import metrics as M
-from diff_fastener_jax import parallel, report
+from diff_fastener_jax import report
 from diff_fastener_jax.config_utils import parse_cli_overrides
 from diff_fastener_jax.data import datasets
-from diff_fastener_jax.inference import place_params, run_infer, score_in_batches
+from diff_fastener_jax.inference import prepare_inference, run_infer, score_in_batches
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
-from diff_fastener_jax.train_step import make_infer_fn
 
 
 def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False):
@@ -64,10 +63,7 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     """Scores the test split, computes every metric, writes metrics.json and report.html to `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
-    mesh = parallel.make_mesh(jax.local_devices())
-    params = place_params(params, mesh)
-    infer = make_infer_fn(config)
-    key = jax.random.key(config.infer.seed)
+    infer, params, key, mesh = prepare_inference(config, params)
     if test_samples is None:
         test_samples = datasets.list_samples(config.data, "test", seed=config.seed)
     labels = np.array([s.label for s in test_samples], np.int32)

@@ -30,6 +30,14 @@ def place_params(params, mesh):
     return parallel.replicate(params, mesh)
 
 
+def prepare_inference(config, params):
+    """(infer, params on every local device, key, mesh) for scoring images outside training."""
+    from diff_fastener_jax.train_step import make_infer_fn
+
+    mesh = parallel.make_mesh(jax.local_devices())
+    return make_infer_fn(config), place_params(params, mesh), jax.random.key(config.infer.seed), mesh
+
+
 def run_infer(infer: Callable, params, images: np.ndarray, indices: np.ndarray, key, mesh=None,
               pad_to: int = 0):
     """One batch through `infer`, padded (to `pad_to` rows, then to the device count) and split over the mesh.

@@ -14,17 +14,15 @@ import argparse
 import glob
 import os
 import sys
+import time
 
-import jax
 import numpy as np
 from PIL import Image
 
-from diff_fastener_jax import parallel
 from diff_fastener_jax.config_utils import parse_cli_overrides
 from diff_fastener_jax.evaluate import calibrated_threshold
-from diff_fastener_jax.inference import place_params, progress, run_infer
+from diff_fastener_jax.inference import prepare_inference, progress, run_infer
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
-from diff_fastener_jax.train_step import make_infer_fn
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -61,14 +59,10 @@ def predict(config, params, paths: list[str], out_dir: str, *, show_progress: bo
     """Scores `paths`; writes scores.csv, errors.csv (if any) and <stem>_overlay.png files to `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
-    mesh = parallel.make_mesh(jax.local_devices())
-    params = place_params(params, mesh)
-    infer = make_infer_fn(config)
-    key = jax.random.key(config.infer.seed)
+    infer, params, key, mesh = prepare_inference(config, params)
     if threshold is None:
         threshold, _ = calibrated_threshold(config, params, infer, key, mesh)
     rows, errors, done = [], [], 0
-    import time
     t0 = time.time()
     for i0 in range(0, len(paths), bs):
         chunk, originals, batch = [], [], []

@@ -12,7 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax.config_utils import apply_overrides, load_config
+from diff_fastener_jax.config_utils import apply_overrides, load_config, parse_set_overrides
 from diff_fastener_jax.models import build_models, count_params, kept_skips
 
 
@@ -63,12 +63,10 @@ def main(argv=None) -> int:
                         help="config override, e.g. --set data.image_size=128 (repeatable)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.removeprefix("config.")] = v
+    try:
+        overrides = parse_set_overrides(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     apply_overrides(config, overrides)
     summary = model_summary(config)
     width = max(len(k) for k in summary)
