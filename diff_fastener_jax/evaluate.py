@@ -77,10 +77,9 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     pixel_acc = M.PixelMetricAccumulator(num_bins=config.eval.pixel_bins, aupro_limit=config.eval.aupro_limit)
     per_defect_acc: dict[str, M.PixelMetricAccumulator] = {}
 
-    def on_batch(i0, images, recon, amap, score):
+    def on_batch(i0, images, recon, amap, score, masks):
         if not has_masks:
             return
-        masks = datasets.load_arrays(test_samples[i0:i0 + images.shape[0]], size)["mask"][..., 0]
         pixel_acc.update(amap, masks)
         for j in range(images.shape[0]):
             d = defects[i0 + j]
@@ -94,7 +93,8 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
                 acc.update(amap[sel], masks[sel])
 
     scores, infer_s = score_in_batches(
-        infer, params, sample_batches(test_samples, size, bs), key, mesh=mesh, total=len(test_samples),
+        infer, params, sample_batches(test_samples, size, bs, with_masks=True), key, mesh=mesh,
+        total=len(test_samples),
         on_batch=on_batch, show_progress=show_progress, pad_to=bs)
 
     threshold, threshold_source = calibrated_threshold(config, params, infer, key, mesh, calibration_samples)

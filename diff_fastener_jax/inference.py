@@ -63,17 +63,18 @@ def run_infer(infer: Callable, params, images: np.ndarray, indices: np.ndarray, 
 def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray, np.ndarray]], key, *,
                      mesh=None, total: int | None = None, on_batch: Callable | None = None,
                      show_progress: bool = True, pad_to: int = 0) -> tuple[np.ndarray, float]:
-    """Scores every (images, indices) batch; returns (scores (N,), seconds spent inside inference).
+    """Scores every (images, indices, *extra) batch; returns (scores (N,), seconds inside inference).
 
-    `on_batch(i0, images, recon, amap, score)` sees each batch's outputs (for streaming metrics).
+    `on_batch(i0, images, recon, amap, score, *extra)` sees each batch's outputs (for streaming
+    metrics); `extra` is whatever the batch carried besides images and indices (e.g. its masks).
     """
     scores, infer_s, done, t0 = [], 0.0, 0, time.time()
-    for images, indices in batches:
+    for images, indices, *extra in batches:
         t = time.perf_counter()
         recon, amap, score = run_infer(infer, params, images, indices, key, mesh, pad_to)
         infer_s += time.perf_counter() - t
         if on_batch is not None:
-            on_batch(done, images, recon, amap, score)
+            on_batch(done, images, recon, amap, score, *extra)
         scores.append(score)
         done += images.shape[0]
         if show_progress and total:
