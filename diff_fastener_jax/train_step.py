@@ -69,11 +69,6 @@ def example_noise(keys: jax.Array, shape: tuple[int, ...], tau: int, T: int):
     return jax.vmap(one)(keys)
 
 
-def _example_keys(key: jax.Array, step: jax.Array, indices: jax.Array) -> jax.Array:
-    step_key = jax.random.fold_in(key, step)
-    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(indices)
-
-
 def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
     """loss_fn(params, batch, t_s, t_b, n1, n2, dropout_key) -> (total, metrics) for one device's rows."""
     recon_net, seg_net = build_models(config)
@@ -129,7 +124,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         b = batch["image"].shape[0]
         device = lax.axis_index(DATA_AXIS)
         global_index = device * b + jnp.arange(b)  # rows of the global batch held here
-        keys = _example_keys(key, state.step, global_index)
+        keys = diffusion.example_keys(key, state.step, global_index)
         t_s, t_b, n1, n2 = example_noise(keys, batch["image"].shape[1:], tau, T)
         dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, state.step), 2**31 - 1), device)
 
