@@ -18,8 +18,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diff_fastener_jax.errors import UserError
 
-class IncompatibleCheckpointError(ValueError):
+
+class IncompatibleCheckpointError(UserError, ValueError):
     """The checkpoint on disk was written by a run with different model shapes."""
 
 

@@ -7,9 +7,10 @@ import os
 import ml_collections
 
 from diff_fastener_jax.config_schema import base_config
+from diff_fastener_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid or unknown config value."""
 
 

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from diff_fastener_jax.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -43,7 +45,7 @@ VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 _STREAM_FOLDS, _STREAM_VAL, _STREAM_FOLDER_TEST = 1, 2, 3
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Bad dataset input: a missing/empty folder, an unreadable image, an unmatched mask, ..."""
 
 
