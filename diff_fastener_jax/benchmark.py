@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diff_fastener_jax import parallel
-from diff_fastener_jax.config_utils import apply_overrides, load_config, parse_set_overrides
+from diff_fastener_jax.config import apply_overrides, load_config, parse_set_overrides
 from diff_fastener_jax.models import build_models, count_params, init_params
 from diff_fastener_jax.train_step import create_train_state, make_infer_fn, make_train_step
 

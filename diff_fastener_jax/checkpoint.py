@@ -6,12 +6,19 @@ Layout of `<workdir>/checkpoints`:
   data/<step>.p<i>.json       the Grain iterator state of process i at that step (written atomically
                               with os.replace BEFORE the orbax save starts)
 `meta` records the parameter shapes, so resuming with other model shapes is refused with a clear error.
+
+Crash safety: a process killed at any moment leaves either a complete checkpoint or an unfinished
+temporary folder that orbax ignores and removes. A checkpoint that is complete on disk but cannot be
+read back (a damaged disk, a truncated copy) is moved to `checkpoints/unreadable/<step>` by
+`restore_latest`, which warns and falls back to the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from typing import Any
 
 import jax
@@ -82,17 +89,21 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def check_shapes(self, step: int, expected_shapes: dict) -> None:
+        """Raises IncompatibleCheckpointError when checkpoint `step` holds parameters of other shapes."""
+        saved = self.read_meta(step).get("param_shapes", {})
+        if saved != expected_shapes:
+            diff = sorted(set(saved) ^ set(expected_shapes)) or sorted(
+                k for k in saved if saved[k] != expected_shapes.get(k))
+            raise IncompatibleCheckpointError(
+                f"checkpoint {self.directory}/{step} was written by a model with other shapes "
+                f"(first differences: {diff[:3]})",
+                hint="use another --workdir, or the run's original config (its config.json)")
+
     def restore(self, step: int, abstract_state, expected_shapes: dict | None = None):
         """Returns (state, data_state) at `step`; refuses a checkpoint with other parameter shapes."""
-        meta = self.read_meta(step)
         if expected_shapes is not None:
-            saved = meta.get("param_shapes", {})
-            if saved != expected_shapes:
-                diff = sorted(set(saved) ^ set(expected_shapes)) or sorted(
-                    k for k in saved if saved[k] != expected_shapes.get(k))
-                raise IncompatibleCheckpointError(
-                    f"checkpoint {self.directory}/{step} was written by a model with other shapes "
-                    f"(first differences: {diff[:3]}); use another --workdir or the run's original config")
+            self.check_shapes(step, expected_shapes)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
         path = self._data_path(step)
@@ -101,6 +112,36 @@ class Checkpointer:
         with open(path) as f:
             data_state = json.load(f)
         return restored["state"], data_state
+
+    def restore_latest(self, abstract_state, expected_shapes: dict | None = None):
+        """(step, state, data_state) of the newest checkpoint that reads back, or (None, None, None).
+
+        An unreadable checkpoint is moved to `unreadable/<step>` with a warning on stderr and the
+        previous one is tried; a checkpoint of another model raises IncompatibleCheckpointError.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(step, abstract_state, expected_shapes)
+                return step, state, data_state
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure: fall back to the previous step
+                if jax.process_index() == 0:
+                    print(f"[warn] checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: "
+                          f"{str(e)[:200]}); moved to {self.directory}/unreadable/{step}, falling back to "
+                          f"the previous checkpoint", file=sys.stderr, flush=True)
+                self._set_aside(step)
+        return None, None, None
+
+    def _set_aside(self, step: int) -> None:
+        """Moves checkpoint `step` out of orbax's sight so the step can be saved again."""
+        if jax.process_index() == 0:
+            aside = os.path.join(self.directory, "unreadable")
+            os.makedirs(aside, exist_ok=True)
+            target = os.path.join(aside, str(step))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -20,7 +20,7 @@ import numpy as np
 
 from diff_fastener_jax import metrics as M
 from diff_fastener_jax import report
-from diff_fastener_jax.config_utils import parse_cli_overrides
+from diff_fastener_jax.config import parse_cli_overrides
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.inference import prepare_inference, run_infer, score_in_batches
 from diff_fastener_jax.run_loading import load_run_config, load_run_params

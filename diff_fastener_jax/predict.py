@@ -19,7 +19,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from diff_fastener_jax.config_utils import parse_cli_overrides
+from diff_fastener_jax.config import parse_cli_overrides
 from diff_fastener_jax.evaluate import calibrated_threshold
 from diff_fastener_jax.inference import prepare_inference, progress, run_infer
 from diff_fastener_jax.run_loading import load_run_config, load_run_params

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
-from diff_fastener_jax.config_utils import apply_overrides, config_from_json
+from diff_fastener_jax.config import apply_overrides, config_from_json
 from diff_fastener_jax.train_step import create_train_state
 
 

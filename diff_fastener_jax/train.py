@@ -1,10 +1,15 @@
-r"""Training entry point.
+r"""Train a Diff-Fastener run (or resume it): checkpoints, metrics.jsonl and config.json in --workdir.
 
+  python -m diff_fastener_jax.train --config configs/<x>.py[:preset] --workdir DIR [--config.KEY=VALUE ...]
+
+Example:
   python -m diff_fastener_jax.train --config configs/demo.py --workdir runs/demo
   python -m diff_fastener_jax.train --config configs/default.py:mvtec --workdir runs/bottle \
       --config.data.root=/data/mvtec --config.data.category=bottle
 
-Re-running the same command resumes from the latest checkpoint in `<workdir>/checkpoints`.
+Re-running the same command resumes from the latest checkpoint in `<workdir>/checkpoints` (a run
+killed at any moment resumes to the same result bit for bit). Nothing is written to the workdir
+until the config, the data folders and every listed image have been checked.
 Multi-host: launched by SLURM (`launch/slurm.sbatch`) the processes find each other from the SLURM
 environment; or pass --coordinator_address/--num_processes/--process_id explicitly.
 """
@@ -20,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from diff_fastener_jax import parallel
+from diff_fastener_jax import cli, parallel
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
-from diff_fastener_jax.config_validation import resolve_data_root, validate_config
+from diff_fastener_jax.config import validate_config
+from diff_fastener_jax.data.demo import resolve_data_root
 from diff_fastener_jax.data import datasets, pipeline
 from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
 from diff_fastener_jax.train_step import (
@@ -34,7 +39,7 @@ from diff_fastener_jax.train_step import (
     make_train_step,
 )
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<x>.py[:arg]", lock_config=True)
+_CONFIG = cli.define_config("file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics.jsonl, config.json)")
 _COORD = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 _NPROC = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
@@ -92,17 +97,59 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
     return int(config.train.num_epochs * steps_per_epoch)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
-    """Trains (or resumes) a run in `workdir`; returns the last logged metrics."""
-    mesh = parallel.make_mesh()
-    validate_config(config, num_devices=mesh.devices.size)  # before anything compiles
-    os.makedirs(workdir, exist_ok=True)
+def prepare_run(config: ml_collections.ConfigDict, workdir: str, num_devices: int):
+    """Every check a run needs before anything is compiled or written to `workdir`.
+
+    Validates the config, lists the split's samples ONCE, decodes every listed image and mask, and
+    refuses an existing checkpoint written with other model shapes. Returns (config with the demo data
+    root resolved, {'train': [...], 'val': [...]}). Raises a UserError naming the first problem.
+    """
+    validate_config(config, num_devices=num_devices)
     config = resolve_data_root(config, workdir)
+    samples = {split: datasets.list_samples(config.data, split, seed=config.seed) for split in ("train", "val")}
+    datasets.verify_images(samples["train"] + samples["val"])
+    check_resume_compatible(config, workdir)
+    return config, samples
+
+
+def _abstract_state(config, key, sharding=None):
+    """The train state's shapes/dtypes (no memory), optionally with a sharding on every leaf."""
+    shapes = jax.eval_shape(lambda: create_train_state(config, key))
+    if sharding is None:
+        return shapes
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def check_resume_compatible(config, workdir: str) -> None:
+    """Raises IncompatibleCheckpointError when `workdir` holds a checkpoint of another model; creates nothing."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    if not steps:
+        return
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    expected = param_shapes(_abstract_state(config, key).params)
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        ckpt.check_shapes(steps[-1], expected)
+    finally:
+        ckpt.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
+    """Trains (or resumes) a run in `workdir`; returns the last logged metrics.
+
+    Nothing is written to `workdir` (except generated demo data) until `prepare_run`'s checks pass.
+    """
+    mesh = parallel.make_mesh()
+    config, samples = prepare_run(config, workdir, mesh.devices.size)  # before anything compiles
+    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    train_samples = datasets.list_samples(config.data, "train", seed=config.seed)
+    train_samples = samples["train"]
     total_steps = num_train_steps(config, len(train_samples))
     writer = MetricsWriter(workdir, quiet=quiet)
     if config.train.tensorboard:
@@ -111,24 +158,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
     base_key = jax.random.key(config.seed)
     init_key, train_key, val_key = (jax.random.fold_in(base_key, i) for i in range(3))
     rep = parallel.replicated(mesh)
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                                      jax.eval_shape(lambda: create_train_state(config, init_key)))
+    abstract = _abstract_state(config, init_key, rep)
     shapes = param_shapes(abstract.params)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-    data_state = None
-    start = ckpt.latest_step()
+    start, state, data_state = ckpt.restore_latest(abstract, expected_shapes=shapes)
     if start is not None:
-        state, data_state = ckpt.restore(start, abstract, expected_shapes=shapes)
         writer.write({"event": "resume", "step": start}, f"resumed from step {start}")
     else:
         state = parallel.replicate(create_train_state(config, init_key), mesh)
     start = start or 0
 
     train_iter = pipeline.make_train_iterator(
-        config, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+        config, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        samples=train_samples)
     if data_state is not None:
         train_iter.set_state(data_state)
-    val_batches = pipeline.make_val_batches(config, seed=config.seed, num_batches=config.train.val_batches)
+    val_batches = pipeline.make_val_batches(config, seed=config.seed, num_batches=config.train.val_batches,
+                                           samples=samples["val"])
 
     train_step = make_train_step(config, mesh)
     infer = make_infer_fn(config)
@@ -185,15 +231,12 @@ def _check_finite(step: int, metrics: dict) -> None:
             f"learning rate (optim.lr_recon / optim.lr_seg) or enable optim.clip.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
+def main(argv) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; our progress goes to stdout
     initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(cli.get_config(_CONFIG), _WORKDIR.value)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __doc__, required=("config", "workdir"))

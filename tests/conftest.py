@@ -24,7 +24,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def tiny_config(**overrides):
     """configs/demo.py:smoke (32 px, tiny widths) with dotted-key overrides."""
-    from diff_fastener_jax.config_utils import apply_overrides, load_config
+    from diff_fastener_jax.config import apply_overrides, load_config
 
     config = load_config(os.path.join(ROOT, "configs", "demo.py") + ":smoke")
     return apply_overrides(config, overrides)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 
-from diff_fastener_jax.config_utils import load_config
+from diff_fastener_jax.config import load_config
 from diff_fastener_jax.models import DACM, build_models, count_params, init_params, kept_skips
 from diff_fastener_jax.models.__main__ import model_summary
 

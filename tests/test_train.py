@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_config
 
 from diff_fastener_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
-from diff_fastener_jax.config_validation import ConfigError, validate_config
+from diff_fastener_jax.config import ConfigError, validate_config
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
 from diff_fastener_jax.train import train_and_evaluate
 

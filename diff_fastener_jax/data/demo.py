@@ -228,6 +228,20 @@ def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size:
     return final
 
 
+def resolve_data_root(config, workdir: str):
+    """For data.format='demo': an unlocked copy of `config` whose data.root is the demo dataset root
+    (default <workdir>/demo_data), generating the scenes there first if needed; other formats unchanged."""
+    if config.data.format != "demo":
+        return config
+    import ml_collections
+
+    from diff_fastener_jax.data.datasets import ensure_demo_data
+
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    config.data.root = ensure_demo_data(config.data, os.path.join(workdir, "demo_data"))
+    return config
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Write the synthetic rail-fastener demo dataset (MVTec layout).")
     p.add_argument("--out", required=True, help="output folder (the category folder goes inside)")

@@ -128,13 +128,16 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
-def build_train_dataset(config, *, seed: int, process_index: int = 0, process_count: int = 1
-                        ) -> grain.MapDataset:
-    """The infinite MapDataset whose element k is this process's share of global batch k."""
+def build_train_dataset(config, *, seed: int, process_index: int = 0, process_count: int = 1,
+                        samples=None) -> grain.MapDataset:
+    """The infinite MapDataset whose element k is this process's share of global batch k.
+
+    `samples`: the 'train' split when the caller listed it already (else listed here)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
     b_local = local_batch_size(int(config.train.batch_size), process_count)
-    samples = datasets.list_samples(config.data, "train", seed=seed)
+    if samples is None:
+        samples = datasets.list_samples(config.data, "train", seed=seed)
     paths = [s.path for s in samples]
     with_clean = bool(config.get("loss", {}).get("anomaly_oriented_noise", False))
     ds = (grain.MapDataset.range(len(paths))
@@ -221,12 +224,13 @@ class TrainIterator:
 
 
 def make_train_iterator(config, *, seed: int, process_index: int = 0, process_count: int = 1,
-                        num_workers: int | None = None) -> TrainIterator:
+                        num_workers: int | None = None, samples=None) -> TrainIterator:
     """Infinite iterator of this process's training batches (batch_size // process_count rows each).
 
     `num_workers` overrides config.data.num_workers (0 = in-process, no mp_prefetch).
     """
-    ds = build_train_dataset(config, seed=seed, process_index=process_index, process_count=process_count)
+    ds = build_train_dataset(config, seed=seed, process_index=process_index, process_count=process_count,
+                             samples=samples)
     workers = int(config.data.num_workers if num_workers is None else num_workers)
     if workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {workers}")
@@ -239,12 +243,14 @@ def make_train_iterator(config, *, seed: int, process_index: int = 0, process_co
 # Validation batches
 
 
-def make_val_batches(config, *, seed: int, num_batches: int) -> list[dict]:
+def make_val_batches(config, *, seed: int, num_batches: int, samples=None) -> list[dict]:
     """`num_batches` fixed batches (train.batch_size rows, same dict format as training) built from the
     held-out normal validation images: even rows as they are, odd rows with a synthetic anomaly drawn
     deterministically from (seed, row pair). Validation images are reused cyclically when there are
-    few. Returns [] when there are no validation images (data.val_fraction = 0)."""
-    samples = datasets.list_samples(config.data, "val", seed=seed)
+    few. Returns [] when there are no validation images (data.val_fraction = 0). `samples`: the 'val'
+    split when the caller listed it already."""
+    if samples is None:
+        samples = datasets.list_samples(config.data, "val", seed=seed)
     if not samples or num_batches <= 0:
         return []
     b = local_batch_size(int(config.train.batch_size), 1)

@@ -12,7 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax.config_utils import apply_overrides, load_config, parse_set_overrides
+from diff_fastener_jax.config import apply_overrides, load_config, parse_set_overrides
 from diff_fastener_jax.models import build_models, count_params, kept_skips
 
 
