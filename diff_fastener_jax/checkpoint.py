@@ -50,12 +50,14 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 class Checkpointer:
     """Periodic (async) saves, keep-last-N, exact resume of state and data iterator."""
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """`read_only`: for loading (evaluate, compatibility checks): creates, cleans and saves nothing."""
         self.directory = os.path.abspath(directory)
-        os.makedirs(os.path.join(self.directory, "data"), exist_ok=True)
+        if not read_only:
+            os.makedirs(os.path.join(self.directory, "data"), exist_ok=True)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True)
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:

@@ -5,17 +5,23 @@ A command module (train, evaluate, crossval, models, ...) does three things:
     from absl import flags
     from diff_fastener_jax import cli
 
-    _WORKDIR = flags.DEFINE_string("workdir", None, "run folder")
-    _CONFIG = cli.define_config("file")      # "file": --config configs/x.py[:preset]
-                                             # "run":  the config saved in --workdir (config.json)
+    FLAGS = flags.FLAGS
+
+    def define_flags():                      # called by cli.run, so importing the module defines
+        cli.define_config("file")            # no flags (commands import each other's functions)
+        flags.DEFINE_string("workdir", None, "run folder")
+        # cli.define_config("run") instead: no file, the config saved in --workdir (config.json)
 
     def main(argv):                          # absl-style: argv holds only the program name
-        config = cli.get_config(_CONFIG, workdir=_WORKDIR.value)   # overrides applied, validated
+        config = cli.get_config(workdir=FLAGS.workdir)   # overrides applied, validated
         ...
         return 0
 
     if __name__ == "__main__":
-        cli.run(main, __doc__, required=("config", "workdir"))
+        cli.run(main, __doc__, define_flags=define_flags, required=("config", "workdir"))
+
+The module docstring is the --help text: start it with a one-line summary, then a
+`python -m diff_fastener_jax.<cmd> ...` usage line and an `Example:` block.
 
 What every command then gets:
 
@@ -33,7 +39,7 @@ What every command then gets:
     the environment variable `DFJ_VERBOSE=1`) prints the traceback first. Anything else is a bug and
     keeps its traceback (exit 1).
 
-Public API: `define_config`, `get_config`, `run`, `fail`, `EXIT_USER_ERROR`.
+Public API: `run`, `define_config`, `get_config`, `fail`, `EXIT_USER_ERROR`.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import re
 import sys
 import traceback
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from diff_fastener_jax import config as config_lib
 from diff_fastener_jax.errors import UserError
@@ -89,27 +95,29 @@ def define_config(source: str = "file", name: str = "config"):
         lock_config=True)
 
 
-def get_config(holder, workdir: str | None = None, *, validate: bool = True):
+def get_config(workdir: str | None = None, *, name: str = "config", validate: bool = True):
     """The command's resolved config: the --config file (or `<workdir>/config.json` for "run" commands)
     with the command line's overrides applied, validated (`config.validate_config`).
 
     With `--print_config` it prints that config as JSON and exits 0. Raises ConfigError (a UserError)
     for a missing run, unknown keys or invalid values.
     """
-    name = holder.name
     if _SOURCE.get(name, "file") == "run":
         if not workdir:
             raise app.UsageError("--workdir is required")
         cfg = config_lib.config_from_json(os.path.join(workdir, "config.json"))
         config_lib.apply_overrides(cfg, dict(FLAGS[name].override_values))
     else:
-        cfg = holder.value
+        cfg = FLAGS[name].value
         if cfg is None:
             raise app.UsageError(f"--{name} is required (e.g. --{name} configs/demo.py)")
     if validate:
         config_lib.validate_config(cfg)
     if FLAGS["print_config"].present and FLAGS.print_config:
-        print(cfg.to_json_best_effort(indent=2))
+        try:
+            print(cfg.to_json_best_effort(indent=2), flush=True)
+        except BrokenPipeError:  # `--print_config | head`
+            pass
         sys.exit(0)
     return cfg
 
@@ -224,17 +232,26 @@ def _without_traceback(message: str) -> str:
     return f"{head}: {last}" if head else last
 
 
-def run(main, doc: str | None = None, *, required: tuple[str, ...] = (), show: tuple[str, ...] = (),
-        argv: list[str] | None = None) -> None:
+def run(main, doc: str | None = None, *, define_flags=None, required: tuple[str, ...] = (),
+        show: tuple[str, ...] = (), argv: list[str] | None = None) -> None:
     """Runs absl-style `main(argv)` with the conventions above; never returns (exits with main's status).
 
-    `doc` is the --help text (pass the module's `__doc__`); `required` names flags that must be given;
-    `show` names flags defined in other modules that this command uses (listed in --help).
+    `doc` is the --help text (pass the module's `__doc__`); `define_flags()` defines the command's
+    flags; `required` names flags that must be given; `show` names flags defined in other modules that
+    this command uses (listed in --help); `argv` defaults to sys.argv.
     """
     argv = list(sys.argv if argv is None else argv)
     sys.argv = argv  # ml_collections reads the overrides from sys.argv
-    _define_common_flags()
     head = argv[:argv.index("--")] if "--" in argv else argv
+    try:
+        # Unknown override keys first: ml_collections reads the overrides as soon as --config is defined.
+        for key in (m.group(1) for a in head[1:] if (m := _OVERRIDE.match(a))):
+            config_lib.check_keys([key], where=f"--config.{key}")
+    except UserError as e:
+        fail(str(e), e.hint, exc=e)
+    if define_flags is not None:
+        define_flags()
+    _define_common_flags()
     if any(a in _HELP_ARGS for a in head[1:]):
         print(help_text(doc or "", show))
         sys.exit(0)
@@ -262,6 +279,8 @@ def run(main, doc: str | None = None, *, required: tuple[str, ...] = (), show: t
             for name in required:
                 if name in FLAGS and FLAGS[name].value is None:
                     raise app.UsageError(f"--{name} is required")
+            if not FLAGS["verbosity"].present:  # orbax logs every save/restore at INFO
+                logging.set_verbosity(logging.WARNING)
             return main(args)
         except UserError as e:
             fail(str(e), e.hint, exc=e)

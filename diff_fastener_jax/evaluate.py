@@ -1,8 +1,12 @@
 r"""Evaluate a trained run on its test split and write metrics.json + a self-contained report.html.
 
-  python -m diff_fastener_jax.evaluate --workdir runs/demo [--checkpoint STEP] [--out DIR] \
-      [--config.data.root=/other/root ...]
+  python -m diff_fastener_jax.evaluate --workdir RUN [--checkpoint STEP] [--out DIR] [--config.KEY=VALUE ...]
 
+Example:
+  python -m diff_fastener_jax.evaluate --workdir runs/demo
+  python -m diff_fastener_jax.evaluate --workdir runs/demo --config.infer.map=recon_error --out runs/demo/eval_err
+
+Overrides apply on top of the run's saved config.json.
 The label threshold is calibrated on the held-out NORMAL validation images (never on the test set) at
 `eval.fpr_target`, unless `--config.eval.threshold=X` gives one. Deterministic: the inference noise of
 each image is seeded by `infer.seed` and the image's position in the split.
@@ -10,17 +14,17 @@ each image is seeded by `infer.seed` and the image's position in the split.
 
 from __future__ import annotations
 
-import argparse
+import csv
 import json
 import os
-import sys
 
 import jax
 import numpy as np
+from absl import flags
 
+from diff_fastener_jax import cli, report
 from diff_fastener_jax import metrics as M
-from diff_fastener_jax import report
-from diff_fastener_jax.config import parse_cli_overrides
+from diff_fastener_jax.config import validate_config
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.inference import prepare_inference, run_infer, score_in_batches
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
@@ -132,10 +136,10 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
                        "defect": defects[idx], "path": test_samples[idx].path, "kind": kind})
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(_jsonable(result), f, indent=2)
-    with open(os.path.join(out_dir, "scores.csv"), "w") as f:
-        f.write("path,defect,label,score\n")
-        for s, sc in zip(test_samples, scores):
-            f.write(f"{s.path},{s.defect},{s.label},{sc:.6f}\n")
+    with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path", "defect", "label", "score"])
+        rows.writerows([s.path, s.defect, s.label, f"{sc:.6f}"] for s, sc in zip(test_samples, scores))
     report.write_report(os.path.join(out_dir, "report.html"), metrics=result, per_defect=per_defect,
                         scores=scores, labels=labels, defects=defects, panels=panels,
                         config_json=config.to_json_best_effort(indent=2), title=title or "Diff-Fastener evaluation",
@@ -156,21 +160,37 @@ def _jsonable(x):
     return x
 
 
-def main(argv=None) -> int:
-    from absl import flags
+FLAGS = flags.FLAGS
 
-    flags.FLAGS.mark_as_parsed()  # grain and absl-based helpers read flags
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="training run folder")
-    p.add_argument("--checkpoint", type=int, default=None, help="step to evaluate (default: latest)")
-    p.add_argument("--out", default=None, help="output folder (default: <workdir>/eval)")
-    args, rest = p.parse_known_args(argv)
-    overrides = parse_cli_overrides(rest)
-    config = load_run_config(args.workdir, overrides)
-    params, step = load_run_params(args.workdir, config, args.checkpoint)
-    out = args.out or os.path.join(args.workdir, "eval")
-    result = evaluate_run(config, params, out, title=f"{os.path.basename(os.path.abspath(args.workdir))} "
-                                                    f"@ step {step}")
+
+def define_flags() -> None:
+    """This command's flags (defined only when it runs, so importing the module defines none)."""
+    cli.define_config("run")
+    flags.DEFINE_string("workdir", None, "training run folder (holds config.json and checkpoints/)")
+    flags.DEFINE_integer("checkpoint", None, "step to evaluate (default: latest)")
+    flags.DEFINE_string("out", None, "output folder (default: <workdir>/eval)")
+
+
+def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | None = None,
+                     config=None, show_progress: bool = True) -> dict:
+    """Evaluates checkpoint `checkpoint` (default latest) of the run in `workdir` into `out`
+    (default <workdir>/eval). Checks the run, the data and every test/validation image before compiling."""
+    if config is None:
+        config = load_run_config(workdir)
+        validate_config(config)
+    splits = {s: datasets.list_samples(config.data, s, seed=config.seed) for s in ("val", "test")}
+    datasets.verify_images(splits["test"] + splits["val"])
+    params, step = load_run_params(workdir, config, checkpoint)
+    out = out or os.path.join(workdir, "eval")
+    return evaluate_run(config, params, out, title=f"{os.path.basename(os.path.abspath(workdir))} @ step {step}",
+                        show_progress=show_progress, calibration_samples=splits["val"],
+                        test_samples=splits["test"])
+
+
+def main(argv) -> int:
+    config = cli.get_config(workdir=FLAGS.workdir)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
+    result = evaluate_workdir(FLAGS.workdir, out, FLAGS.checkpoint, config=config)
     keys = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro",
             "threshold", "precision", "recall", "images_per_second", "num_images"]
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=1))
@@ -179,4 +199,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, __doc__, define_flags=define_flags, required=("workdir",))

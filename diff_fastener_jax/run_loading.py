@@ -9,6 +9,7 @@ import ml_collections
 
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.config import apply_overrides, config_from_json
+from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.train_step import create_train_state
 
 
@@ -20,13 +21,19 @@ def load_run_config(workdir: str, overrides: dict | None = None) -> ml_collectio
 
 def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int | None = None):
     """(params, step): the checkpoint's EMA params when EMA was on, else its raw params."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise UserError(f"no checkpoints in {directory}", hint="train first: python -m diff_fastener_jax.train")
+    ckpt = Checkpointer(directory, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
-        raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints: train first")
+        ckpt.close()
+        raise UserError(f"no checkpoints in {directory}", hint="train first: python -m diff_fastener_jax.train")
     step = ckpt.latest_step() if step is None else step
     if step not in steps:
-        raise ValueError(f"--checkpoint {step}: not in {workdir}/checkpoints (available: {sorted(steps)})")
+        ckpt.close()
+        raise UserError(f"--checkpoint {step}: no such step in {directory}",
+                        hint=f"available steps: {', '.join(map(str, sorted(steps)))}")
     # Restore onto this process's first device whatever topology saved it (e.g. 2 hosts x 4 GPUs).
     on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree_util.tree_map(

@@ -39,11 +39,16 @@ from diff_fastener_jax.train_step import (
     make_train_step,
 )
 
-_CONFIG = cli.define_config("file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics.jsonl, config.json)")
-_COORD = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
-_NPROC = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-_PID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This command's flags (defined only when it runs, so importing the module defines none)."""
+    cli.define_config("file")
+    flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics.jsonl, config.json)")
+    flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,7 +135,7 @@ def check_resume_compatible(config, workdir: str) -> None:
         return
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
     expected = param_shapes(_abstract_state(config, key).params)
-    ckpt = Checkpointer(directory, async_save=False)
+    ckpt = Checkpointer(directory, read_only=True)
     try:
         ckpt.check_shapes(steps[-1], expected)
     finally:
@@ -233,10 +238,10 @@ def _check_finite(step: int, metrics: dict) -> None:
 
 def main(argv) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; our progress goes to stdout
-    initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    train_and_evaluate(cli.get_config(_CONFIG), _WORKDIR.value)
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    train_and_evaluate(cli.get_config(), FLAGS.workdir)
     return 0
 
 
 if __name__ == "__main__":
-    cli.run(main, __doc__, required=("config", "workdir"))
+    cli.run(main, __doc__, define_flags=define_flags, required=("config", "workdir"))

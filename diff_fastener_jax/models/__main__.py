@@ -1,19 +1,29 @@
-"""Model summary: parameter counts and forward GFLOPs per image (XLA cost analysis).
+r"""Model summary: parameter counts and forward GFLOPs per image (XLA cost analysis).
 
-  python -m diff_fastener_jax.models --config configs/default.py [--json FILE] [--set model.dtype=bfloat16]
+  python -m diff_fastener_jax.models --config configs/<x>.py[:preset] [--json FILE] [--config.KEY=VALUE ...]
+
+Example:
+  python -m diff_fastener_jax.models --config configs/default.py --config.model.dtype=bfloat16
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-from diff_fastener_jax.config import apply_overrides, load_config, parse_set_overrides
+from diff_fastener_jax import cli
 from diff_fastener_jax.models import build_models, count_params, kept_skips
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This command's flags (defined only when it runs, so importing the module defines none)."""
+    cli.define_config("file")
+    flags.DEFINE_string("json", None, "also write the summary to this JSON file")
 
 
 def forward_gflops(fn, *args) -> float:
@@ -55,28 +65,16 @@ def model_summary(config, batch: int = 1) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/<x>.py[:arg]")
-    parser.add_argument("--json", help="also write the summary to this JSON file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set data.image_size=128 (repeatable)")
-    args = parser.parse_args(argv)
-    config = load_config(args.config)
-    try:
-        overrides = parse_set_overrides(args.set)
-    except ValueError as e:
-        parser.error(str(e))
-    apply_overrides(config, overrides)
-    summary = model_summary(config)
+def main(argv) -> int:
+    summary = model_summary(cli.get_config())
     width = max(len(k) for k in summary)
     for k, v in summary.items():
         print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(summary, f, indent=2)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, __doc__, define_flags=define_flags, required=("config",))
