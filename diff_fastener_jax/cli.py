@@ -44,7 +44,6 @@ Public API: `run`, `define_config`, `get_config`, `fail`, `EXIT_USER_ERROR`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys

@@ -173,24 +173,6 @@ def norm_guided_reconstruction(eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_s
             "eps_big": eps_big, "x0_big": x0_big, "x_guide": x_guide, "eps_hat": eps_hat}
 
 
-# ----------------------------------------------------------------------------- timesteps
-
-def sample_train_timesteps(key: jax.Array, batch: int, T: int, tau: int) -> tuple[jax.Array, jax.Array]:
-    """Training timesteps: t_small ~ U{0..tau-1}, t_big ~ U{tau..T-1}, each (batch,) int32."""
-    if not 0 < tau < T:
-        raise ValueError(f"diffusion.tau must be in (0, T={T}), got {tau}")
-    k_s, k_b = jax.random.split(key)
-    return (jax.random.randint(k_s, (batch,), 0, tau, dtype=jnp.int32),
-            jax.random.randint(k_b, (batch,), tau, T, dtype=jnp.int32))
-
-
-def eval_timesteps(batch: int, t_small: int = 200, t_big: int = 400) -> tuple[jax.Array, jax.Array]:
-    """Evaluation timesteps: the fixed pair (diffusion.eval_t_small, eval_t_big), each (batch,) int32."""
-    if not 0 <= t_small < t_big:
-        raise ValueError(f"diffusion.eval_t_small/eval_t_big: need 0 <= t_small < t_big, got {t_small}, {t_big}")
-    return jnp.full((batch,), t_small, jnp.int32), jnp.full((batch,), t_big, jnp.int32)
-
-
 # ----------------------------------------------------------------------------- per-example randomness
 
 def example_keys(key: jax.Array, step: jax.Array | int, global_indices: jax.Array) -> jax.Array:

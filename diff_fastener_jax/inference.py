@@ -10,17 +10,13 @@ import jax
 import numpy as np
 
 from diff_fastener_jax import parallel
+from diff_fastener_jax.logging_utils import ProgressBar
 
 
 def progress(done: int, total: int, start: float, label: str = "images") -> None:
-    """A one-line progress bar on stderr."""
-    frac = done / max(total, 1)
+    """One progress line on stderr (for callers that track their own counts; see ProgressBar)."""
     rate = done / max(time.time() - start, 1e-9)
-    bar = "#" * int(30 * frac)
-    sys.stderr.write(f"\r[{bar:<30}] {done}/{total} {label} ({rate:.1f}/s)")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+    print(f"{done}/{total} {label} ({rate:.1f}/s)", file=sys.stderr, flush=True)
 
 
 def place_params(params, mesh):
@@ -68,7 +64,8 @@ def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray
     `on_batch(i0, images, recon, amap, score, *extra)` sees each batch's outputs (for streaming
     metrics); `extra` is whatever the batch carried besides images and indices (e.g. its masks).
     """
-    scores, infer_s, done, t0 = [], 0.0, 0, time.time()
+    scores, infer_s, done = [], 0.0, 0
+    bar = ProgressBar(total or 0, "images", disable=not (show_progress and total))
     for images, indices, *extra in batches:
         t = time.perf_counter()
         recon, amap, score = run_infer(infer, params, images, indices, key, mesh, pad_to)
@@ -77,6 +74,6 @@ def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray
             on_batch(done, images, recon, amap, score, *extra)
         scores.append(score)
         done += images.shape[0]
-        if show_progress and total:
-            progress(done, total, t0)
+        bar.update(images.shape[0])
+    bar.close()
     return (np.concatenate(scores) if scores else np.zeros((0,), np.float32)), infer_s

@@ -1,4 +1,4 @@
-"""Console progress and JSON-lines metrics (only process 0 writes)."""
+"""Console progress, JSON-lines metrics and optional TensorBoard scalars (only process 0 writes)."""
 
 from __future__ import annotations
 
@@ -21,25 +21,89 @@ def format_seconds(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+class ProgressBar:
+    """A tqdm bar on a terminal; plain lines (at most one per `every_s` seconds, and the last) otherwise.
+
+        bar = ProgressBar(total, "images"); bar.update(n); ...; bar.close()
+    """
+
+    def __init__(self, total: int, label: str = "images", *, initial: int = 0, file=None,
+                 every_s: float = 10.0, disable: bool = False):
+        self.total, self.label, self.n = int(total), label, int(initial)
+        self.file = sys.stderr if file is None else file
+        self.disable = disable
+        self.every_s = every_s
+        self._t0 = self._last = time.time()
+        self._n0 = self.n
+        self._tqdm = None
+        if not disable and _is_terminal(self.file):
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=self.total, initial=self.n, unit=" " + label, file=self.file,
+                              dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.disable:
+            return
+        if self._tqdm is not None:
+            self._tqdm.update(n)
+            return
+        now = time.time()
+        if self.n >= self.total or now - self._last >= self.every_s:
+            self._last = now
+            rate = (self.n - self._n0) / max(now - self._t0, 1e-9)
+            print(f"{self.n}/{self.total} {self.label} ({rate:.1f}/s)", file=self.file, flush=True)
+
+    def write(self, line: str) -> None:
+        """Prints `line` without breaking the bar."""
+        if self._tqdm is not None:
+            self._tqdm.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+
+def _is_terminal(f) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class MetricsWriter:
-    """Appends one JSON object per line to `<workdir>/metrics.jsonl` and echoes a short console line."""
+    """Appends one JSON object per line to `<workdir>/metrics.jsonl` and echoes a short console line.
+
+    `start_progress(total, initial)` adds a step bar on a terminal (console lines print above it).
+    """
 
     def __init__(self, workdir: str, filename: str = "metrics.jsonl", quiet: bool = False):
         self.is_writer = jax.process_index() == 0
         self.path = os.path.join(workdir, filename)
         self.quiet = quiet
         self._tb = None
+        self._bar: ProgressBar | None = None
 
     def enable_tensorboard(self, logdir: str) -> None:
-        """Optional TensorBoard scalars (needs the `tensorboardX` or `tensorflow` package)."""
+        """TensorBoard scalars through tensorboardX (no TensorFlow needed; the `tensorboard` extra)."""
         if not self.is_writer:
             return
         try:
-            from flax.metrics import tensorboard  # imports tensorflow lazily
-            self._tb = tensorboard.SummaryWriter(logdir)
-        except Exception as e:  # noqa: BLE001 - optional dependency
-            print(f"[warn] train.tensorboard=True but TensorBoard is unavailable ({e}); JSON lines only",
-                  file=sys.stderr)
+            from tensorboardX import SummaryWriter
+        except ImportError as e:
+            print(f"[warn] train.tensorboard=True but tensorboardX is not installed ({e}); JSON lines only. "
+                  f"Install it with: pip install 'diff-fastener-jax[tensorboard]'", file=sys.stderr)
+            return
+        self._tb = SummaryWriter(logdir)
+
+    def start_progress(self, total: int, initial: int = 0) -> None:
+        """A bar over training steps when stdout is a terminal (log lines stay the same otherwise)."""
+        if self.is_writer and not self.quiet and _is_terminal(sys.stdout):
+            self._bar = ProgressBar(total, "steps", initial=initial, file=sys.stdout)
 
     def write(self, record: dict, console: str | None = None) -> None:
         if not self.is_writer:
@@ -49,10 +113,24 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None and "step" in record:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self._tb.scalar(k, v, record["step"])
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
+                    self._tb.add_scalar(k, v, record["step"])
+        if self._bar is not None and "step" in record and record["step"] > self._bar.n:
+            self._bar.update(record["step"] - self._bar.n)
         if console and not self.quiet:
-            print(console, flush=True)
+            if self._bar is not None:
+                self._bar.write(console)
+            else:
+                print(console, flush=True)
+
+    def close(self) -> None:
+        """Ends the bar and flushes TensorBoard."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def _plain(v):

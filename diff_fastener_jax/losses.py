@@ -9,7 +9,7 @@ inputs are bfloat16.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -86,32 +86,6 @@ def smooth_l1_loss(pred: jax.Array, target: jax.Array, beta: float = 1.0) -> jax
     if beta == 0:
         return jnp.mean(d)
     return jnp.mean(jnp.where(d < beta, 0.5 * jnp.square(d) / beta, d - 0.5 * beta))
-
-
-def _weight(weights: Any, name: str) -> float:
-    """The weight of term `name`: `<name>_weight` of a loss config, or weights[name] of a plain dict."""
-    for key in (f"{name}_weight", name):
-        try:
-            return float(weights[key])
-        except (KeyError, TypeError, AttributeError):
-            continue
-    raise KeyError(f"no weight for loss term {name!r}: expected loss.{name}_weight in the config "
-                   f"(or a {name!r} entry in a weights dict)")
-
-
-def total_loss(terms: Mapping[str, jax.Array], weights: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted sum of the loss terms.
-
-    terms: {'noise': ..., 'focal': ..., 'smoothl1': ...} scalars (any subset / extra names allowed, each
-    needs a weight). weights: the `config.loss` block (noise_weight, focal_weight, smoothl1_weight) or
-    a dict {name: weight}. Returns (total, {each term as float32, 'total': total}).
-    """
-    out = {k: _f32(v) for k, v in terms.items()}
-    total = jnp.zeros((), jnp.float32)
-    for name, value in out.items():
-        total = total + _weight(weights, name) * value
-    out["total"] = total
-    return total, out
 
 
 # ----------------------------------------------------------------------------- GLAD (seed 003, eq. 10)

@@ -30,8 +30,8 @@ from absl import flags, logging
 from diff_fastener_jax import cli, parallel
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.config import validate_config
-from diff_fastener_jax.data.demo import resolve_data_root
 from diff_fastener_jax.data import datasets, pipeline
+from diff_fastener_jax.data.demo import resolve_data_root
 from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
 from diff_fastener_jax.train_step import (
     create_train_state,
@@ -189,6 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
                  f"training steps {start}..{total_steps} on {mesh.devices.size} device(s), "
                  f"{len(train_samples)} normal training images, global batch {config.train.batch_size}")
 
+    writer.start_progress(total_steps, start)
     last: dict = {}
     pending = None  # (step, metrics) of the previous step, checked while the next one runs
     t_log, step_log = time.time(), start
@@ -225,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
     ckpt.close()
     writer.write({"event": "done", "step": total_steps, "wall_s": time.time() - t_start},
                  f"done: {total_steps} steps in {format_seconds(time.time() - t_start)}")
+    writer.close()
     return last
 
 

@@ -1,4 +1,9 @@
-"""Shared test fixtures: simulated devices, tiny configs, absl flags for grain workers."""
+"""Shared test fixtures: simulated devices, tiny configs, the session's demo data and smoke run.
+
+`demo_root` (the smoke config's synthetic demo data) and `smoke_run` (ONE 6-step smoke training run on
+it, checkpoints at steps 3 and 6) are generated once per test session and shared read-only by the
+end-to-end tests; a test that writes into a run copies it first (`copy_run`).
+"""
 
 import os
 import sys
@@ -22,17 +27,66 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+SMOKE_CONFIG = os.path.join(ROOT, "configs", "demo.py") + ":smoke"
+
+
 def tiny_config(**overrides):
     """configs/demo.py:smoke (32 px, tiny widths) with dotted-key overrides."""
     from diff_fastener_jax.config import apply_overrides, load_config
 
-    config = load_config(os.path.join(ROOT, "configs", "demo.py") + ":smoke")
+    config = load_config(SMOKE_CONFIG)
     return apply_overrides(config, overrides)
 
 
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """The smoke config's demo dataset, generated once for the whole session (treat as read-only)."""
+    from diff_fastener_jax.data.datasets import ensure_demo_data
+
+    return ensure_demo_data(tiny_config().data, str(tmp_path_factory.mktemp("demo") / "demo_data"))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(demo_root, tmp_path_factory):
+    """ONE trained smoke run (6 steps, checkpoints 3 and 6) shared by the end-to-end tests (read-only)."""
+    from diff_fastener_jax.train import train_and_evaluate
+
+    workdir = str(tmp_path_factory.mktemp("smoke_run") / "run")
+    train_and_evaluate(tiny_config(**{"data.root": demo_root}), workdir, quiet=True)
+    return workdir
+
+
+def copy_run(run: str, dst) -> str:
+    """A private copy of a run folder (for tests that write into it)."""
+    import shutil
+
+    return shutil.copytree(run, str(dst))
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a `python -m diff_fastener_jax.<cmd>` subprocess: this checkout first on the
+    path, the same 4 simulated devices, the session's compilation cache."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env.pop("DFJ_VERBOSE", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(command: str, *args, env=None, timeout: float = 600):
+    """Runs `python -m diff_fastener_jax.<command> args...`; returns the CompletedProcess (text)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", f"diff_fastener_jax.{command}", *map(str, args)],
+                          cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def assert_same_training_result(params_a, params_b, lr: float, steps: int):

@@ -9,21 +9,21 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 from PIL import Image
 
 from diff_fastener_jax import evaluate, predict
-from diff_fastener_jax.train import train_and_evaluate
+from diff_fastener_jax.run_loading import load_run_config
+
+pytestmark = pytest.mark.slow  # end to end: every test here needs the session's trained smoke run
 
 REQUIRED = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
             "pixel_aupro", "threshold", "precision", "recall", "images_per_second", "num_images"]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run") / "demo")
-    train_and_evaluate(tiny_config(**{"train.num_steps": 4, "train.eval_every": 0}), workdir, quiet=True)
-    return workdir
+@pytest.fixture
+def trained_run(smoke_run):
+    return smoke_run
 
 
 def _embedded_pngs(html: str) -> list[Image.Image]:
@@ -37,7 +37,8 @@ def _embedded_pngs(html: str) -> list[Image.Image]:
 
 def test_evaluate_writes_metrics_and_self_contained_report(trained_run, tmp_path):
     out = str(tmp_path / "eval")
-    assert evaluate.main(["--workdir", trained_run, "--out", out]) == 0
+    proc = run_cli("evaluate", "--workdir", trained_run, "--out", out)
+    assert proc.returncode == 0, proc.stderr
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for key in REQUIRED:
         assert key in metrics, key
@@ -53,18 +54,29 @@ def test_evaluate_writes_metrics_and_self_contained_report(trained_run, tmp_path
     pngs = _embedded_pngs(html)
     assert len(pngs) >= 3 + 5 * 2  # ROC, PR, histograms + at least two 5-image panels
     assert all(im.size[0] > 0 for im in pngs)
-    # Deterministic: a second evaluation gives identical scores.
+    # Deterministic: a second evaluation (in-process, same function as the CLI) gives identical scores.
     out2 = str(tmp_path / "eval2")
-    evaluate.main(["--workdir", trained_run, "--out", out2])
+    evaluate.evaluate_workdir(trained_run, out2, show_progress=False)
     assert open(os.path.join(out, "scores.csv")).read() == open(os.path.join(out2, "scores.csv")).read()
+    import csv
+
+    rows = list(csv.DictReader(open(os.path.join(out, "scores.csv"))))
+    assert len(rows) == 12 and all(os.path.isfile(r["path"]) for r in rows)
+    assert [float(r["score"]) for r in rows] == pytest.approx(
+        [float(r["score"]) for r in csv.DictReader(open(os.path.join(out2, "scores.csv")))])
 
 
 def test_evaluate_with_given_threshold_and_bad_override(trained_run, tmp_path):
     out = str(tmp_path / "eval")
-    evaluate.main(["--workdir", trained_run, "--out", out, "--config.eval.threshold=0.5"])
+    config = load_run_config(trained_run, {"eval.threshold": "0.5"})
+    evaluate.evaluate_workdir(trained_run, out, config=config, show_progress=False)
     assert json.load(open(os.path.join(out, "metrics.json")))["threshold"] == 0.5
-    with pytest.raises(KeyError, match="eval.thresold"):
-        evaluate.main(["--workdir", trained_run, "--out", out, "--config.eval.thresold=0.5"])
+    bad_out = tmp_path / "bad"
+    proc = run_cli("evaluate", "--workdir", trained_run, "--out", bad_out, "--config.eval.thresold=0.5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == ["error: unknown config key eval.thresold (--config.eval.thresold)",
+                                        "hint: did you mean eval.threshold?"]
+    assert not bad_out.exists()
 
 
 def test_predict_reports_corrupt_file_and_scores_the_rest(trained_run, tmp_path):
@@ -103,4 +115,9 @@ def test_crossval_two_folds(tmp_path):
     summary = json.load(open(os.path.join(workdir, "crossval.json")))["summary"]
     vals = [f["image_auroc"] for f in record["per_fold"]]
     assert summary["image_auroc"]["mean"] == pytest.approx(float(np.mean(vals)))
+    import csv
+
+    rows = list(csv.DictReader(open(os.path.join(workdir, "crossval.csv"))))
+    assert [int(r["fold"]) for r in rows] == [0, 1]
+    assert float(rows[1]["image_auroc"]) == pytest.approx(vals[1])
     shutil.rmtree(workdir)

@@ -7,21 +7,12 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import copy_run, tiny_config
 
 from diff_fastener_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
 from diff_fastener_jax.config import ConfigError, validate_config
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
 from diff_fastener_jax.train import train_and_evaluate
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """Demo data generated once for the module (the train CLI would generate it per workdir)."""
-    from diff_fastener_jax.data.datasets import ensure_demo_data
-
-    config = tiny_config()
-    return ensure_demo_data(config.data, str(tmp_path_factory.mktemp("demo") / "demo_data"))
 
 
 def _config(demo_root, **kw):
@@ -36,9 +27,11 @@ def _params(workdir, step=None):
     return jax.tree_util.tree_leaves(jax.device_get(params))
 
 
-def test_smoke_train_writes_metrics_config_checkpoints(demo_root, tmp_path):
-    workdir = str(tmp_path / "run")
-    last = train_and_evaluate(_config(demo_root), workdir, quiet=True)
+@pytest.mark.slow
+def test_smoke_train_writes_metrics_config_checkpoints(smoke_run):
+    workdir = smoke_run  # the session's shared 6-step smoke run
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    last = [x for x in lines if "total" in x][-1]
     assert np.isfinite(last["total"])
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     train_lines = [x for x in lines if "total" in x]
@@ -52,9 +45,9 @@ def test_smoke_train_writes_metrics_config_checkpoints(demo_root, tmp_path):
     assert sorted(steps) == [3, 6]
 
 
-def test_resume_equals_uninterrupted(demo_root, tmp_path):
-    full = str(tmp_path / "full")
-    train_and_evaluate(_config(demo_root, **{"train.num_steps": 6}), full, quiet=True)
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(demo_root, smoke_run, tmp_path):
+    full = smoke_run  # the same config, 6 steps uninterrupted
     part = str(tmp_path / "part")
     train_and_evaluate(_config(demo_root, **{"train.num_steps": 3}), part, quiet=True)
     # "Crash": the process ends after step 3's checkpoint; the same command with more steps resumes.
@@ -66,6 +59,7 @@ def test_resume_equals_uninterrupted(demo_root, tmp_path):
         np.testing.assert_array_equal(a, b)  # bit for bit on CPU
 
 
+@pytest.mark.slow
 def test_interrupted_save_leaves_previous_checkpoint_usable(demo_root, tmp_path):
     workdir = str(tmp_path / "run")
     train_and_evaluate(_config(demo_root, **{"train.num_steps": 3}), workdir, quiet=True)
@@ -82,12 +76,16 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(demo_root, tmp_path)
     assert sorted(Checkpointer(ckdir).all_steps()) == [3, 6]
 
 
-def test_resume_with_other_model_shapes_is_refused(demo_root, tmp_path):
-    workdir = str(tmp_path / "run")
-    train_and_evaluate(_config(demo_root, **{"train.num_steps": 3}), workdir, quiet=True)
+@pytest.mark.slow
+def test_resume_with_other_model_shapes_is_refused(demo_root, smoke_run, tmp_path):
+    workdir = copy_run(smoke_run, tmp_path / "run")
+    before = {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)}
     with pytest.raises(IncompatibleCheckpointError, match="other shapes"):
-        train_and_evaluate(_config(demo_root, **{"train.num_steps": 4, "model.base_channels": 32}),
+        train_and_evaluate(_config(demo_root, **{"train.num_steps": 8, "model.base_channels": 32}),
                            workdir, quiet=True)
+    # Refused before anything was written: config.json and the checkpoints are untouched.
+    assert {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)} == before
+    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["base_channels"] == 16
 
 
 @pytest.mark.parametrize("overrides,match", [
