@@ -137,7 +137,13 @@ def check_resume_compatible(config, workdir: str) -> None:
     expected = param_shapes(_abstract_state(config, key).params)
     ckpt = Checkpointer(directory, read_only=True)
     try:
-        ckpt.check_shapes(steps[-1], expected)
+        for step in reversed(steps):  # the newest checkpoint whose metadata reads back
+            try:
+                ckpt.read_meta(step)
+            except Exception:  # noqa: BLE001 - unreadable: restore_latest warns and falls back later
+                continue
+            ckpt.check_shapes(step, expected)
+            return
     finally:
         ckpt.close()
 

@@ -1,0 +1,73 @@
+"""checkpoint.py: an unreadable latest checkpoint falls back to the previous one with a warning."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diff_fastener_jax.checkpoint import Checkpointer, IncompatibleCheckpointError, param_shapes
+
+
+def _state(v: float):
+    return {"params": {"w": jnp.full((3, 2), v, jnp.float32)}, "step": jnp.asarray(int(v), jnp.int32)}
+
+
+def _save_steps(directory, steps):
+    ckpt = Checkpointer(directory, async_save=False)
+    for s in steps:
+        ckpt.save(s, _state(float(s)), {"pos": s}, {"param_shapes": param_shapes(_state(0.0)["params"])})
+    ckpt.close()
+
+
+def _damage(step_dir):
+    """Truncates every file of the state item: the folder looks complete, its bytes are not."""
+    for folder, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            with open(os.path.join(folder, name), "r+b") as f:
+                f.truncate(0)
+
+
+def test_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
+    directory = str(tmp_path / "checkpoints")
+    _save_steps(directory, [1, 2])
+    _damage(os.path.join(directory, "2"))
+    abstract = jax.eval_shape(lambda: _state(0.0))
+    ckpt = Checkpointer(directory, async_save=False)
+    step, state, data_state = ckpt.restore_latest(abstract, expected_shapes=param_shapes(abstract["params"]))
+    assert step == 1 and data_state == {"pos": 1}
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.full((3, 2), 1.0, np.float32))
+    err = capsys.readouterr().err
+    assert "[warn] checkpoint" in err and f"{directory}/2 is unreadable" in err
+    # Set aside, so step 2 can be written again by the resumed run.
+    assert ckpt.all_steps() == [1] and os.path.isdir(os.path.join(directory, "unreadable", "2"))
+    ckpt.save(2, _state(2.0), {"pos": 2}, {"param_shapes": param_shapes(abstract["params"])})
+    ckpt.close()
+    assert sorted(Checkpointer(directory).all_steps()) == [1, 2]
+
+
+def test_missing_pipeline_state_also_falls_back(tmp_path, capsys):
+    directory = str(tmp_path / "checkpoints")
+    _save_steps(directory, [1, 2])
+    os.remove(os.path.join(directory, "data", "2.p0.json"))
+    abstract = jax.eval_shape(lambda: _state(0.0))
+    step, _, _ = Checkpointer(directory, async_save=False).restore_latest(abstract)
+    assert step == 1 and "input-pipeline state" in capsys.readouterr().err
+
+
+def test_no_checkpoint_and_incompatible_checkpoint(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    abstract = jax.eval_shape(lambda: _state(0.0))
+    assert Checkpointer(directory).restore_latest(abstract) == (None, None, None)
+    _save_steps(directory, [1])
+    with pytest.raises(IncompatibleCheckpointError, match="other shapes") as err:
+        Checkpointer(directory).restore_latest(abstract, expected_shapes={"w": [4, 2]})
+    assert "--workdir" in err.value.hint
+    assert Checkpointer(directory).all_steps() == [1]  # an incompatible checkpoint is not set aside
+
+
+def test_read_only_checkpointer_creates_nothing(tmp_path):
+    directory = tmp_path / "checkpoints"
+    Checkpointer(str(directory), read_only=True).close()
+    assert not directory.exists()
