@@ -23,8 +23,7 @@ from absl import flags
 
 from diff_fastener_jax import cli, report
 from diff_fastener_jax.config import ConfigError, validate_config
-from diff_fastener_jax.evaluate import evaluate_run
-from diff_fastener_jax.run_loading import load_run_config, load_run_params
+from diff_fastener_jax.evaluate import evaluate_workdir
 from diff_fastener_jax.train import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -63,10 +62,8 @@ def run_crossval(config, workdir: str, folds: int, *, quiet: bool = False) -> di
         cfg.data.fold = k
         fold_dir = os.path.join(workdir, f"fold_{k}")
         train_and_evaluate(cfg, fold_dir, quiet=quiet)
-        run_cfg = load_run_config(fold_dir)
-        params, _ = load_run_params(fold_dir, run_cfg)
-        res = evaluate_run(run_cfg, params, os.path.join(fold_dir, "eval"), title=f"fold {k}/{folds}",
-                           show_progress=not quiet)
+        res = evaluate_workdir(fold_dir, os.path.join(fold_dir, "eval"), title=f"fold {k}/{folds}",
+                               show_progress=not quiet)
         per_fold.append({key: res.get(key) for key in SUMMARY_KEYS} | {"fold": k})
     summary = summarize(per_fold)
     record = {"folds": folds, "per_fold": per_fold,

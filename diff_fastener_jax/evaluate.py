@@ -172,17 +172,18 @@ def define_flags() -> None:
 
 
 def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | None = None,
-                     config=None, show_progress: bool = True) -> dict:
+                     config=None, show_progress: bool = True, title: str = "") -> dict:
     """Evaluates checkpoint `checkpoint` (default latest) of the run in `workdir` into `out`
     (default <workdir>/eval). Checks the run, the data and every test/validation image before compiling."""
     if config is None:
         config = load_run_config(workdir)
         validate_config(config)
-    splits = {s: datasets.list_samples(config.data, s, seed=config.seed) for s in ("val", "test")}
+    splits = datasets.list_splits(config.data, seed=config.seed)
     datasets.verify_images(splits["test"] + splits["val"])
     params, step = load_run_params(workdir, config, checkpoint)
     out = out or os.path.join(workdir, "eval")
-    return evaluate_run(config, params, out, title=f"{os.path.basename(os.path.abspath(workdir))} @ step {step}",
+    title = title or f"{os.path.basename(os.path.abspath(workdir))} @ step {step}"
+    return evaluate_run(config, params, out, title=title,
                         show_progress=show_progress, calibration_samples=splits["val"],
                         test_samples=splits["test"])
 

@@ -107,11 +107,11 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, num_devices: in
 
     Validates the config, lists the split's samples ONCE, decodes every listed image and mask, and
     refuses an existing checkpoint written with other model shapes. Returns (config with the demo data
-    root resolved, {'train': [...], 'val': [...]}). Raises a UserError naming the first problem.
+    root resolved, {'train': [...], 'val': [...], 'test': [...]}). Raises a UserError naming the first problem.
     """
     validate_config(config, num_devices=num_devices)
     config = resolve_data_root(config, workdir)
-    samples = {split: datasets.list_samples(config.data, split, seed=config.seed) for split in ("train", "val")}
+    samples = datasets.list_splits(config.data, seed=config.seed)
     datasets.verify_images(samples["train"] + samples["val"])
     check_resume_compatible(config, workdir)
     return config, samples

@@ -19,12 +19,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    from diff_fastener_jax.data.datasets import ensure_demo_data
-
+def test_two_processes_match_one_process(demo_root, tmp_path):
     steps = 2
-    base = tiny_config(**{"train.num_steps": steps, "train.batch_size": 8, "train.eval_every": 0})
-    root = ensure_demo_data(base.data, str(tmp_path / "demo_data"))
+    root = demo_root  # the session's smoke demo data
     overrides = [f"--config.data.root={root}", f"--config.train.num_steps={steps}",
                  "--config.train.batch_size=8", "--config.train.eval_every=0"]
 

@@ -401,6 +401,13 @@ def list_samples(data_cfg, split: str, seed: int) -> list[Sample]:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return list_splits(data_cfg, seed)[split]
+
+
+def list_splits(data_cfg, seed: int) -> dict[str, list[Sample]]:
+    """{'train': [...], 'val': [...], 'test': [...]} from ONE pass over the layout (see `list_samples`).
+
+    A run lists its splits once with this and passes the lists on."""
     fmt = str(data_cfg.format)
     if fmt in ("mvtec", "demo"):
         pool, test = _parse_mvtec(data_cfg)
@@ -427,7 +434,7 @@ def list_samples(data_cfg, split: str, seed: int) -> list[Sample]:
     train, val = _split_off(pool, float(data_cfg.get("val_fraction", 0.0)), seed)
     if not train:
         raise DatasetError(f"no normal training images for data.format={fmt!r} under {data_cfg.root}")
-    return {"train": train, "val": val, "test": test}[split]
+    return {"train": train, "val": val, "test": test}
 
 
 # ---------------------------------------------------------------------------------------------------
