@@ -4,8 +4,8 @@ r"""Evaluate a trained run on its test split and write metrics.json + a self-con
       [--config.data.root=/other/root ...]
 
 The label threshold is calibrated on the held-out NORMAL validation images (never on the test set) at
-`eval.fpr_target`, unless `--config.eval.threshold=X` gives one. Deterministic: the inference noise of
-each image is seeded by `infer.seed` and the image's position in the split.
+`eval.fpr_target`, unless `--config.eval.threshold=X` gives one. Deterministic: every image gets the
+model's fixed inference noise (from `infer.seed`), so a score depends on the model and the image alone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 
 from diff_fastener_jax import metrics as M
@@ -27,18 +26,16 @@ from diff_fastener_jax.run_loading import load_run_config, load_run_params
 
 
 def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False):
-    """Yields (images (b, H, W, 3) in [-1, 1], indices (b,)) [+ masks (b, H, W)] per chunk of samples."""
+    """Yields (images (b, H, W, 3) in [-1, 1],) [+ masks (b, H, W)] per chunk of samples."""
     for i0 in range(0, len(samples), batch_size):
-        chunk = samples[i0:i0 + batch_size]
-        arrays = datasets.load_arrays(chunk, size)
-        idx = np.arange(i0, i0 + len(chunk))
+        arrays = datasets.load_arrays(samples[i0:i0 + batch_size], size)
         if with_masks:
-            yield arrays["image"], idx, arrays["mask"][..., 0]
+            yield arrays["image"], arrays["mask"][..., 0]
         else:
-            yield arrays["image"], idx
+            yield (arrays["image"],)
 
 
-def calibrated_threshold(config, params, infer, key, mesh, calibration_samples=None) -> tuple[float, str]:
+def calibrated_threshold(config, params, infer, mesh, calibration_samples=None) -> tuple[float, str]:
     """(image-score threshold, where it came from): `eval.threshold` if >= 0, else the score exceeded by
     `eval.fpr_target` of the held-out NORMAL validation images (never the test set)."""
     if config.eval.threshold >= 0:
@@ -50,10 +47,8 @@ def calibrated_threshold(config, params, infer, key, mesh, calibration_samples=N
         raise ValueError("no held-out normal validation images to calibrate the threshold on "
                          "(data.val_fraction is 0): set --config.eval.threshold=X")
     bs = config.infer.batch_size
-    # Validation images get their own noise stream (fold_in 1) so indices never collide with test ones.
     calib_scores, _ = score_in_batches(
-        infer, params, sample_batches(calib, config.data.image_size, bs), jax.random.fold_in(key, 1),
-        mesh=mesh, total=len(calib), show_progress=False, pad_to=bs)
+        infer, params, sample_batches(calib, config.data.image_size, bs), mesh=mesh, total=len(calib), show_progress=False, pad_to=bs)
     threshold = float(M.calibrate_threshold(calib_scores, config.eval.fpr_target))
     return threshold, f"{config.eval.fpr_target:.1%} FPR on {len(calib)} held-out normal images"
 
@@ -63,7 +58,7 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     """Scores the test split, computes every metric, writes metrics.json and report.html to `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
-    infer, params, key, mesh = prepare_inference(config, params)
+    infer, params, mesh = prepare_inference(config, params)
     if test_samples is None:
         test_samples = datasets.list_samples(config.data, "test", seed=config.seed)
     labels = np.array([s.label for s in test_samples], np.int32)
@@ -72,7 +67,7 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
 
     # Warm-up: compile once on a full-size batch so images/s measures steady-state inference.
     first = next(sample_batches(test_samples[:1], size, 1))
-    run_infer(infer, params, first[0], first[1], key, mesh, pad_to=bs)
+    run_infer(infer, params, first[0], mesh, pad_to=bs)
 
     pixel_acc = M.PixelMetricAccumulator(num_bins=config.eval.pixel_bins, aupro_limit=config.eval.aupro_limit)
     per_defect_acc: dict[str, M.PixelMetricAccumulator] = {}
@@ -93,11 +88,11 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
                 acc.update(amap[sel], masks[sel])
 
     scores, infer_s = score_in_batches(
-        infer, params, sample_batches(test_samples, size, bs, with_masks=True), key, mesh=mesh,
+        infer, params, sample_batches(test_samples, size, bs, with_masks=True), mesh=mesh,
         total=len(test_samples),
         on_batch=on_batch, show_progress=show_progress, pad_to=bs)
 
-    threshold, threshold_source = calibrated_threshold(config, params, infer, key, mesh, calibration_samples)
+    threshold, threshold_source = calibrated_threshold(config, params, infer, mesh, calibration_samples)
 
     result = {"num_images": len(test_samples), "num_anomalous": int(labels.sum()),
               "images_per_second": len(test_samples) / max(infer_s, 1e-9), "has_masks": has_masks,
@@ -120,12 +115,12 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
         per_defect[d] = entry
     result["per_defect"] = per_defect
 
-    # Panels: re-run the few selected images (deterministic: same indices, same noise).
+    # Panels: re-run the few selected images (deterministic: the model's fixed noise).
     chosen = report.select_panels(scores, labels, config.eval.num_panels)
     panels = []
     for idx, kind in chosen:
         arrays = datasets.load_arrays([test_samples[idx]], size)
-        recon, amap, score = run_infer(infer, params, arrays["image"], np.array([idx]), key, mesh, pad_to=bs)
+        recon, amap, score = run_infer(infer, params, arrays["image"], mesh, pad_to=bs)
         panels.append({"image": arrays["image"][0], "reconstruction": recon[0],
                        "mask": arrays["mask"][0, ..., 0] if has_masks else None, "anomaly_map": amap[0],
                        "pred_mask": amap[0] >= 0.5, "score": float(score[0]), "label": int(labels[idx]),

@@ -27,12 +27,9 @@ from diff_fastener_jax import parallel
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.config_validation import resolve_data_root, validate_config
 from diff_fastener_jax.data import datasets, pipeline
+from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
-from diff_fastener_jax.train_step import (
-    create_train_state,
-    make_infer_fn,
-    make_train_step,
-)
+from diff_fastener_jax.train_step import create_train_state, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<x>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics.jsonl, config.json)")
@@ -60,16 +57,13 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
         jax.distributed.initialize()  # cluster auto-detection (SLURM)
 
 
-def _validation_scores(infer, params, val_batches, key) -> dict:
+def _validation_scores(infer, params, val_batches) -> dict:
     """Image AUROC (held-out normals vs synthetic anomalies) and pixel AUROC on the validation batches."""
     from sklearn.metrics import roc_auc_score
 
     scores, labels, maps, masks = [], [], [], []
-    offset = 0
     for batch in val_batches:
-        n = batch["image"].shape[0]
-        _, amap, score = infer(params, jnp.asarray(batch["image"]), key, jnp.arange(offset, offset + n))
-        offset += n
+        _, amap, score = infer(params, jnp.asarray(batch["image"]))
         scores.append(np.asarray(score))
         labels.append(np.asarray(batch["is_synthetic"]))
         maps.append(np.asarray(amap).ravel())
@@ -109,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
         writer.enable_tensorboard(os.path.join(workdir, "tensorboard"))
 
     base_key = jax.random.key(config.seed)
-    init_key, train_key, val_key = (jax.random.fold_in(base_key, i) for i in range(3))
+    init_key, train_key = (jax.random.fold_in(base_key, i) for i in range(2))
     rep = parallel.replicated(mesh)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                                       jax.eval_shape(lambda: create_train_state(config, init_key)))
@@ -162,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
                                f"loss {m['total']:.4f} (noise {m['noise']:.4f} focal {m['focal']:.4f} "
                                f"smoothl1 {m['smoothl1']:.4f}) | ETA {format_seconds(eta)}")
         if val_batches and config.train.eval_every > 0 and (done % config.train.eval_every == 0 or done == total_steps):
-            val = _validation_scores(infer, state.params, val_batches, val_key)
+            val = _validation_scores(infer, state.params, val_batches)
             writer.write({"step": done, "event": "validation", **val},
                          "validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
             last.update(val)
