@@ -17,45 +17,28 @@ import sys
 
 import numpy as np
 
+from diff_fastener_jax import detector, report
 from diff_fastener_jax import metrics as M
-from diff_fastener_jax import report
 from diff_fastener_jax.config_utils import parse_cli_overrides
 from diff_fastener_jax.data import datasets
-from diff_fastener_jax.inference import prepare_inference, run_infer, score_in_batches
+from diff_fastener_jax.detector import PIXEL_THRESHOLD, is_anomalous, resolve_threshold
+from diff_fastener_jax.inference import (
+    prepare_inference,
+    run_infer,
+    sample_batches,
+    score_in_batches,
+)
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
 
 
-def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False):
-    """Yields (images (b, H, W, 3) in [-1, 1],) [+ masks (b, H, W)] per chunk of samples."""
-    for i0 in range(0, len(samples), batch_size):
-        arrays = datasets.load_arrays(samples[i0:i0 + batch_size], size)
-        if with_masks:
-            yield arrays["image"], arrays["mask"][..., 0]
-        else:
-            yield (arrays["image"],)
-
-
-def calibrated_threshold(config, params, infer, mesh, calibration_samples=None) -> tuple[float, str]:
-    """(image-score threshold, where it came from): `eval.threshold` if >= 0, else the score exceeded by
-    `eval.fpr_target` of the held-out NORMAL validation images (never the test set)."""
-    if config.eval.threshold >= 0:
-        return float(config.eval.threshold), "config eval.threshold"
-    if calibration_samples is None:
-        calibration_samples = datasets.list_samples(config.data, "val", seed=config.seed)
-    calib = [s for s in calibration_samples if s.label == 0]
-    if not calib:
-        raise ValueError("no held-out normal validation images to calibrate the threshold on "
-                         "(data.val_fraction is 0): set --config.eval.threshold=X")
-    bs = config.infer.batch_size
-    calib_scores, _ = score_in_batches(
-        infer, params, sample_batches(calib, config.data.image_size, bs), mesh=mesh, total=len(calib), show_progress=False, pad_to=bs)
-    threshold = float(M.calibrate_threshold(calib_scores, config.eval.fpr_target))
-    return threshold, f"{config.eval.fpr_target:.1%} FPR on {len(calib)} held-out normal images"
-
-
 def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress: bool = True,
-                 calibration_samples=None, test_samples=None) -> dict:
-    """Scores the test split, computes every metric, writes metrics.json and report.html to `out_dir`."""
+                 calibration_samples=None, test_samples=None, stored_threshold: dict | None = None,
+                 recalibrate: bool = False) -> dict:
+    """Scores the test split, computes every metric, writes metrics.json and report.html to `out_dir`.
+
+    The label threshold is `stored_threshold` (detector.json's record) unless `recalibrate` or none is
+    stored: then it is calibrated on the held-out normals (`detector.resolve_threshold`).
+    """
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
     infer, params, mesh = prepare_inference(config, params)
@@ -92,7 +75,8 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
         total=len(test_samples),
         on_batch=on_batch, show_progress=show_progress, pad_to=bs)
 
-    threshold, threshold_source = calibrated_threshold(config, params, infer, mesh, calibration_samples)
+    threshold, threshold_source = resolve_threshold(config, params, infer, mesh, stored_threshold,
+                                                    recalibrate=recalibrate, calibration_samples=calibration_samples)
 
     result = {"num_images": len(test_samples), "num_anomalous": int(labels.sum()),
               "images_per_second": len(test_samples) / max(infer_s, 1e-9), "has_masks": has_masks,
@@ -123,7 +107,7 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
         recon, amap, score = run_infer(infer, params, arrays["image"], mesh, pad_to=bs)
         panels.append({"image": arrays["image"][0], "reconstruction": recon[0],
                        "mask": arrays["mask"][0, ..., 0] if has_masks else None, "anomaly_map": amap[0],
-                       "pred_mask": amap[0] >= 0.5, "score": float(score[0]), "label": int(labels[idx]),
+                       "pred_mask": is_anomalous(amap[0], PIXEL_THRESHOLD), "score": float(score[0]), "label": int(labels[idx]),
                        "defect": defects[idx], "path": test_samples[idx].path, "kind": kind})
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(_jsonable(result), f, indent=2)
@@ -151,6 +135,14 @@ def _jsonable(x):
     return x
 
 
+def stored_threshold_for(workdir: str, step: int) -> dict | None:
+    """detector.json's threshold record if it was calibrated for checkpoint `step`, else None."""
+    if not os.path.isfile(os.path.join(workdir, detector.DETECTOR_FILE)):
+        return None
+    record = detector.read(workdir)
+    return record["threshold"] if record.get("checkpoint_step") == step else None
+
+
 def main(argv=None) -> int:
     from absl import flags
 
@@ -159,13 +151,17 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="training run folder")
     p.add_argument("--checkpoint", type=int, default=None, help="step to evaluate (default: latest)")
     p.add_argument("--out", default=None, help="output folder (default: <workdir>/eval)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="calibrate the threshold again on the held-out normals instead of using detector.json's")
     args, rest = p.parse_known_args(argv)
     overrides = parse_cli_overrides(rest)
     config = load_run_config(args.workdir, overrides)
     params, step = load_run_params(args.workdir, config, args.checkpoint)
     out = args.out or os.path.join(args.workdir, "eval")
+    stored = stored_threshold_for(args.workdir, step)
     result = evaluate_run(config, params, out, title=f"{os.path.basename(os.path.abspath(args.workdir))} "
-                                                    f"@ step {step}")
+                                                    f"@ step {step}",
+                          stored_threshold=stored, recalibrate=args.recalibrate)
     keys = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro",
             "threshold", "precision", "recall", "images_per_second", "num_images"]
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=1))

@@ -18,6 +18,7 @@ import numpy as np
 from jax import lax
 
 from diff_fastener_jax import diffusion, parallel
+from diff_fastener_jax.data import datasets
 from diff_fastener_jax.models import build_models
 
 INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm")
@@ -65,6 +66,16 @@ def run_infer(infer: Callable, params, images: np.ndarray, mesh=None, pad_to: in
         return tuple(np.asarray(o)[:n] for o in out)
     out = infer(params, jax.device_put(images, parallel.data_sharding(mesh)))
     return tuple(np.asarray(o)[:n] for o in out)
+
+
+def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False):
+    """Yields (images (b, H, W, 3) in [-1, 1],) [+ masks (b, H, W)] per chunk of dataset samples."""
+    for i0 in range(0, len(samples), batch_size):
+        arrays = datasets.load_arrays(samples[i0:i0 + batch_size], size)
+        if with_masks:
+            yield arrays["image"], arrays["mask"][..., 0]
+        else:
+            yield (arrays["image"],)
 
 
 def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray, ...]], *,

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diff_fastener_jax import parallel
+from diff_fastener_jax import detector, parallel
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.config_validation import resolve_data_root, validate_config
 from diff_fastener_jax.data import datasets, pipeline
@@ -166,6 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
         _check_finite(*pending)
     train_iter.close()
     ckpt.close()
+    detector.calibrate_and_save(config, state.ema_params if config.optim.ema_decay > 0 else state.params,
+                                workdir, total_steps)
     writer.write({"event": "done", "step": total_steps, "wall_s": time.time() - t_start},
                  f"done: {total_steps} steps in {format_seconds(time.time() - t_start)}")
     return last
