@@ -31,8 +31,9 @@ import numpy as np
 
 from diff_fastener_jax import parallel
 from diff_fastener_jax.config import apply_overrides, load_config, parse_set_overrides
+from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import build_models, count_params, init_params
-from diff_fastener_jax.train_step import create_train_state, make_infer_fn, make_train_step
+from diff_fastener_jax.train_step import create_train_state, make_train_step
 
 # Dense (no sparsity) vendor-datasheet peaks, matched by substring of `device.device_kind`, most
 # specific first ("A100" before "A10", "H100 PCIe" before "H100"):
@@ -170,17 +171,15 @@ def bench_infer(config, params, batch: int, repeats: int, mesh=None) -> tuple[di
     size, c = config.data.image_size, config.model.in_channels
     partitions = 1 if mesh is None else mesh.devices.size
     images = jax.random.uniform(jax.random.key(2), (batch, size, size, c), minval=-1.0, maxval=1.0)
-    indices = jnp.arange(batch, dtype=jnp.int32)
-    key = jax.random.key(1)
     if mesh is not None:
         params = _put(params, parallel.replicated(mesh))
-        images, indices = _put(images, parallel.data_sharding(mesh)), _put(indices, parallel.data_sharding(mesh))
+        images = _put(images, parallel.data_sharding(mesh))
     infer = make_infer_fn(config)
     t0 = time.perf_counter()
-    compiled = infer.lower(params, images, key, indices).compile()
+    compiled = infer.lower(params, images).compile()
     compile_s = time.perf_counter() - t0
     flops, nbytes = compiled_cost(compiled, partitions)
-    sec = median_seconds(lambda: compiled(params, images, key, indices), repeats)
+    sec = median_seconds(lambda: compiled(params, images), repeats)
     row = {"batch": batch, "devices": partitions, "images_per_s": batch / sec, "ms_per_image": 1000 * sec / batch,
            "gflops_per_image": flops / batch / 1e9, "gbytes_per_image": nbytes / batch / 1e9,
            "tflops": flops / sec / 1e12, "xla_peak_memory_bytes": compiled_memory_bytes(compiled)}
@@ -303,9 +302,8 @@ def profile_components(config, params, batch: int, repeats: int) -> dict:
     xs = jax.random.uniform(jax.random.key(5), (batch, size, size, 2 * c), minval=-1.0, maxval=1.0)
     infer = make_infer_fn(config)
     images = x2[:batch]
-    indices = jnp.arange(batch, dtype=jnp.int32)
     out = {"batch": batch}
-    out["infer"] = time_program(lambda p, x, i: infer(p, x, jax.random.key(1), i), (params, images, indices), repeats)
+    out["infer"] = time_program(infer, (params, images), repeats)
     out["recon_unet_2b"] = time_program(lambda p, x, t: recon.apply({"params": p}, x, t), (params["recon"], x2, t2),
                                         repeats)
     out["seg_unet"] = time_program(lambda p, x: seg.apply({"params": p}, x), (params["seg"], xs), repeats)

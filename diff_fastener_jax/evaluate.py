@@ -8,8 +8,8 @@ Example:
 
 Overrides apply on top of the run's saved config.json.
 The label threshold is calibrated on the held-out NORMAL validation images (never on the test set) at
-`eval.fpr_target`, unless `--config.eval.threshold=X` gives one. Deterministic: the inference noise of
-each image is seeded by `infer.seed` and the image's position in the split.
+`eval.fpr_target`, unless `--config.eval.threshold=X` gives one. Deterministic: every image gets the
+model's fixed inference noise (from `infer.seed`), so a score depends on the model and the image alone.
 """
 
 from __future__ import annotations
@@ -18,56 +18,34 @@ import csv
 import json
 import os
 
-import jax
 import numpy as np
 from absl import flags
 
-from diff_fastener_jax import cli, report
+from diff_fastener_jax import cli, detector, report
 from diff_fastener_jax import metrics as M
 from diff_fastener_jax.config import validate_config
 from diff_fastener_jax.data import datasets
-from diff_fastener_jax.inference import prepare_inference, run_infer, score_in_batches
+from diff_fastener_jax.detector import PIXEL_THRESHOLD, is_anomalous, resolve_threshold
+from diff_fastener_jax.inference import (
+    prepare_inference,
+    run_infer,
+    sample_batches,
+    score_in_batches,
+)
 from diff_fastener_jax.run_loading import load_run_config, load_run_params
 
 
-def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False):
-    """Yields (images (b, H, W, 3) in [-1, 1], indices (b,)) [+ masks (b, H, W)] per chunk of samples."""
-    for i0 in range(0, len(samples), batch_size):
-        chunk = samples[i0:i0 + batch_size]
-        arrays = datasets.load_arrays(chunk, size)
-        idx = np.arange(i0, i0 + len(chunk))
-        if with_masks:
-            yield arrays["image"], idx, arrays["mask"][..., 0]
-        else:
-            yield arrays["image"], idx
-
-
-def calibrated_threshold(config, params, infer, key, mesh, calibration_samples=None) -> tuple[float, str]:
-    """(image-score threshold, where it came from): `eval.threshold` if >= 0, else the score exceeded by
-    `eval.fpr_target` of the held-out NORMAL validation images (never the test set)."""
-    if config.eval.threshold >= 0:
-        return float(config.eval.threshold), "config eval.threshold"
-    if calibration_samples is None:
-        calibration_samples = datasets.list_samples(config.data, "val", seed=config.seed)
-    calib = [s for s in calibration_samples if s.label == 0]
-    if not calib:
-        raise ValueError("no held-out normal validation images to calibrate the threshold on "
-                         "(data.val_fraction is 0): set --config.eval.threshold=X")
-    bs = config.infer.batch_size
-    # Validation images get their own noise stream (fold_in 1) so indices never collide with test ones.
-    calib_scores, _ = score_in_batches(
-        infer, params, sample_batches(calib, config.data.image_size, bs), jax.random.fold_in(key, 1),
-        mesh=mesh, total=len(calib), show_progress=False, pad_to=bs)
-    threshold = float(M.calibrate_threshold(calib_scores, config.eval.fpr_target))
-    return threshold, f"{config.eval.fpr_target:.1%} FPR on {len(calib)} held-out normal images"
-
-
 def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress: bool = True,
-                 calibration_samples=None, test_samples=None) -> dict:
-    """Scores the test split, computes every metric, writes metrics.json and report.html to `out_dir`."""
+                 calibration_samples=None, test_samples=None, stored_threshold: dict | None = None,
+                 recalibrate: bool = False) -> dict:
+    """Scores the test split, computes every metric, writes metrics.json and report.html to `out_dir`.
+
+    The label threshold is `stored_threshold` (detector.json's record) unless `recalibrate` or none is
+    stored: then it is calibrated on the held-out normals (`detector.resolve_threshold`).
+    """
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
-    infer, params, key, mesh = prepare_inference(config, params)
+    infer, params, mesh = prepare_inference(config, params)
     if test_samples is None:
         test_samples = datasets.list_samples(config.data, "test", seed=config.seed)
     labels = np.array([s.label for s in test_samples], np.int32)
@@ -76,7 +54,7 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
 
     # Warm-up: compile once on a full-size batch so images/s measures steady-state inference.
     first = next(sample_batches(test_samples[:1], size, 1))
-    run_infer(infer, params, first[0], first[1], key, mesh, pad_to=bs)
+    run_infer(infer, params, first[0], mesh, pad_to=bs)
 
     pixel_acc = M.PixelMetricAccumulator(num_bins=config.eval.pixel_bins, aupro_limit=config.eval.aupro_limit)
     per_defect_acc: dict[str, M.PixelMetricAccumulator] = {}
@@ -97,11 +75,12 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
                 acc.update(amap[sel], masks[sel])
 
     scores, infer_s = score_in_batches(
-        infer, params, sample_batches(test_samples, size, bs, with_masks=True), key, mesh=mesh,
+        infer, params, sample_batches(test_samples, size, bs, with_masks=True), mesh=mesh,
         total=len(test_samples),
         on_batch=on_batch, show_progress=show_progress, pad_to=bs)
 
-    threshold, threshold_source = calibrated_threshold(config, params, infer, key, mesh, calibration_samples)
+    threshold, threshold_source = resolve_threshold(config, params, infer, mesh, stored_threshold,
+                                                    recalibrate=recalibrate, calibration_samples=calibration_samples)
 
     result = {"num_images": len(test_samples), "num_anomalous": int(labels.sum()),
               "images_per_second": len(test_samples) / max(infer_s, 1e-9), "has_masks": has_masks,
@@ -124,15 +103,15 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
         per_defect[d] = entry
     result["per_defect"] = per_defect
 
-    # Panels: re-run the few selected images (deterministic: same indices, same noise).
+    # Panels: re-run the few selected images (deterministic: the model's fixed noise).
     chosen = report.select_panels(scores, labels, config.eval.num_panels)
     panels = []
     for idx, kind in chosen:
         arrays = datasets.load_arrays([test_samples[idx]], size)
-        recon, amap, score = run_infer(infer, params, arrays["image"], np.array([idx]), key, mesh, pad_to=bs)
+        recon, amap, score = run_infer(infer, params, arrays["image"], mesh, pad_to=bs)
         panels.append({"image": arrays["image"][0], "reconstruction": recon[0],
                        "mask": arrays["mask"][0, ..., 0] if has_masks else None, "anomaly_map": amap[0],
-                       "pred_mask": amap[0] >= 0.5, "score": float(score[0]), "label": int(labels[idx]),
+                       "pred_mask": is_anomalous(amap[0], PIXEL_THRESHOLD), "score": float(score[0]), "label": int(labels[idx]),
                        "defect": defects[idx], "path": test_samples[idx].path, "kind": kind})
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(_jsonable(result), f, indent=2)
@@ -169,12 +148,24 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "training run folder (holds config.json and checkpoints/)")
     flags.DEFINE_integer("checkpoint", None, "step to evaluate (default: latest)")
     flags.DEFINE_string("out", None, "output folder (default: <workdir>/eval)")
+    flags.DEFINE_boolean("recalibrate", False,
+                         "calibrate the threshold again on the held-out normals instead of using detector.json's")
+
+
+def stored_threshold_for(workdir: str, step: int) -> dict | None:
+    """detector.json's threshold record if it was calibrated for checkpoint `step`, else None."""
+    if not os.path.isfile(os.path.join(workdir, detector.DETECTOR_FILE)):
+        return None
+    record = detector.read(workdir)
+    return record["threshold"] if record.get("checkpoint_step") == step else None
 
 
 def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | None = None,
-                     config=None, show_progress: bool = True, title: str = "") -> dict:
+                     config=None, show_progress: bool = True, title: str = "",
+                     recalibrate: bool = False) -> dict:
     """Evaluates checkpoint `checkpoint` (default latest) of the run in `workdir` into `out`
-    (default <workdir>/eval). Checks the run, the data and every test/validation image before compiling."""
+    (default <workdir>/eval). Checks the run, the data and every test/validation image before compiling.
+    The label threshold is the one stored in detector.json for that checkpoint unless `recalibrate`."""
     if config is None:
         config = load_run_config(workdir)
         validate_config(config)
@@ -185,13 +176,14 @@ def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | Non
     title = title or f"{os.path.basename(os.path.abspath(workdir))} @ step {step}"
     return evaluate_run(config, params, out, title=title,
                         show_progress=show_progress, calibration_samples=splits["val"],
-                        test_samples=splits["test"])
+                        test_samples=splits["test"], stored_threshold=stored_threshold_for(workdir, step),
+                        recalibrate=recalibrate)
 
 
 def main(argv) -> int:
     config = cli.get_config(workdir=FLAGS.workdir)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
-    result = evaluate_workdir(FLAGS.workdir, out, FLAGS.checkpoint, config=config)
+    result = evaluate_workdir(FLAGS.workdir, out, FLAGS.checkpoint, config=config, recalibrate=FLAGS.recalibrate)
     keys = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro",
             "threshold", "precision", "recall", "images_per_second", "num_images"]
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=1))

@@ -1,4 +1,9 @@
-"""Batched, data-parallel scoring of image samples with the jitted inference function."""
+"""The one inference program (`make_infer_fn`) and batched, data-parallel scoring with it.
+
+Inference noise is FIXED per model: drawn once from `infer.seed` for the model's image shape and used
+for every image, so a score is a function of the parameters and the image alone (the same in
+evaluate, predict, the exported programs and the service, whatever the batch size or order).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,16 @@ import time
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from jax import lax
 
-from diff_fastener_jax import parallel
+from diff_fastener_jax import diffusion, parallel
+from diff_fastener_jax.config import ANOMALY_MAPS, INFER_METHODS
+from diff_fastener_jax.data import datasets
 from diff_fastener_jax.logging_utils import ProgressBar
+from diff_fastener_jax.models import build_models
 
 
 def progress(done: int, total: int, start: float, label: str = "images") -> None:
@@ -27,15 +38,12 @@ def place_params(params, mesh):
 
 
 def prepare_inference(config, params):
-    """(infer, params on every local device, key, mesh) for scoring images outside training."""
-    from diff_fastener_jax.train_step import make_infer_fn
-
+    """(infer, params on every local device, mesh) for scoring images outside training."""
     mesh = parallel.make_mesh(jax.local_devices())
-    return make_infer_fn(config), place_params(params, mesh), jax.random.key(config.infer.seed), mesh
+    return make_infer_fn(config), place_params(params, mesh), mesh
 
 
-def run_infer(infer: Callable, params, images: np.ndarray, indices: np.ndarray, key, mesh=None,
-              pad_to: int = 0):
+def run_infer(infer: Callable, params, images: np.ndarray, mesh=None, pad_to: int = 0):
     """One batch through `infer`, padded (to `pad_to` rows, then to the device count) and split over the mesh.
 
     Padding every batch to one size means one compilation. Returns numpy (recon (N, H, W, C),
@@ -47,28 +55,36 @@ def run_infer(infer: Callable, params, images: np.ndarray, indices: np.ndarray, 
     pad = rows - n + (-rows) % d
     if pad:  # repeat the last image; its outputs are dropped
         images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-        indices = np.concatenate([indices, np.repeat(indices[-1:], pad, 0)])
     if d == 1:
-        out = infer(params, images, key, indices.astype(np.int32))
+        out = infer(params, images)
         return tuple(np.asarray(o)[:n] for o in out)
-    sh = parallel.data_sharding(mesh)
-    out = infer(params, jax.device_put(images, sh), key, jax.device_put(indices.astype(np.int32), sh))
+    out = infer(params, jax.device_put(images, parallel.data_sharding(mesh)))
     return tuple(np.asarray(o)[:n] for o in out)
 
 
-def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray, np.ndarray]], key, *,
+def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False):
+    """Yields (images (b, H, W, 3) in [-1, 1],) [+ masks (b, H, W)] per chunk of dataset samples."""
+    for i0 in range(0, len(samples), batch_size):
+        arrays = datasets.load_arrays(samples[i0:i0 + batch_size], size)
+        if with_masks:
+            yield arrays["image"], arrays["mask"][..., 0]
+        else:
+            yield (arrays["image"],)
+
+
+def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray, ...]], *,
                      mesh=None, total: int | None = None, on_batch: Callable | None = None,
                      show_progress: bool = True, pad_to: int = 0) -> tuple[np.ndarray, float]:
-    """Scores every (images, indices, *extra) batch; returns (scores (N,), seconds inside inference).
+    """Scores every (images, *extra) batch; returns (scores (N,), seconds inside inference).
 
     `on_batch(i0, images, recon, amap, score, *extra)` sees each batch's outputs (for streaming
-    metrics); `extra` is whatever the batch carried besides images and indices (e.g. its masks).
+    metrics); `extra` is whatever the batch carried besides its images (e.g. its masks).
     """
     scores, infer_s, done = [], 0.0, 0
     bar = ProgressBar(total or 0, "images", disable=not (show_progress and total))
-    for images, indices, *extra in batches:
+    for images, *extra in batches:
         t = time.perf_counter()
-        recon, amap, score = run_infer(infer, params, images, indices, key, mesh, pad_to)
+        recon, amap, score = run_infer(infer, params, images, mesh, pad_to)
         infer_s += time.perf_counter() - t
         if on_batch is not None:
             on_batch(done, images, recon, amap, score, *extra)
@@ -77,3 +93,106 @@ def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray
         bar.update(images.shape[0])
     bar.close()
     return (np.concatenate(scores) if scores else np.zeros((0,), np.float32)), infer_s
+
+
+def model_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(H, W, C) of the images the model takes."""
+    size = config.data.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(h), int(w), int(config.model.in_channels)
+
+
+def top_k_count(config: ml_collections.ConfigDict, height: int, width: int) -> int:
+    """K for the image score: `infer.top_k` at 256², scaled with the pixel count, at least 1."""
+    return max(1, int(round(config.infer.top_k * height * width / (256 * 256))))
+
+
+def top_k_score(amap: jax.Array, k: int) -> jax.Array:
+    """Image score: mean of the k largest map values. (N, H, W) -> (N,)."""
+    n = amap.shape[0]
+    return jnp.mean(lax.top_k(amap.reshape(n, -1), k)[0], axis=-1)
+
+
+def fixed_noise(config: ml_collections.ConfigDict) -> np.ndarray:
+    """The model's inference noise, float32 (2, H, W, C): [0] for t_small, [1] for t_big, from `infer.seed`.
+
+    A numpy constant (not a PRNG key) so the exported StableHLO and ONNX programs embed it as data.
+    """
+    shape = (2,) + model_image_shape(config)
+    return np.asarray(jax.random.normal(jax.random.key(config.infer.seed), shape, jnp.float32))
+
+
+def check_infer_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses inference settings the program cannot run (before anything is traced)."""
+    d = config.diffusion
+    if not 0 <= d.eval_t_small < d.eval_t_big < d.T:
+        raise ValueError(f"diffusion: need 0 <= eval_t_small ({d.eval_t_small}) < eval_t_big ({d.eval_t_big}) < T ({d.T})")
+    if config.infer.method not in INFER_METHODS:
+        raise ValueError(f"infer.method must be {', '.join(INFER_METHODS[:-1])} or {INFER_METHODS[-1]}, "
+                         f"got {config.infer.method!r}")
+    if config.infer.map not in ANOMALY_MAPS:
+        raise ValueError(f"infer.map must be 'segmentation' or 'recon_error', got {config.infer.map!r}")
+
+
+def make_infer_program(config: ml_collections.ConfigDict) -> Callable:
+    """The unjitted `infer(params, images) -> (recon, anomaly_map, score)` (for jit, jax.export, ONNX).
+
+    images (N, H, W, C) in [-1, 1] at the model's size; recon (N, H, W, C); anomaly_map (N, H, W) in
+    [0, 1] (segmentation probability, or |x - recon| averaged over channels / 2 for
+    `infer.map='recon_error'`); score (N,) = mean of the top-K map values. Every image gets the same
+    fixed noise (`fixed_noise`; ddim/ddpm draw theirs from one fixed raw key), so row i of the outputs
+    depends on images[i] alone. Closes over no typed PRNG key (jax2onnx cannot convert one).
+    """
+    check_infer_config(config)
+    recon_net, seg_net = build_models(config)
+    sched = diffusion.schedule_from_config(config.diffusion)
+    d = config.diffusion
+    shape = model_image_shape(config)
+    noise = fixed_noise(config)  # (2, H, W, C)
+    # ddim/ddpm: every row gets the same raw uint32 key, hence the same noise at every step.
+    raw_key = np.asarray(jax.random.key_data(jax.random.key(config.infer.seed)))  # (2,) uint32
+    k = top_k_count(config, shape[0], shape[1])
+    method = config.infer.method
+
+    def infer(params, images):
+        if tuple(images.shape[1:]) != shape:
+            raise ValueError(f"infer: images must be (N, {', '.join(map(str, shape))}) for this model, "
+                             f"got {tuple(images.shape)}")
+        n = images.shape[0]
+        n1 = jnp.broadcast_to(noise[0], images.shape)  # (N, H, W, C)
+        n2 = jnp.broadcast_to(noise[1], images.shape)
+        t_s = jnp.full((n,), d.eval_t_small, jnp.int32)
+        t_b = jnp.full((n,), d.eval_t_big, jnp.int32)
+
+        def eps_fn(x, t):
+            return recon_net.apply({"params": params["recon"]}, x, t)
+
+        if method == "norm_guided":
+            recon = diffusion.norm_guided_reconstruction(
+                eps_fn, sched, images, t_s, t_b, n1, n2, w=d.guidance_w, fuse_passes=True)["recon"]
+        elif method == "one_step":
+            x_b = diffusion.q_sample(sched, images, t_b, n2)
+            recon = jnp.clip(diffusion.x0_from_eps(sched, x_b, t_b, eps_fn(x_b, t_b)), -1.0, 1.0)
+        else:
+            keys = jnp.broadcast_to(raw_key, (n, raw_key.shape[0]))  # (N, 2)
+            if method == "ddim":
+                recon = diffusion.ddim_reconstruct(eps_fn, sched, images, int(d.eval_t_big),
+                                                   int(config.infer.ddim_steps), keys)
+            else:
+                recon = diffusion.ddpm_reconstruct(eps_fn, sched, images, int(d.eval_t_big), keys)
+        if config.infer.map == "segmentation":
+            amap = seg_net.apply({"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1))[..., 0]
+        else:
+            amap = diffusion.recon_error_map(images, recon) / 2.0  # [-1, 1] images: error in [0, 2]
+        return recon, amap, top_k_score(amap, k)
+
+    return infer
+
+
+def make_infer_fn(config: ml_collections.ConfigDict) -> Callable:
+    """Jitted `infer(params, images) -> (recon, anomaly_map, score)` (see `make_infer_program`).
+
+    Everything stays on device between the passes: one XLA program. Shard `images` over a mesh to run
+    it data-parallel.
+    """
+    return jax.jit(make_infer_program(config))

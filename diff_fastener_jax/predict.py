@@ -59,9 +59,9 @@ def predict(config, params, paths: list[str], out_dir: str, *, show_progress: bo
     """Scores `paths`; writes scores.csv, errors.csv (if any) and <stem>_overlay.png files to `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
-    infer, params, key, mesh = prepare_inference(config, params)
+    infer, params, mesh = prepare_inference(config, params)
     if threshold is None:
-        threshold, _ = calibrated_threshold(config, params, infer, key, mesh)
+        threshold, _ = calibrated_threshold(config, params, infer, mesh)
     rows, errors, done = [], [], 0
     t0 = time.time()
     for i0 in range(0, len(paths), bs):
@@ -80,7 +80,7 @@ def predict(config, params, paths: list[str], out_dir: str, *, show_progress: bo
         done += len(paths[i0:i0 + bs])
         if chunk:
             images = np.stack(batch)
-            _, amap, score = run_infer(infer, params, images, np.arange(i0, i0 + len(chunk)), key, mesh, pad_to=bs)
+            _, amap, score = run_infer(infer, params, images, mesh, pad_to=bs)
             for p, rgb, m, s in zip(chunk, originals, amap, score):
                 h, w = rgb.shape[:2]
                 big = np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))

@@ -134,7 +134,7 @@ def _mask_u8(mask, shape, where: str) -> np.ndarray:
     return np.repeat((m > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)
 
 
-def _heat_overlay(rgb: np.ndarray, amap, where: str) -> np.ndarray:
+def heat_overlay(rgb: np.ndarray, amap, where: str) -> np.ndarray:
     """Anomaly map (H, W) in [0, 1] through the 'jet' colour map, blended 50/50 over the image."""
     from matplotlib import colormaps
 
@@ -279,7 +279,7 @@ def _panel_html(p: dict, i: int) -> str:
     cells = [_png_uri_from_array(rgb), _png_uri_from_array(_to_rgb_u8(p["reconstruction"], where + " reconstruction"))]
     mask = p.get("mask")
     cells.append(None if mask is None else _png_uri_from_array(_mask_u8(mask, shape, where)))
-    cells.append(_png_uri_from_array(_heat_overlay(rgb, p["anomaly_map"], where)))
+    cells.append(_png_uri_from_array(heat_overlay(rgb, p["anomaly_map"], where)))
     pred = p.get("pred_mask")
     if pred is None:  # fall back to the 0.5 probability cut the segmentation head is trained for
         pred = np.asarray(p["anomaly_map"]) >= 0.5

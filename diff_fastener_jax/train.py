@@ -27,17 +27,14 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from diff_fastener_jax import cli, parallel
+from diff_fastener_jax import cli, detector, parallel
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.config import validate_config
 from diff_fastener_jax.data import datasets, pipeline
 from diff_fastener_jax.data.demo import resolve_data_root
+from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
-from diff_fastener_jax.train_step import (
-    create_train_state,
-    make_infer_fn,
-    make_train_step,
-)
+from diff_fastener_jax.train_step import create_train_state, make_train_step
 
 FLAGS = flags.FLAGS
 
@@ -70,16 +67,13 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
         jax.distributed.initialize()  # cluster auto-detection (SLURM)
 
 
-def _validation_scores(infer, params, val_batches, key) -> dict:
+def _validation_scores(infer, params, val_batches) -> dict:
     """Image AUROC (held-out normals vs synthetic anomalies) and pixel AUROC on the validation batches."""
     from sklearn.metrics import roc_auc_score
 
     scores, labels, maps, masks = [], [], [], []
-    offset = 0
     for batch in val_batches:
-        n = batch["image"].shape[0]
-        _, amap, score = infer(params, jnp.asarray(batch["image"]), key, jnp.arange(offset, offset + n))
-        offset += n
+        _, amap, score = infer(params, jnp.asarray(batch["image"]))
         scores.append(np.asarray(score))
         labels.append(np.asarray(batch["is_synthetic"]))
         maps.append(np.asarray(amap).ravel())
@@ -167,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
         writer.enable_tensorboard(os.path.join(workdir, "tensorboard"))
 
     base_key = jax.random.key(config.seed)
-    init_key, train_key, val_key = (jax.random.fold_in(base_key, i) for i in range(3))
+    init_key, train_key = (jax.random.fold_in(base_key, i) for i in range(2))
     rep = parallel.replicated(mesh)
     abstract = _abstract_state(config, init_key, rep)
     shapes = param_shapes(abstract.params)
@@ -220,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
                                f"loss {m['total']:.4f} (noise {m['noise']:.4f} focal {m['focal']:.4f} "
                                f"smoothl1 {m['smoothl1']:.4f}) | ETA {format_seconds(eta)}")
         if val_batches and config.train.eval_every > 0 and (done % config.train.eval_every == 0 or done == total_steps):
-            val = _validation_scores(infer, state.params, val_batches, val_key)
+            val = _validation_scores(infer, state.params, val_batches)
             writer.write({"step": done, "event": "validation", **val},
                          "validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
             last.update(val)
@@ -230,6 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
         _check_finite(*pending)
     train_iter.close()
     ckpt.close()
+    detector.calibrate_and_save(config, state.ema_params if config.optim.ema_decay > 0 else state.params,
+                                workdir, total_steps)
     writer.write({"event": "done", "step": total_steps, "wall_s": time.time() - t_start},
                  f"done: {total_steps} steps in {format_seconds(time.time() - t_start)}")
     writer.close()

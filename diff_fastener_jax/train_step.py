@@ -1,4 +1,4 @@
-"""Train state, the data-parallel train step, and the one-step norm-guided inference function.
+"""Train state and the data-parallel train step (inference lives in `inference.py`).
 
 One pure per-device step (forward both noise scales, segmentation on concat(input, recon), losses,
 grads, `lax.pmean` over the mesh axis 'data', identical update on every replica) is mapped over the
@@ -154,59 +154,3 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
 
     sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=(0,))
-
-
-def top_k_count(config: ml_collections.ConfigDict, height: int, width: int) -> int:
-    """K for the image score: `infer.top_k` at 256², scaled with the pixel count, at least 1."""
-    return max(1, int(round(config.infer.top_k * height * width / (256 * 256))))
-
-
-def make_infer_fn(config: ml_collections.ConfigDict) -> Callable:
-    """Returns jitted `infer(params, images, key, indices) -> (recon, anomaly_map, score)`.
-
-    images (N, H, W, C) in [-1, 1]; indices (N,) int32 dataset positions that seed each image's
-    noise (so a score does not depend on how images are batched); recon (N, H, W, C); anomaly_map
-    (N, H, W) in [0, 1] (segmentation probability, or |x - recon| averaged over channels for
-    `infer.map='recon_error'`); score (N,) = mean of the top-K map values. Everything stays on device
-    between the passes: one XLA program. Shard `images` over a mesh to run it data-parallel.
-    """
-    recon_net, seg_net = build_models(config)
-    sched = diffusion.schedule_from_config(config.diffusion)
-    d = config.diffusion
-    if not 0 <= d.eval_t_small < d.eval_t_big < d.T:
-        raise ValueError(f"diffusion: need 0 <= eval_t_small ({d.eval_t_small}) < eval_t_big ({d.eval_t_big}) < T ({d.T})")
-    if config.infer.method not in ("norm_guided", "one_step", "ddim", "ddpm"):
-        raise ValueError(f"infer.method must be norm_guided, one_step, ddim or ddpm, got {config.infer.method!r}")
-    if config.infer.map not in ("segmentation", "recon_error"):
-        raise ValueError(f"infer.map must be 'segmentation' or 'recon_error', got {config.infer.map!r}")
-
-    def infer(params, images, key, indices):
-        n, h, w, _ = images.shape
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-        noises = jax.vmap(lambda k: jax.random.normal(k, (2, h, w, images.shape[-1])))(keys)  # (N, 2, H, W, C)
-        t_s = jnp.full((n,), d.eval_t_small, jnp.int32)
-        t_b = jnp.full((n,), d.eval_t_big, jnp.int32)
-
-        def eps_fn(x, t):
-            return recon_net.apply({"params": params["recon"]}, x, t)
-
-        method = config.infer.method
-        if method == "norm_guided":
-            recon = diffusion.norm_guided_reconstruction(
-                eps_fn, sched, images, t_s, t_b, noises[:, 0], noises[:, 1], w=d.guidance_w, fuse_passes=True)["recon"]
-        elif method == "one_step":
-            x_b = diffusion.q_sample(sched, images, t_b, noises[:, 1])
-            recon = jnp.clip(diffusion.x0_from_eps(sched, x_b, t_b, eps_fn(x_b, t_b)), -1.0, 1.0)
-        elif method == "ddim":
-            recon = diffusion.ddim_reconstruct(eps_fn, sched, images, int(d.eval_t_big), int(config.infer.ddim_steps), keys)
-        else:  # ddpm
-            recon = diffusion.ddpm_reconstruct(eps_fn, sched, images, int(d.eval_t_big), keys)
-        if config.infer.map == "segmentation":
-            amap = seg_net.apply({"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1))[..., 0]
-        else:
-            amap = diffusion.recon_error_map(images, recon) / 2.0  # [-1, 1] images: error in [0, 2]
-        k = top_k_count(config, h, w)
-        score = jnp.mean(lax.top_k(amap.reshape(n, h * w), k)[0], axis=-1)
-        return recon, amap, score
-
-    return jax.jit(infer)

@@ -10,8 +10,9 @@ import pytest
 from conftest import ROOT, tiny_config
 
 from diff_fastener_jax import benchmark
+from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import init_params
-from diff_fastener_jax.train_step import make_infer_fn, make_loss_fn
+from diff_fastener_jax.train_step import make_loss_fn
 
 # bfloat16 vs float32 one-step inference on the smoke config with perturbed params (measured on
 # XLA:CPU, jax 0.10.2: map max |diff| 0.013-0.015, mean 0.002; score max |diff| 0.0006-0.0013;
@@ -37,9 +38,8 @@ def test_bfloat16_inference_close_to_float32():
     c16 = tiny_config(**{"model.dtype": "bfloat16"})
     params = perturbed_params(c32)
     images = jax.random.uniform(jax.random.key(2), (8, 32, 32, 3), minval=-1.0, maxval=1.0)
-    indices = jnp.arange(8, dtype=jnp.int32)
-    r32, m32, s32 = make_infer_fn(c32)(params, images, jax.random.key(3), indices)
-    r16, m16, s16 = make_infer_fn(c16)(params, images, jax.random.key(3), indices)
+    r32, m32, s32 = make_infer_fn(c32)(params, images)
+    r16, m16, s16 = make_infer_fn(c16)(params, images)
     # Outputs stay float32 (params float32, map and score computed from float32 logits).
     assert r16.dtype == m16.dtype == s16.dtype == jnp.float32
     # The maps must not be saturated, or the comparison would say nothing.

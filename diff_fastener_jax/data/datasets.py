@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 
@@ -81,6 +82,16 @@ def _open_fully(path: str) -> Image.Image:
     return img
 
 
+def decode_bytes(data: bytes, name: str) -> Image.Image:
+    """Fully decodes an encoded image held in memory (an upload); DatasetError naming `name` if it is not one."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # the same failures as _open_fully
+        raise DatasetError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+    return img
+
+
 def _to_uint8_array(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 (H, W) or (H, W, C); 16-bit and float images are rescaled, not clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -96,8 +107,32 @@ def load_image(path: str, size) -> np.ndarray:
     Greyscale, palette and alpha images become 3-channel RGB. Raises DatasetError naming the file if it
     is missing or cannot be fully decoded.
     """
+    return prepare_image(_open_fully(path), size)
+
+
+def array_to_pil(a: np.ndarray, where: str = "image array") -> Image.Image:
+    """An in-memory image, uint8 or uint16, (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> PIL image.
+
+    16-bit colour (which PIL cannot hold) is scaled to 8 bit exactly as 16-bit files are.
+    """
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))) or min(a.shape[:2]) < 1:
+        raise DatasetError(f"{where}: expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
+    if a.dtype == np.uint16:
+        if a.ndim == 2:
+            return Image.fromarray(a)  # mode I;16, rescaled by prepare_image
+        a = np.clip(a.astype(np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if a.dtype != np.uint8:
+        raise DatasetError(f"{where}: expected uint8 or uint16 pixels, got {a.dtype}")
+    return Image.fromarray(a)
+
+
+def prepare_image(img: Image.Image, size) -> np.ndarray:
+    """A decoded PIL image -> uint8 (H, W, 3) at `size`: the one conversion every image goes through
+    (8/16-bit, grey/palette/alpha -> RGB, bilinear resize)."""
     h, w = _size_hw(size)
-    img = _open_fully(path)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = Image.fromarray(_to_uint8_array(img))
     if img.mode != "RGB":

@@ -97,7 +97,7 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 def avg_pool2(x: jax.Array) -> jax.Array:
     """2x2 average pooling, stride 2. (B, H, W, C) -> (B, H/2, W/2, C)."""
-    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
 
 
 def upsample_nearest2(x: jax.Array) -> jax.Array:

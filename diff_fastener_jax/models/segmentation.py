@@ -50,14 +50,14 @@ class SegmentationUNet(nn.Module):
         feats = []
         for j, ch in enumerate(self.channels):
             if j:
-                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+                h = nn.max_pool(h, window_shape=(2, 2), strides=(2, 2))
             h = block(ch, f"enc{j}")(h)
             feats.append(h)
 
         for j in reversed(range(n - 1)):
             ch = self.channels[max(j - 1, 0)]
             b, hh, ww, c = h.shape
-            h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method="bilinear")
+            h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method="bilinear", antialias=False)
             h = ConvNormAct(ch, self.groups, self.dtype, name=f"up{j}")(h)
             h = jnp.concatenate([h, feats[j]], axis=-1)
             h = block(ch, f"dec{j}")(h)

@@ -1,0 +1,179 @@
+"""The Python API for applying a trained detector: `Detector.load(path)`, `det.predict(images)`.
+
+  from diff_fastener_jax import Detector
+
+  det = Detector.load("exported/")            # an export folder, or a training workdir
+  out = det.predict(["a.png", "b.tif"])        # paths, or uint8/uint16 arrays of any size
+  out.scores, out.labels, out.anomaly_maps[0], out.masks[0]
+
+No training data is needed: the threshold and the input contract come from `detector.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence, Union
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from diff_fastener_jax import detector as D
+from diff_fastener_jax.data import datasets
+from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.inference import model_image_shape, prepare_inference, run_infer
+
+PARAMS_FILE = "params.npz"
+CONFIG_FILE = "config.json"
+
+ImageInput = Union[str, os.PathLike, np.ndarray, Image.Image]
+
+
+@dataclasses.dataclass
+class Prediction:
+    """What `Detector.predict` returns for N images."""
+
+    scores: np.ndarray  # (N,) float32 image scores
+    labels: np.ndarray  # (N,) bool: score > threshold
+    anomaly_maps: list[np.ndarray]  # N float32 (h_i, w_i) maps in [0, 1] at each input's own size
+    masks: list[np.ndarray]  # N bool (h_i, w_i): anomaly_map > pixel_threshold
+    threshold: float
+
+
+def save_params(path: str, params) -> None:
+    """Parameters as one .npz, keys 'recon/...', 'seg/...' (the flattened pytree paths)."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(D.host_params(params), sep="/")
+    np.savez(path, **flat)
+
+
+def load_params(path: str):
+    """The parameter pytree saved by `save_params`."""
+    from flax import traverse_util
+
+    with np.load(path) as z:
+        return traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")
+
+
+def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An anomaly map (h, w) bilinearly resized to (height, width), float32."""
+    if amap.shape == (height, width):
+        return np.asarray(amap, np.float32)
+    img = Image.fromarray(np.asarray(amap, np.float32), mode="F").resize((width, height), Image.BILINEAR)
+    return np.asarray(img, np.float32)
+
+
+class Detector:
+    """A trained Diff-Fastener model with its threshold, ready to score images."""
+
+    def __init__(self, config: ml_collections.ConfigDict, params, record: dict, *, threshold: float | None = None):
+        self.config = config
+        self.record = record
+        t = threshold if threshold is not None else (record.get("threshold") or {}).get("value")
+        self.threshold = None if t is None else float(t)
+        self.pixel_threshold = float(record.get("pixel_threshold", D.PIXEL_THRESHOLD))
+        self.height, self.width, self.channels = model_image_shape(config)
+        self._infer, self._params, self._mesh = prepare_inference(config, params)
+        self._batch = int(config.infer.batch_size)
+
+    @classmethod
+    def load(cls, path: str, *, checkpoint: int | None = None, threshold: float | None = None) -> Detector:
+        """From an export folder (detector.json, config.json, params.npz) or a training workdir (its
+        checkpoint `checkpoint`, default the latest, and detector.json). `threshold` overrides the stored one."""
+        from diff_fastener_jax.config import config_from_json
+
+        path = os.fspath(path)
+        if os.path.isfile(os.path.join(path, PARAMS_FILE)):
+            if checkpoint is not None:
+                raise UserError(f"{path} is an export folder: it holds one checkpoint, --checkpoint does not apply")
+            record = D.read(path)
+            config = config_from_json(os.path.join(path, CONFIG_FILE))
+            return cls(config, load_params(os.path.join(path, PARAMS_FILE)), record, threshold=threshold)
+        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            from diff_fastener_jax.run_loading import load_run_config, load_run_params
+
+            config = load_run_config(path)
+            params, step = load_run_params(path, config, checkpoint)
+            if os.path.isfile(os.path.join(path, D.DETECTOR_FILE)):
+                record = D.read(path)
+            else:
+                record = D.detector_record(config, {"value": None, "source": "no detector.json in the run"}, step)
+            if record.get("checkpoint_step") != step:
+                record = D.detector_record(config, {"value": None, "source": f"detector.json was calibrated for "
+                                                    f"step {record.get('checkpoint_step')}, not {step}"}, step)
+            return cls(config, params, record, threshold=threshold)
+        raise UserError(f"{path}: neither an export folder ({PARAMS_FILE}) nor a training run ({CONFIG_FILE})",
+                        hint="pass the --out folder of `python -m diff_fastener_jax.export` or a training --workdir")
+
+    @property
+    def metadata(self) -> dict:
+        """detector.json's record without the full config (for /metadata and logs)."""
+        return {k: v for k, v in self.record.items() if k != "config"} | {"threshold_value": self.threshold}
+
+    def read(self, item: ImageInput, where: str = "image") -> Image.Image:
+        """One input (path, array or PIL image) -> a decoded PIL image at its own size."""
+        if isinstance(item, (str, os.PathLike)):
+            img = datasets._open_fully(os.fspath(item))
+        elif isinstance(item, Image.Image):
+            img = item
+        elif isinstance(item, np.ndarray):
+            img = datasets.array_to_pil(item, where)
+        else:
+            raise UserError(f"{where}: expected a path, a numpy array or a PIL image, got {type(item).__name__}")
+        return img
+
+    def _prepare(self, items) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """(batch float32 (N, H, W, 3) in [-1, 1], [(h_i, w_i)] original sizes)."""
+        if isinstance(items, np.ndarray) and items.dtype == np.float32 and items.ndim == 4:
+            if items.shape[1:] != (self.height, self.width, self.channels):
+                raise UserError(f"a float32 batch must be preprocessed (N, {self.height}, {self.width}, "
+                                f"{self.channels}) in [-1, 1], got {items.shape}",
+                                hint="pass paths or uint8/uint16 arrays, or use det.preprocess()")
+            return items, [(self.height, self.width)] * items.shape[0]
+        if isinstance(items, (str, os.PathLike, Image.Image)) or (isinstance(items, np.ndarray) and items.ndim <= 3):
+            items = [items]
+        batch, sizes = [], []
+        for i, item in enumerate(items):
+            img = self.read(item, where=str(item) if isinstance(item, (str, os.PathLike)) else f"image {i}")
+            sizes.append((img.size[1], img.size[0]))
+            batch.append(datasets.image_to_float(datasets.prepare_image(img, (self.height, self.width))))
+        if not batch:
+            return np.zeros((0, self.height, self.width, self.channels), np.float32), []
+        return np.stack(batch), sizes
+
+    def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> np.ndarray:
+        """Paths or arrays (8/16-bit, grey/RGB, any size) -> float32 (N, H, W, 3) in [-1, 1]: the batch the
+        model, model.stablehlo and model.onnx take, read by the same function as the training images."""
+        return self._prepare(images)[0]
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(anomaly_map (N, H, W), score (N,)) for a preprocessed batch, in chunks of infer.batch_size."""
+        maps, scores = [], []
+        for i0 in range(0, batch.shape[0], self._batch):
+            _, amap, score = run_infer(self._infer, self._params, batch[i0:i0 + self._batch], self._mesh,
+                                       pad_to=self._batch)
+            maps.append(amap)
+            scores.append(score)
+        if not maps:
+            return np.zeros((0, self.height, self.width), np.float32), np.zeros((0,), np.float32)
+        return np.concatenate(maps), np.concatenate(scores)
+
+    def predict(self, images: Sequence[ImageInput] | ImageInput) -> Prediction:
+        """Scores, labels (score > threshold), anomaly maps resized back to each input's size, binary masks."""
+        if self.threshold is None:
+            raise UserError(f"this detector has no threshold ({self.record['threshold'].get('source')})",
+                            hint="pass threshold=X to Detector.load, or calibrate with "
+                                 "`python -m diff_fastener_jax.evaluate --workdir RUN --recalibrate`")
+        batch, sizes = self._prepare(images)
+        amaps, scores = self.infer(batch)
+        maps = [resize_map(m, h, w) for m, (h, w) in zip(amaps, sizes)]
+        return Prediction(scores=scores.astype(np.float32), labels=D.is_anomalous(scores, self.threshold),
+                          anomaly_maps=maps, masks=[D.is_anomalous(m, self.pixel_threshold) for m in maps],
+                          threshold=self.threshold)
+
+    def __repr__(self) -> str:
+        return (f"Detector({self.height}x{self.width}, method={self.config.infer.method}, "
+                f"threshold={self.threshold}, devices={jax.local_device_count()})")

@@ -1,0 +1,128 @@
+"""The jitted inference program: fixed per-model noise, top-K score, ablation methods, batched scoring."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from diff_fastener_jax import parallel
+from diff_fastener_jax.inference import (
+    fixed_noise,
+    make_infer_fn,
+    run_infer,
+    score_in_batches,
+    top_k_count,
+)
+from diff_fastener_jax.train_step import create_train_state
+
+
+def _images(n, size=32, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def _trained_params(config):
+    state = create_train_state(config, jax.random.key(0))
+    # Perturb so the networks produce non-trivial outputs.
+    leaves, tree = jax.tree_util.tree_flatten(state.params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    config = tiny_config()
+    return config, _trained_params(config), make_infer_fn(config)
+
+
+def test_infer_deterministic_and_top_k_matches_numpy(smoke):
+    config, params, infer = smoke
+    images = jnp.asarray(_images(6))
+    r1, a1, s1 = infer(params, images)
+    r2, a2, s2 = infer(params, images)
+    np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+    np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
+    assert r1.shape == (6, 32, 32, 3) and a1.shape == (6, 32, 32) and s1.shape == (6,)
+    assert float(jnp.min(r1)) >= -1 and float(jnp.max(r1)) <= 1
+    k = top_k_count(config, 32, 32)
+    assert k == max(1, round(50 * 32 * 32 / 65536))
+    flat = np.asarray(a1, np.float64).reshape(6, -1)
+    ref = np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+    np.testing.assert_allclose(np.asarray(s1), ref, rtol=1e-6)
+
+
+def test_score_depends_on_model_and_image_alone(smoke):
+    """The same image scores the same alone, in a batch, in another order and padded."""
+    config, params, infer = smoke
+    images = _images(5, seed=1)
+    _, a_batch, s_batch = (np.asarray(o) for o in infer(params, images))
+    assert np.ptp(s_batch) > 0  # distinct images, distinct scores: the comparison says something
+    for i in range(5):
+        _, a_one, s_one = (np.asarray(o) for o in infer(params, images[i:i + 1]))
+        np.testing.assert_allclose(s_one[0], s_batch[i], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a_one[0], a_batch[i], rtol=1e-5, atol=1e-6)
+    order = np.array([3, 0, 4, 1, 2])
+    _, _, s_perm = infer(params, images[order])
+    np.testing.assert_allclose(np.asarray(s_perm), s_batch[order], rtol=1e-6, atol=1e-7)
+    # Padded to 8 rows by run_infer and split over 4 devices.
+    mesh = parallel.make_mesh(jax.devices()[:4])
+    _, _, s_pad = run_infer(infer, parallel.replicate(params, mesh), images, mesh, pad_to=8)
+    np.testing.assert_allclose(s_pad, s_batch, rtol=1e-6, atol=1e-7)
+    # Batched scoring in chunks of 2 gives the same scores in the same order.
+    scores, _ = score_in_batches(infer, params, [(images[i:i + 2],) for i in range(0, 5, 2)],
+                                 show_progress=False, pad_to=2)
+    np.testing.assert_allclose(scores, s_batch, rtol=1e-6, atol=1e-7)
+
+
+def test_fixed_noise_comes_from_infer_seed():
+    a, b = fixed_noise(tiny_config()), fixed_noise(tiny_config(**{"infer.seed": 1}))
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, fixed_noise(tiny_config()))
+    assert np.abs(a - b).max() > 1.0
+    assert abs(a.mean()) < 0.05 and abs(a.std() - 1) < 0.05
+
+
+def test_infer_seed_changes_scores(smoke):
+    config, params, infer = smoke
+    images = _images(2)
+    s0 = np.asarray(infer(params, images)[2])
+    s1 = np.asarray(make_infer_fn(tiny_config(**{"infer.seed": 1}))(params, images)[2])
+    assert np.abs(s0 - s1).max() > 0
+
+
+def test_infer_recon_error_map_and_sharded():
+    config = tiny_config(**{"infer.map": "recon_error"})
+    params = _trained_params(config)
+    infer = make_infer_fn(config)
+    images = _images(8)
+    recon, amap, score = infer(params, jnp.asarray(images))
+    np.testing.assert_allclose(np.asarray(amap), np.abs(images - np.asarray(recon)).mean(-1) / 2, atol=1e-6)
+    mesh = parallel.make_mesh(jax.devices()[:4])
+    _, _, score4 = infer(params, jax.device_put(jnp.asarray(images), parallel.data_sharding(mesh)))
+    np.testing.assert_allclose(np.asarray(score4), np.asarray(score), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["one_step", "ddim", "ddpm"])
+def test_infer_ablation_methods_are_batch_independent(method):
+    config = tiny_config(**{"infer.method": method, "infer.ddim_steps": 3, "diffusion.eval_t_small": 10,
+                            "diffusion.eval_t_big": 20})
+    params = _trained_params(config)
+    infer = make_infer_fn(config)
+    images = jnp.asarray(_images(2))
+    r1, a1, s1 = infer(params, images)
+    r2, _, s2 = infer(params, images[::-1])
+    assert r1.shape == images.shape and a1.shape == (2, 32, 32)
+    np.testing.assert_allclose(np.asarray(s2)[::-1], np.asarray(s1), rtol=1e-6, atol=1e-7)
+    assert float(jnp.max(jnp.abs(r1))) <= 1.0
+
+
+def test_wrong_image_shape_is_refused(smoke):
+    _, params, infer = smoke
+    with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\)"):
+        infer(params, jnp.zeros((1, 64, 64, 3)))
+
+
+def test_unknown_infer_method_is_refused():
+    with pytest.raises(ValueError, match="infer.method"):
+        make_infer_fn(tiny_config(**{"infer.method": "magic"}))
