@@ -45,7 +45,8 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.data.image_size = 256
     c.data.val_fraction = 0.1  # held-out slice of train/good for validation and threshold calibration
     c.data.texture_dir = ""  # optional folder of anomaly source textures (e.g. DTD); never downloaded
-    c.data.foreground = "otsu"  # 'otsu' (objects) | 'full' (textures)
+    c.data.foreground = "otsu"  # 'otsu' (objects) | 'full' (textures); used when no masks are supplied
+    c.data.foreground_dir = "foreground"  # <category>/<this>/<stem>.png: supplied foreground masks, if present
     c.data.num_workers = 2  # grain worker processes (0 = in-process)
     c.data.prefetch = 2  # per-worker buffer (batches)
     # generic folder layout: sub-folder names below root/category
@@ -85,7 +86,10 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr_recon = 1e-4
     c.optim.lr_seg = 1e-4
-    c.optim.ema_decay = 0.0  # 0 disables EMA
+    c.optim.schedule = "constant"  # 'constant' (paper) | 'warmup_cosine' (needs train.num_steps > 0)
+    c.optim.warmup_steps = 0  # linear warm-up steps of 'warmup_cosine'
+    c.optim.final_lr_fraction = 0.05  # 'warmup_cosine' ends at this fraction of the peak rate
+    c.optim.ema_decay = 0.0  # 0 disables EMA; the decay warms up as min(decay, (1 + n) / (10 + n))
     c.optim.clip = 0.0  # global-norm gradient clipping; 0 disables
 
     c.infer = ml_collections.ConfigDict()
@@ -115,6 +119,6 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.eval.threshold = -1.0  # >= 0: use this image-score threshold instead
     c.eval.aupro_limit = 0.3
     c.eval.num_panels = 6
-    c.eval.pixel_bins = 10000
+    c.eval.pixel_bins = 10000  # ignored: pixel metrics are exact since issue 11; kept so older runs load
 
     return c

@@ -56,23 +56,12 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     first = next(sample_batches(test_samples[:1], size, 1))
     run_infer(infer, params, first[0], mesh, pad_to=bs)
 
-    pixel_acc = M.PixelMetricAccumulator(num_bins=config.eval.pixel_bins, aupro_limit=config.eval.aupro_limit)
-    per_defect_acc: dict[str, M.PixelMetricAccumulator] = {}
+    evaluation = M.StreamingEvaluation(with_pixels=has_masks, aupro_limit=config.eval.aupro_limit)
 
     def on_batch(i0, images, recon, amap, score, masks):
-        if not has_masks:
-            return
-        pixel_acc.update(amap, masks)
-        for j in range(images.shape[0]):
-            d = defects[i0 + j]
-            if d != "good":
-                per_defect_acc.setdefault(d, M.PixelMetricAccumulator(
-                    num_bins=config.eval.pixel_bins, aupro_limit=config.eval.aupro_limit))
-        # Per-defect pixel metrics: that defect's images plus every normal image.
-        for d, acc in per_defect_acc.items():
-            sel = [j for j in range(images.shape[0]) if defects[i0 + j] in (d, "good")]
-            if sel:
-                acc.update(amap[sel], masks[sel])
+        n = images.shape[0]
+        evaluation.update(score, labels[i0:i0 + n], defects[i0:i0 + n], amap if has_masks else None,
+                          masks if has_masks else None)
 
     scores, infer_s = score_in_batches(
         infer, params, sample_batches(test_samples, size, bs, with_masks=True), mesh=mesh,
@@ -85,23 +74,8 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     result = {"num_images": len(test_samples), "num_anomalous": int(labels.sum()),
               "images_per_second": len(test_samples) / max(infer_s, 1e-9), "has_masks": has_masks,
               "threshold_source": threshold_source}
-    for part in (M.image_metrics(scores, labels), pixel_acc.compute() if has_masks else {},
-                 M.label_metrics(scores, labels, threshold)):
-        warnings = result.get("warnings", []) + part.pop("warnings", [])
-        result.update(part)
-        if warnings:
-            result["warnings"] = warnings
-    per_defect = {}
-    for d in sorted(set(defects) - {"good"}):
-        sel = np.array([x in (d, "good") for x in defects])
-        entry = {"num_images": int((np.array(defects) == d).sum())}
-        entry.update(M.image_metrics(scores[sel], labels[sel]))
-        if d in per_defect_acc:
-            entry.update(per_defect_acc[d].compute())
-        entry.update({k: v for k, v in M.label_metrics(scores[sel], labels[sel], threshold).items()
-                      if k in ("precision", "recall", "f1")})
-        per_defect[d] = entry
-    result["per_defect"] = per_defect
+    result.update(evaluation.compute(threshold))
+    per_defect = result["per_defect"]
 
     # Panels: re-run the few selected images (deterministic: the model's fixed noise).
     chosen = report.select_panels(scores, labels, config.eval.num_panels)

@@ -1,4 +1,5 @@
-"""Evaluation metrics (DESIGN.md §8): image, pixel (streaming, bounded memory), AUPRO, label level.
+"""Evaluation metrics (DESIGN.md §8): image, exact streaming pixel metrics and AUPRO, label level, and
+the one streaming evaluation (overall + per defect) that `evaluate` and training-time validation share.
 
 Conventions used throughout:
 - Scores are "higher = more anomalous"; labels / masks are 1 for anomalous, 0 for normal.
@@ -57,7 +58,7 @@ def _check_maps_masks(maps, masks, where: str) -> tuple[np.ndarray, np.ndarray]:
     a = a.astype(np.float64, copy=False)
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{where}: anomaly maps contain NaN or inf")
-    # Scores are probabilities: the fixed bin edges cover exactly [0, 1].
+    # Scores are probabilities (segmentation sigmoid or a halved [-1, 1] difference).
     if a.size and (a.min() < 0.0 or a.max() > 1.0):
         raise ValueError(f"{where}: anomaly maps must lie in [0, 1] (got min {a.min():.4g}, max {a.max():.4g})")
     if m.dtype != bool:
@@ -189,156 +190,111 @@ def integrate_to_limit(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
     return float(_trapezoid(y, x) / limit)
 
 
-def pro_curve_exact(maps, masks) -> tuple[np.ndarray, np.ndarray]:
-    """Exact PRO curve: (fpr, pro), one point per distinct score plus (0, 0), non-decreasing fpr.
-
-    maps (N, H, W) anomaly scores; masks (N, H, W) {0,1}. A pixel is predicted anomalous iff its
-    score >= threshold; thresholds run over every distinct score (high to low). FPR is the
-    fraction of normal pixels (mask 0, all images) predicted anomalous; PRO is the mean over
-    8-connected ground-truth regions of the fraction of the region predicted anomalous. Sorts all
-    pixels: memory O(total pixels), meant for small sets and for validating the binned version.
-    """
-    a, m = _check_maps_masks(maps, masks, "pro_curve_exact")
-    normal_scores, region_scores, region_weights = [], [], []
-    sizes = []
-    for amap, mask in zip(a, m, strict=True):
-        lab, n = ndimage.label(mask, structure=REGION_STRUCTURE)
-        normal_scores.append(amap[lab == 0])
-        if n:
-            size = np.bincount(lab.ravel(), minlength=n + 1)
-            sel = lab > 0
-            region_scores.append(amap[sel])
-            region_weights.append(1.0 / size[lab[sel]])
-            sizes.append(size[1:])
-    n_regions = int(sum(len(z) for z in sizes))
-    neg = np.concatenate(normal_scores)
-    if neg.size == 0 or n_regions == 0:
-        raise ValueError(f"pro_curve_exact: need normal pixels and anomalous regions "
-                         f"(got {neg.size} normal pixels, {n_regions} regions)")
-    pos = np.concatenate(region_scores)
-    # Each normal pixel moves FPR by 1/#normal; each region pixel moves PRO by 1/(#regions * its region size).
-    scores = np.concatenate([neg, pos])
-    d_fpr = np.concatenate([np.full(neg.size, 1.0 / neg.size), np.zeros(pos.size)])
-    d_pro = np.concatenate([np.zeros(neg.size), np.concatenate(region_weights) / n_regions])
-    order = np.argsort(-scores, kind="stable")
-    scores, fpr, pro = scores[order], np.cumsum(d_fpr[order]), np.cumsum(d_pro[order])
-    # One point per distinct score: the last position of each tie group (all tied pixels flip together).
-    last = np.append(scores[1:] != scores[:-1], True)
-    fpr = np.concatenate([[0.0], fpr[last]])
-    pro = np.concatenate([[0.0], pro[last]])
-    # Cumulative sums of 1/n drift by ~1e-16; pin the final point to exactly (1, 1).
-    fpr[-1], pro[-1] = 1.0, 1.0
-    return np.minimum(fpr, 1.0), np.minimum(pro, 1.0)
-
-
 def aupro_exact(maps, masks, limit: float = 0.3) -> float:
-    """Exact (unbinned) normalised area under the PRO curve up to FPR `limit` (see pro_curve_exact)."""
-    fpr, pro = pro_curve_exact(maps, masks)
-    return integrate_to_limit(fpr, pro, limit)
+    """Exact normalised area under the PRO curve up to FPR `limit` of in-memory maps / masks (N, H, W).
+
+    Raises ValueError when there are no normal pixels or no ground-truth regions."""
+    out = pixel_metrics(maps, masks, aupro_limit=limit)
+    if math.isnan(out["pixel_aupro"]):
+        raise ValueError(f"aupro_exact: need normal pixels and ground-truth regions ({'; '.join(out['warnings'])})")
+    return out["pixel_aupro"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Pixel level, streaming
+# Pixel level, streaming and exact
 # ----------------------------------------------------------------------------------------------
+
+_PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+
 
 class PixelMetricAccumulator:
-    """Streaming pixel AUROC / AP / F1-max / AUPRO with memory independent of the test-set size.
+    """Exact streaming pixel AUROC / AP / F1-max / AUPRO over every pixel seen.
 
-    Scores in [0, 1] fall into `num_bins` equal-width bins (bin b = [b/num_bins, (b+1)/num_bins),
-    the last bin closed). The state is three length-`num_bins` arrays: counts of anomalous and of
-    normal pixels per bin, and, for AUPRO, the sum over ground-truth regions of (region pixels in
-    the bin / region size), plus the number of regions. Thresholds sit on bin edges, so every
-    binned metric equals the exact metric of the scores quantised to their bin index, and the
-    binned curves are points of the exact curves. Error bounds reported by `compute()`:
-
-    - `pixel_auroc_bin_error_bound` = 0.5 * (anomalous-normal pixel pairs sharing a bin) / (P * N):
-      pairs in different bins are ordered exactly; a same-bin pair counts 1/2 where the exact
-      AUROC counts 0, 1/2 or 1.
-    - `pixel_ap_bin_error_bound`: each positive's precision term is evaluated inside its bin,
-      where precision is bounded by the counts above the bin plus 1..p_b positives and 0..n_b
-      negatives of the bin; the bound sums p_b / P * (max - min) of that range over bins.
-    - `pixel_aupro_bin_error_bound`: the exact PRO curve between two consecutive binned points is
-      monotone, so it lies in their bounding box; the bound sums the box areas (clipped to the
-      integration limit) divided by the limit.
-    F1-max is the best over bin-edge thresholds, a lower bound of the exact F1-max.
+    The state is the pixel scores themselves, held as float32 (the networks' output type, so nothing
+    is rounded): 4 bytes per normal pixel and 12 per ground-truth pixel (its score and its AUPRO
+    weight 1 / region size, float64), e.g. about 270 MB for 1000 images at 256². `compute()` sorts once and walks
+    every distinct score as a threshold (anomalous iff score >= threshold), so the results equal
+    sklearn's `roc_auc_score` / `average_precision_score` and the exact PRO curve on the same pixels.
+    Regions are 8-connected per image (REGION_STRUCTURE).
     """
 
-    def __init__(self, num_bins: int = 10000, aupro_limit: float = 0.3):
-        if int(num_bins) < 2:
-            raise ValueError(f"PixelMetricAccumulator: num_bins (eval.pixel_bins) must be >= 2, got {num_bins}")
+    def __init__(self, aupro_limit: float = 0.3):
         if not 0.0 < aupro_limit <= 1.0:
             raise ValueError(f"PixelMetricAccumulator: aupro_limit (eval.aupro_limit) must be in (0, 1], got {aupro_limit}")
-        self.num_bins = int(num_bins)
         self.aupro_limit = float(aupro_limit)
-        self.pos_hist = np.zeros(self.num_bins, np.int64)  # anomalous pixels per bin
-        self.neg_hist = np.zeros(self.num_bins, np.int64)  # normal pixels per bin
-        self.region_frac_hist = np.zeros(self.num_bins, np.float64)  # sum over regions of count/size
+        self._neg: list[np.ndarray] = []  # float32 scores of normal pixels
+        self._pos: list[np.ndarray] = []  # float32 scores of ground-truth pixels
+        self._weight: list[np.ndarray] = []  # float64 1 / (size of the pixel's region)
         self.num_regions = 0
         self.num_images = 0
-
-    def _bin(self, scores: np.ndarray) -> np.ndarray:
-        # floor(s * nb) is monotone in s, so {bin >= b} is always an upper set of scores (a threshold).
-        return np.minimum((scores * self.num_bins).astype(np.int64), self.num_bins - 1)
 
     def update(self, anomaly_maps, masks) -> None:
         """Adds a batch: anomaly_maps (N, H, W) float in [0, 1]; masks (N, H, W) {0, 1} (or bool)."""
         a, m = _check_maps_masks(anomaly_maps, masks, "PixelMetricAccumulator.update")
-        bins = self._bin(a)  # (N, H, W)
-        nb = self.num_bins
-        self.pos_hist += np.bincount(bins[m], minlength=nb)
-        self.neg_hist += np.bincount(bins[~m], minlength=nb)
-        for b_img, m_img in zip(bins, m, strict=True):
+        a = a.astype(np.float32)
+        self._neg.append(a[~m])
+        for a_img, m_img in zip(a, m, strict=True):
             if not m_img.any():
                 continue
             lab, n = ndimage.label(m_img, structure=REGION_STRUCTURE)
-            size = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
+            size = np.bincount(lab.ravel(), minlength=n + 1)
             sel = lab > 0
-            self.region_frac_hist += np.bincount(b_img[sel], weights=1.0 / size[lab[sel]], minlength=nb)
+            self._pos.append(a_img[sel])
+            self._weight.append(1.0 / size[lab[sel]])  # float64: sums over many pixels stay exact
             self.num_regions += n
         self.num_images += a.shape[0]
 
     def merge(self, other: PixelMetricAccumulator) -> None:
-        """Adds another accumulator's state (e.g. from another host); bins and limit must match."""
-        if other.num_bins != self.num_bins or other.aupro_limit != self.aupro_limit:
-            raise ValueError("PixelMetricAccumulator.merge: num_bins / aupro_limit differ")
-        self.pos_hist += other.pos_hist
-        self.neg_hist += other.neg_hist
-        self.region_frac_hist += other.region_frac_hist
+        """Adds another accumulator's pixels (e.g. another host's, or the normal images' of a test set)."""
+        if other.aupro_limit != self.aupro_limit:
+            raise ValueError("PixelMetricAccumulator.merge: aupro_limit differs")
+        self._neg += other._neg
+        self._pos += other._pos
+        self._weight += other._weight
         self.num_regions += other.num_regions
         self.num_images += other.num_images
 
-    def curves(self) -> dict:
-        """Binned curves, ordered by decreasing threshold (from 'nothing flagged' to 'all flagged').
+    @property
+    def num_pixels(self) -> tuple[int, int]:
+        """(anomalous, normal) pixel counts seen so far."""
+        return sum(x.size for x in self._pos), sum(x.size for x in self._neg)
 
-        Returns thresholds (num_bins + 1,) = bin lower edges plus 1 + 1/num_bins for the empty set,
-        tp, fp (counts of pixels with bin >= threshold's bin), fpr, tpr, pro (NaN if no regions).
+    def curves(self) -> dict:
+        """Exact curves over every distinct score, high to low, with a leading 'nothing flagged' point.
+
+        Returns thresholds (K + 1,) (the first is +inf), tp, fp (pixel counts with score >= threshold),
+        tpr, fpr, pro (NaN when there are no regions).
         """
-        nb = self.num_bins
-        # Reverse cumulative sums with a leading 0 for "threshold above every bin".
-        tp = np.concatenate([[0], np.cumsum(self.pos_hist[::-1])])
-        fp = np.concatenate([[0], np.cumsum(self.neg_hist[::-1])])
-        pro_sum = np.concatenate([[0.0], np.cumsum(self.region_frac_hist[::-1])])
-        thresholds = np.arange(nb, -1, -1) / nb
-        thresholds[0] = 1.0 + 1.0 / nb
-        P, N = tp[-1], fp[-1]
+        neg = np.sort(np.concatenate(self._neg)) if self._neg else np.zeros(0, np.float32)
+        pos = np.concatenate(self._pos) if self._pos else np.zeros(0, np.float32)
+        weight = np.concatenate(self._weight) if self._weight else np.zeros(0)
+        order = np.argsort(pos, kind="stable")
+        pos, weight = pos[order], weight[order]
+        P, N = pos.size, neg.size
+        thresholds = np.union1d(neg, pos)[::-1]  # distinct scores, descending
+        fp = N - np.searchsorted(neg, thresholds, side="left")  # scores >= t
+        tp = P - np.searchsorted(pos, thresholds, side="left")
+        # The tp highest positives are exactly those >= t; their weights sum to the region fractions.
+        top_weight = np.concatenate([[0.0], np.cumsum(weight[::-1], dtype=np.float64)])
+        tp, fp = np.concatenate([[0], tp]), np.concatenate([[0], fp])
         with np.errstate(invalid="ignore", divide="ignore"):
             tpr = tp / P if P else np.full(tp.shape, np.nan)
             fpr = fp / N if N else np.full(fp.shape, np.nan)
-            pro = np.minimum(pro_sum / self.num_regions, 1.0) if self.num_regions else np.full(tp.shape, np.nan)
+            pro = (np.minimum(top_weight[tp] / self.num_regions, 1.0) if self.num_regions
+                   else np.full(tp.shape, np.nan))
         if self.num_regions:
-            pro[-1] = 1.0  # the float sum of count/size over a region is 1 up to rounding
-        return {"thresholds": thresholds, "tp": tp, "fp": fp, "tpr": tpr, "fpr": fpr, "pro": pro}
+            pro[-1] = 1.0  # float sums of 1/size over a region are 1 up to rounding
+        return {"thresholds": np.concatenate([[np.inf], thresholds]), "tp": tp, "fp": fp,
+                "tpr": tpr, "fpr": fpr, "pro": pro}
 
     def compute(self) -> dict:
-        """pixel_auroc, pixel_ap, pixel_f1_max, pixel_aupro (+ their bin error bounds, counts).
+        """pixel_auroc, pixel_ap, pixel_f1_max, pixel_aupro, pixel_num_regions, pixel_num_pixels.
 
         Without both anomalous and normal pixels the metrics are NaN and `warnings` says why.
         """
-        P, N = int(self.pos_hist.sum()), int(self.neg_hist.sum())
-        out = {"pixel_auroc": math.nan, "pixel_ap": math.nan, "pixel_f1_max": math.nan,
-               "pixel_aupro": math.nan, "pixel_auroc_bin_error_bound": math.nan,
-               "pixel_ap_bin_error_bound": math.nan, "pixel_aupro_bin_error_bound": math.nan,
-               "pixel_num_regions": int(self.num_regions), "pixel_num_bins": self.num_bins}
+        P, N = self.num_pixels
+        out = {k: math.nan for k in _PIXEL_KEYS}
+        out.update(pixel_num_regions=int(self.num_regions), pixel_num_pixels=int(P + N))
         if P == 0 or N == 0:
             out["warnings"] = [f"pixel metrics undefined: {P} anomalous and {N} normal pixels seen "
                                f"over {self.num_images} images; need both"]
@@ -346,81 +302,121 @@ class PixelMetricAccumulator:
         c = self.curves()
         tp, fp, tpr, fpr, pro = c["tp"], c["fp"], c["tpr"], c["fpr"], c["pro"]
         out["pixel_auroc"] = float(_trapezoid(tpr, fpr))
-        pos, neg = self.pos_hist.astype(np.float64), self.neg_hist.astype(np.float64)
-        out["pixel_auroc_bin_error_bound"] = float(0.5 * np.dot(pos, neg) / (float(P) * float(N)))
-
-        # AP = sum over thresholds of (recall step) * precision, as sklearn.average_precision_score.
-        # Index i of tp/fp (i >= 1) covers bins >= nb - i; the step adds the positives of bin nb - i.
-        p_b = np.diff(tp).astype(np.float64)  # positives entering at each step
-        tp_hi, fp_hi = tp[1:].astype(np.float64), fp[1:].astype(np.float64)
-        tp_lo, fp_lo = tp[:-1].astype(np.float64), fp[:-1].astype(np.float64)
-        has = p_b > 0
-        prec = np.where(has, tp_hi / np.maximum(tp_hi + fp_hi, 1.0), 0.0)
-        out["pixel_ap"] = float(np.sum(p_b * prec) / P)
-        # Range of the precision a positive of this bin can see in the exact ordering.
-        prec_max = np.where(has, tp_hi / np.maximum(tp_hi + fp_lo, 1.0), 0.0)
-        prec_min = np.where(has, (tp_lo + 1.0) / np.maximum(tp_lo + 1.0 + fp_hi, 1.0), 0.0)
-        out["pixel_ap_bin_error_bound"] = float(np.sum(p_b * (prec_max - prec_min)) / P)
-
-        denom = 2 * tp + (fp + (P - tp))  # 2tp + fp + fn
-        f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+        # AP as sklearn.average_precision_score: recall steps times the precision at each threshold.
+        precision = tp[1:] / np.maximum(tp[1:] + fp[1:], 1)
+        out["pixel_ap"] = float(np.sum(np.diff(tpr) * precision))
+        f1 = 2 * tp / np.maximum(2 * tp + fp + (P - tp), 1)  # 2tp / (2tp + fp + fn)
         out["pixel_f1_max"] = float(f1.max())
-
         if self.num_regions == 0:
             out["warnings"] = ["pixel AUPRO undefined: no ground-truth regions"]
         else:
-            limit = self.aupro_limit
-            out["pixel_aupro"] = integrate_to_limit(fpr, pro, limit)
-            x0, x1 = np.minimum(fpr[:-1], limit), np.minimum(fpr[1:], limit)
-            out["pixel_aupro_bin_error_bound"] = float(np.sum((x1 - x0) * np.diff(pro)) / limit)
+            out["pixel_aupro"] = integrate_to_limit(fpr, pro, self.aupro_limit)
         return out
 
 
-def pixel_metrics(maps, masks, *, num_bins: int = 10000, aupro_limit: float = 0.3,
-                  batch_size: int = 64) -> dict:
-    """Binned pixel metrics of in-memory maps (N, H, W) / masks (N, H, W), fed in chunks."""
-    acc = PixelMetricAccumulator(num_bins=num_bins, aupro_limit=aupro_limit)
+def pixel_metrics(maps, masks, *, aupro_limit: float = 0.3, batch_size: int = 64) -> dict:
+    """Exact pixel metrics of in-memory maps (N, H, W) / masks (N, H, W), fed in chunks."""
+    acc = PixelMetricAccumulator(aupro_limit=aupro_limit)
     for i in range(0, len(maps), batch_size):
         acc.update(maps[i:i + batch_size], masks[i:i + batch_size])
     return acc.compute()
 
 
 # ----------------------------------------------------------------------------------------------
-# Aggregates
+# Aggregates: one streaming evaluation, overall and per defect type
 # ----------------------------------------------------------------------------------------------
 
+class StreamingEvaluation:
+    """Image scores and pixel maps fed batch by batch (any order); overall and per-defect metrics.
+
+    Each defect type is scored on (its anomalous images + EVERY normal image). Normal images' pixels
+    are held once, in their own accumulator, and joined to each defect's at `compute()`, so a defect
+    first seen in a late batch still sees the normal images of earlier batches. An image is normal
+    iff its label is 0, whatever its defect name.
+    """
+
+    def __init__(self, *, with_pixels: bool, aupro_limit: float = 0.3):
+        self.with_pixels = bool(with_pixels)
+        self.aupro_limit = float(aupro_limit)
+        self._scores: list[float] = []
+        self._labels: list[int] = []
+        self._defects: list[str] = []
+        self._normal_px = PixelMetricAccumulator(aupro_limit)
+        self._defect_px: dict[str, PixelMetricAccumulator] = {}
+
+    def update(self, scores, labels, defects, maps=None, masks=None) -> None:
+        """scores (B,), labels (B,) {0, 1}, defects (B,) names; with pixels, maps / masks (B, H, W)."""
+        s, y = _as_scores_labels(scores, labels, "StreamingEvaluation.update")
+        d = [str(x) for x in defects]
+        if len(d) != s.size:
+            raise ValueError(f"StreamingEvaluation.update: defects has {len(d)} entries but scores has {s.size}")
+        if self.with_pixels:
+            if maps is None or masks is None:
+                raise ValueError("StreamingEvaluation.update: maps and masks are required (with_pixels=True)")
+            maps, masks = np.asarray(maps), np.asarray(masks)
+            if len(maps) != s.size or len(masks) != s.size:
+                raise ValueError(f"StreamingEvaluation.update: maps/masks have {len(maps)}/{len(masks)} "
+                                 f"entries, scores {s.size}")
+            normal = np.flatnonzero(y == 0)
+            if normal.size:
+                self._normal_px.update(maps[normal], masks[normal])
+            for name in sorted({d[i] for i in np.flatnonzero(y == 1)}):
+                idx = [i for i in range(s.size) if y[i] == 1 and d[i] == name]
+                acc = self._defect_px.setdefault(name, PixelMetricAccumulator(self.aupro_limit))
+                acc.update(maps[idx], masks[idx])
+        self._scores += s.tolist()
+        self._labels += y.tolist()
+        self._defects += d
+
+    def _pixels(self, names) -> PixelMetricAccumulator:
+        acc = PixelMetricAccumulator(self.aupro_limit)
+        acc.merge(self._normal_px)
+        for name in names:
+            acc.merge(self._defect_px[name])
+        return acc
+
+    def compute(self, threshold: float | None = None) -> dict:
+        """{has_masks, num_images, num_anomalous, image_*, [pixel_*], [label metrics], per_defect}.
+
+        per_defect maps each anomalous defect name to {num_images, has_masks, image_*, [pixel_*],
+        [precision, recall, f1]}; `warnings` lists are merged, never overwritten.
+        """
+        s, y = np.asarray(self._scores, np.float64), np.asarray(self._labels, np.int64)
+        d = np.asarray(self._defects, dtype=object)
+        out = {"has_masks": self.with_pixels, "num_images": int(s.size), "num_anomalous": int(y.sum())}
+        _merge_warnings(out, image_metrics(s, y))
+        if self.with_pixels:
+            _merge_warnings(out, self._pixels(sorted(self._defect_px)).compute())
+        if threshold is not None:
+            out.update(label_metrics(s, y, threshold))
+        per_defect = {}
+        for name in sorted(set(d[y == 1].tolist())):
+            own = (d == name) & (y == 1)
+            sel = own | (y == 0)
+            entry = {"num_images": int(own.sum()), "has_masks": self.with_pixels}
+            _merge_warnings(entry, image_metrics(s[sel], y[sel]))
+            if self.with_pixels:
+                _merge_warnings(entry, self._pixels([name]).compute())
+            if threshold is not None:
+                lm = label_metrics(s[sel], y[sel], threshold)
+                entry.update({k: lm[k] for k in ("precision", "recall", "f1")})
+            per_defect[name] = entry
+        out["per_defect"] = per_defect
+        return out
+
+
 def per_defect_metrics(scores, labels, defects, maps=None, masks=None, *, threshold: float | None = None,
-                       num_bins: int = 10000, aupro_limit: float = 0.3) -> dict:
-    """Metrics per defect type, each on (that type's images + every normal image).
+                       aupro_limit: float = 0.3) -> dict:
+    """Metrics per defect type, each on (that type's images + every normal image), in memory.
 
     scores (N,), labels (N,) {0,1}, defects (N,) names (normal images are those with label 0,
     whatever their name). maps / masks (N, H, W) are optional: without masks the entries carry
     `has_masks: False` and no pixel keys. With `threshold`, label precision/recall/F1 are added.
     Returns {defect: {num_images, has_masks, image_*, [pixel_*], [precision, recall, f1]}}.
     """
-    s, y = _as_scores_labels(scores, labels, "per_defect_metrics")
-    d = np.asarray([str(x) for x in defects])
-    if d.size != s.size:
-        raise ValueError(f"per_defect_metrics: defects has {d.size} entries but scores has {s.size}")
-    has_masks = maps is not None and masks is not None
-    if has_masks and (len(maps) != s.size or len(masks) != s.size):
-        raise ValueError(f"per_defect_metrics: maps/masks have {len(maps)}/{len(masks)} entries, scores {s.size}")
-    normal = y == 0
-    out = {}
-    for name in sorted(set(d[y == 1].tolist())):
-        sel = ((d == name) & (y == 1)) | normal
-        entry = {"num_images": int(np.sum((d == name) & (y == 1))), "has_masks": has_masks}
-        entry.update(image_metrics(s[sel], y[sel]))
-        if has_masks:
-            idx = np.flatnonzero(sel)
-            px = pixel_metrics(np.asarray(maps)[idx], np.asarray(masks)[idx], num_bins=num_bins,
-                               aupro_limit=aupro_limit)
-            _merge_warnings(entry, px)
-        if threshold is not None:
-            lm = label_metrics(s[sel], y[sel], threshold)
-            entry.update({k: lm[k] for k in ("precision", "recall", "f1")})
-        out[name] = entry
-    return out
+    ev = StreamingEvaluation(with_pixels=maps is not None and masks is not None, aupro_limit=aupro_limit)
+    ev.update(scores, labels, defects, maps, masks)
+    return ev.compute(threshold)["per_defect"]
 
 
 def _merge_warnings(dst: dict, src: dict) -> None:
@@ -432,13 +428,13 @@ def _merge_warnings(dst: dict, src: dict) -> None:
 
 
 def compute_all_metrics(scores, labels, *, maps=None, masks=None, threshold: float | None = None,
-                        num_bins: int = 10000, aupro_limit: float = 0.3) -> dict:
-    """Image metrics, pixel metrics when masks are given (`has_masks` says which) and, with a
+                        aupro_limit: float = 0.3) -> dict:
+    """Image metrics, exact pixel metrics when masks are given (`has_masks` says which) and, with a
     threshold, label metrics: one flat dict (warnings merged)."""
-    out = {"has_masks": maps is not None and masks is not None}
-    _merge_warnings(out, image_metrics(scores, labels))
-    if out["has_masks"]:
-        _merge_warnings(out, pixel_metrics(maps, masks, num_bins=num_bins, aupro_limit=aupro_limit))
-    if threshold is not None:
-        out.update(label_metrics(scores, labels, threshold))
+    ev = StreamingEvaluation(with_pixels=maps is not None and masks is not None, aupro_limit=aupro_limit)
+    labels = np.asarray(labels).reshape(-1)
+    ev.update(scores, labels, ["good" if v == 0 else "anomaly" for v in labels], maps, masks)
+    out = ev.compute(threshold)
+    for k in ("per_defect", "num_images", "num_anomalous"):
+        out.pop(k)
     return out

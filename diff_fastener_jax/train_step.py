@@ -37,11 +37,35 @@ class TrainState:
     ema_params: Params  # same structure as params; equals params when EMA is off
 
 
+def learning_rate_schedule(config: ml_collections.ConfigDict, peak: float) -> float | optax.Schedule:
+    """`optim.schedule`: 'constant' (the paper), or 'warmup_cosine': linear warm-up over
+    `optim.warmup_steps` to `peak`, then cosine decay to `optim.final_lr_fraction` x peak at
+    train.num_steps (short runs learn more per step with a high peak they can then settle from).
+    'constant' returns the float itself, so the optimizer state keeps the layout of older checkpoints."""
+    o = config.optim
+    schedule = str(o.get("schedule", "constant"))
+    if schedule == "constant":
+        return float(peak)
+    if schedule != "warmup_cosine":
+        raise ValueError(f"optim.schedule must be 'constant' or 'warmup_cosine', got {schedule!r}")
+    total = int(config.train.num_steps)
+    if total <= 0:
+        raise ValueError("optim.schedule='warmup_cosine' needs train.num_steps > 0 (the decay horizon)")
+    warmup = min(int(o.warmup_steps), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), total,
+                                              end_value=peak * float(o.final_lr_fraction))
+
+
+def _rate_at(rate: float | optax.Schedule, step: jax.Array) -> jax.Array:
+    return jnp.asarray(rate(step) if callable(rate) else rate, jnp.float32)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam with its own learning rate per network, optional global-norm clipping (no weight decay)."""
+    """Adam with its own learning rate (schedule) per network, optional global-norm clipping (no weight decay)."""
     o = config.optim
     tx = optax.multi_transform(
-        {"recon": optax.adam(o.lr_recon), "seg": optax.adam(o.lr_seg)},
+        {"recon": optax.adam(learning_rate_schedule(config, o.lr_recon)),
+         "seg": optax.adam(learning_rate_schedule(config, o.lr_seg))},
         param_labels={"recon": "recon", "seg": "seg"},
     )
     if o.clip and o.clip > 0:
@@ -119,6 +143,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     tau, T = config.diffusion.tau, config.diffusion.T
     ema_decay = float(config.optim.ema_decay)
+    lr_recon = learning_rate_schedule(config, config.optim.lr_recon)
+    lr_seg = learning_rate_schedule(config, config.optim.lr_seg)
 
     def per_device_step(state: TrainState, batch: dict, key: jax.Array):
         b = batch["image"].shape[0]
@@ -139,7 +165,10 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         if ema_decay > 0:
-            new_ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+            # Warm-up of the decay, (1 + n) / (10 + n): early random weights fade out in short runs.
+            n = state.step.astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+            new_ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
                                              state.ema_params, new_params)
         else:
             new_ema = new_params
@@ -148,7 +177,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                                opt_state=keep(new_opt, state.opt_state), ema_params=keep(new_ema, state.ema_params))
         metrics = {"total": total, **terms, "grad_norm": optax.global_norm(grads),
-                   "lr_recon": jnp.float32(config.optim.lr_recon), "lr_seg": jnp.float32(config.optim.lr_seg),
+                   "lr_recon": _rate_at(lr_recon, state.step), "lr_seg": _rate_at(lr_seg, state.step),
                    "finite": finite.astype(jnp.float32)}
         return new_state, metrics
 

@@ -281,11 +281,22 @@ def test_anomalous_image_without_mask_folder(folder):
         list_samples(_cfg("folder", folder, category="fastener"), "test", seed=0)
 
 
-def test_missing_abnormal_folder(folder):
+def test_missing_abnormal_folder_means_normal_images_only(folder):
     import shutil
 
     shutil.rmtree(folder / "fastener" / "abnormal")
-    with pytest.raises(DatasetError, match="abnormal_dir.*does not exist"):
+    cfg = _cfg("folder", folder, category="fastener")
+    train, test = list_samples(cfg, "train", seed=0), list_samples(cfg, "test", seed=0)
+    assert train and test and all(s.label == 0 for s in train + test)
+    assert not {s.path for s in train} & {s.path for s in test}
+
+
+def test_empty_abnormal_folder_is_an_error(folder):
+    import shutil
+
+    shutil.rmtree(folder / "fastener" / "abnormal")
+    (folder / "fastener" / "abnormal").mkdir()
+    with pytest.raises(DatasetError, match="remove it to train from normal images alone"):
         list_samples(_cfg("folder", folder, category="fastener"), "train", seed=0)
 
 

@@ -121,3 +121,39 @@ def test_crossval_two_folds(tmp_path):
     assert [int(r["fold"]) for r in rows] == [0, 1]
     assert float(rows[1]["image_auroc"]) == pytest.approx(vals[1])
     shutil.rmtree(workdir)
+
+
+def test_per_defect_pixel_metrics_use_every_normal_image(trained_run, tmp_path, monkeypatch):
+    """Sorted test folders put 'good' before 'missing_clip': with batches of 8, missing clips first
+    appear in the last batch, after most normal images. Each defect's pixel metrics must still cover
+    that defect's images plus every normal image, checked against sklearn on the same maps."""
+    from sklearn.metrics import roc_auc_score
+
+    from diff_fastener_jax.run_loading import load_run_config, load_run_params
+
+    seen = {}  # test index -> (anomaly map, mask)
+    real = evaluate.score_in_batches
+
+    def recording(*args, on_batch=None, **kwargs):
+        def record(i0, images, recon, amap, score, *extra):
+            if extra:  # the test split carries masks; calibration batches do not
+                for j in range(images.shape[0]):
+                    seen[i0 + j] = (np.asarray(amap[j]), np.asarray(extra[0][j]))
+            if on_batch is not None:
+                on_batch(i0, images, recon, amap, score, *extra)
+        return real(*args, on_batch=record, **kwargs)
+
+    monkeypatch.setattr(evaluate, "score_in_batches", recording)
+    config = load_run_config(trained_run, {"infer.batch_size": "8"})
+    params, _ = load_run_params(trained_run, config)
+    result = evaluate.evaluate_run(config, params, str(tmp_path / "eval"), show_progress=False)
+    rows = open(tmp_path / "eval" / "scores.csv").read().strip().splitlines()[1:]
+    defects = [r.split(",")[1] for r in rows]
+    assert set(result["per_defect"]) == set(defects) - {"good"} == {"missing_clip", "broken_clip", "displaced_clip"}
+    assert sorted(seen) == list(range(len(defects)))
+    for name, entry in result["per_defect"].items():
+        sel = [i for i, d in enumerate(defects) if d in (name, "good")]
+        assert entry["num_images"] == sum(d == name for d in defects)
+        maps = np.stack([seen[i][0] for i in sel]).astype(np.float32)
+        masks = np.stack([seen[i][1] for i in sel]) > 0.5
+        assert entry["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9), name

@@ -46,9 +46,9 @@ def _fake_run(rng, n=24, size=32, with_masks=True):
     maps = np.clip(rng.uniform(0, 0.6, masks.shape) + 0.4 * masks, 0, 1)
     threshold = M.calibrate_threshold(scores[:12], 0.1)
     metrics = M.compute_all_metrics(scores, labels, maps=maps if with_masks else None,
-                                    masks=masks if with_masks else None, threshold=threshold, num_bins=100)
+                                    masks=masks if with_masks else None, threshold=threshold)
     per_defect = M.per_defect_metrics(scores, labels, defects, maps if with_masks else None,
-                                      masks if with_masks else None, threshold=threshold, num_bins=100)
+                                      masks if with_masks else None, threshold=threshold)
     panels = []
     for idx, kind in report.select_panels(scores, labels, 4):
         img = rng.uniform(-1, 1, (size, size, 3)).astype(np.float32)

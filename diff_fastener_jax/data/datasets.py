@@ -58,6 +58,7 @@ class Sample:
     label: int  # 0 normal, 1 anomalous
     defect: str  # 'good' for normal images
     mask_path: str | None = None  # None: no pixel annotation (all-zero mask)
+    foreground_path: str | None = None  # training normals: where synthetic anomalies may go (optional)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,6 +268,31 @@ def _category_dir(data_cfg) -> str:
     return path
 
 
+def _attach_foregrounds(normals: list[Sample], data_cfg) -> list[Sample]:
+    """Normals with `foreground_path` set when the category has a `data.foreground_dir` folder.
+
+    That folder holds one mask per normal training image, named <stem>.png or <stem>_mask.png
+    (white = where synthetic anomalies may be placed). Without the folder the samples are returned
+    as they are and synthesis falls back to `data.foreground` ('otsu' | 'full')."""
+    name = str(data_cfg.get("foreground_dir", "") or "")
+    if not name:
+        return normals
+    folder = os.path.join(_category_dir(data_cfg), name)
+    if not os.path.isdir(folder):
+        return normals
+    masks = _images_in(folder, "data.foreground_dir", allow_empty=True)
+    by_stem = {_stem(m): m for m in masks}
+    by_stem.update({_stem(m)[:-len("_mask")]: m for m in masks if _stem(m).endswith("_mask")})
+    out = []
+    for s in normals:
+        fg = by_stem.get(_stem(s.path))
+        if fg is None:
+            raise DatasetError(f"foreground masks: normal image {s.path} has no mask in {folder} "
+                               f"(expected {_stem(s.path)}.png; remove {folder} to use data.foreground)")
+        out.append(dataclasses.replace(s, foreground_path=fg))
+    return out
+
+
 def _parse_mvtec(data_cfg) -> tuple[list[Sample], list[Sample]]:
     """(normal training pool, test split) of an MVTec-layout category."""
     cat = _category_dir(data_cfg)
@@ -391,14 +417,18 @@ def _parse_folder(data_cfg, seed: int) -> tuple[list[Sample], list[Sample], list
     mask_root = os.path.join(cat, str(data_cfg.mask_dir)) if data_cfg.get("mask_dir") else ""
     normals = [Sample(p, 0, "good") for p in _images_in(normal_dir, "folder layout data.normal_dir")]
 
-    _require_dir(abnormal_dir, "folder layout data.abnormal_dir")
-    direct = _images_in(abnormal_dir, "folder layout data.abnormal_dir", allow_empty=True)
-    groups = [(os.path.basename(abnormal_dir.rstrip(os.sep)), direct, mask_root)] if direct else []
-    for t in _subdirs(abnormal_dir):
-        groups.append((t, _images_in(os.path.join(abnormal_dir, t), f"folder layout defect type {t!r}"),
-                       os.path.join(mask_root, t) if mask_root else ""))
-    if not groups:
-        raise DatasetError(f"folder layout: {abnormal_dir} holds neither images nor <type>/ sub-folders")
+    # No abnormal folder at all: a normal-only dataset (train, calibrate, test on held-out normals).
+    groups = []
+    if os.path.exists(abnormal_dir):
+        _require_dir(abnormal_dir, "folder layout data.abnormal_dir")
+        direct = _images_in(abnormal_dir, "folder layout data.abnormal_dir", allow_empty=True)
+        groups = [(os.path.basename(abnormal_dir.rstrip(os.sep)), direct, mask_root)] if direct else []
+        for t in _subdirs(abnormal_dir):
+            groups.append((t, _images_in(os.path.join(abnormal_dir, t), f"folder layout defect type {t!r}"),
+                           os.path.join(mask_root, t) if mask_root else ""))
+        if not groups:
+            raise DatasetError(f"folder layout: {abnormal_dir} holds neither images nor <type>/ sub-folders "
+                               f"(remove it to train from normal images alone)")
     has_masks = bool(mask_root) and os.path.isdir(mask_root)
     anomalous = []
     for defect, images, mask_folder in groups:
@@ -466,6 +496,8 @@ def list_splits(data_cfg, seed: int) -> dict[str, list[Sample]]:
         pool = [s for i, s in enumerate(all_normals) if i not in held]
         test = [s for i, s in enumerate(all_normals) if i in held] + [s for s in test if s.label == 1]
 
+    if fmt != "visa":
+        pool = _attach_foregrounds(pool, data_cfg)
     train, val = _split_off(pool, float(data_cfg.get("val_fraction", 0.0)), seed)
     if not train:
         raise DatasetError(f"no normal training images for data.format={fmt!r} under {data_cfg.root}")

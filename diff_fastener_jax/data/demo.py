@@ -12,7 +12,9 @@ jitter. Test defects (one clip affected per image):
   displaced_clip  the clip is shifted outwards and rotated      mask: old and new clip positions
 
 Layout written: DIR/<category>/train/good, test/{good,missing_clip,broken_clip,displaced_clip},
-ground_truth/<defect>/<stem>_mask.png, plus DIR/README.txt stating that the data are synthetic.
+ground_truth/<defect>/<stem>_mask.png, foreground/<stem>.png (the fastening zone of each training
+image: where synthetic anomalies are placed, as `data.foreground_dir` reads it), plus DIR/README.txt
+stating that the data are synthetic.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ pipeline can be trained and evaluated end to end without downloading anything; r
 nothing about real rail-fastener inspection.
 
 Layout (MVTec AD style): {category}/train/good ({n_train} normal images), {category}/test/<type>
-(good + {defects}), {category}/ground_truth/<defect>/<stem>_mask.png (255 = defective pixel).
+(good + {defects}), {category}/ground_truth/<defect>/<stem>_mask.png (255 = defective pixel),
+{category}/foreground/<stem>.png (255 = fastening zone of a training image).
 """
 
 
@@ -110,6 +113,14 @@ def _hexagon_sdf(yy, xx, cy, cx, r, angle):
 
 def render_scene(size: int, rng: np.random.Generator, defect: str = "good") -> tuple[np.ndarray, np.ndarray]:
     """One scene: (image uint8 (S, S, 3), defect mask bool (S, S)); the mask is empty for 'good'."""
+    image, mask, _ = render_scene_with_zone(size, rng, defect)
+    return image, mask
+
+
+def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "good"
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """render_scene plus the fastening zone bool (S, S): the sleeper band that carries the rail seat,
+    clips and nuts, where every defect happens (written as the training images' foreground masks)."""
     if defect not in ("good",) + DEFECTS:
         raise ValueError(f"unknown demo defect {defect!r}; choose good or one of {DEFECTS}")
     s = size
@@ -125,6 +136,7 @@ def render_scene(size: int, rng: np.random.Generator, defect: str = "good") -> t
     sy = s * (0.5 + rng.uniform(-0.03, 0.03))
     half = s * rng.uniform(0.20, 0.23)
     sleeper = _soft(np.abs(yy - sy) - half)[..., None]
+    zone = np.abs(yy - sy) <= half + 1.0
     concrete = np.array([165, 162, 155], np.float32) * rng.uniform(0.9, 1.1)
     conc_tex = 1.0 + 0.08 * _texture((s, s), rng, 4)[..., None] + rng.normal(0, 0.03, (s, s, 1))
     img = img * (1 - sleeper) + concrete * conc_tex * sleeper
@@ -180,7 +192,7 @@ def render_scene(size: int, rng: np.random.Generator, defect: str = "good") -> t
     a = rng.uniform(0, 2 * np.pi)
     grad = 1.0 + rng.uniform(0.05, 0.2) * ((np.cos(a) * (xx - s / 2) + np.sin(a) * (yy - s / 2)) / (s / 2))
     img = img * rng.uniform(0.85, 1.15) * grad[..., None] + rng.normal(0, 3, (s, s, 3))
-    return np.clip(img, 0, 255).astype(np.uint8), mask
+    return np.clip(img, 0, 255).astype(np.uint8), mask, zone
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -203,8 +215,11 @@ def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size:
     try:
         rng = np.random.default_rng(seed)
         (tmp / "train" / "good").mkdir(parents=True)
+        (tmp / "foreground").mkdir()
         for i in range(n_train):
-            _save(tmp / "train" / "good" / f"{i:03d}.png", render_scene(size, rng)[0])
+            image, _, zone = render_scene_with_zone(size, rng)
+            _save(tmp / "train" / "good" / f"{i:03d}.png", image)
+            _save(tmp / "foreground" / f"{i:03d}.png", zone.astype(np.uint8) * 255)
         kinds = ("good",) + DEFECTS
         for k, kind in enumerate(kinds):
             count = n_test // len(kinds) + (1 if k < n_test % len(kinds) else 0)

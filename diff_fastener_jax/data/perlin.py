@@ -20,32 +20,39 @@ def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.
                  angle_deg: float = 0.0) -> np.ndarray:
     """2-D Perlin noise of `shape` (H, W) with `cells` (cy, cx) lattice cells across each axis.
 
-    The lattice wraps around (gradients are indexed modulo the cell count), so the noise is defined at
-    any coordinate; this lets us rotate the sampling grid by `angle_deg` about the image centre without
-    running off the lattice. Scaled by sqrt(2) so values span about [-1, 1]. Returns float32 (H, W).
+    A lattice of cy x cx cells has (cy + 1) x (cx + 1) gradient corners; nothing wraps, so even a single
+    cell has four independent corners (a wrapped lattice would give one cell one shared gradient and
+    noise that never reaches the mask threshold). With `angle_deg` the sampling grid is rotated about the
+    image centre, and the lattice is enlarged just enough to cover the rotated grid (cell size kept),
+    which is equivalent to rotating a larger noise image. Scaled by sqrt(2) so values span about
+    [-1, 1]. Returns float32 (H, W).
     """
     h, w = shape
     cy, cx = max(1, int(cells[0])), max(1, int(cells[1]))
-    theta = rng.uniform(0.0, 2.0 * np.pi, size=(cy, cx))
-    gy, gx = np.cos(theta).astype(np.float32).ravel(), np.sin(theta).astype(np.float32).ravel()
-
-    yy = (np.arange(h, dtype=np.float32) + 0.5)[:, None]  # (H, 1)
-    xx = (np.arange(w, dtype=np.float32) + 0.5)[None, :]  # (1, W)
+    yy = (np.arange(h, dtype=np.float64) + 0.5)[:, None]  # (H, 1) pixel centres
+    xx = (np.arange(w, dtype=np.float64) + 0.5)[None, :]  # (1, W)
     if angle_deg:
-        # Sample the noise on a rotated grid: equivalent to rotating the noise image.
         a = np.deg2rad(angle_deg)
         dy, dx = yy - h / 2.0, xx - w / 2.0
-        yy = np.float32(np.cos(a)) * dy - np.float32(np.sin(a)) * dx + np.float32(h / 2.0)
-        xx = np.float32(np.sin(a)) * dy + np.float32(np.cos(a)) * dx + np.float32(w / 2.0)
-    u = yy * np.float32(cy / h)  # lattice coordinates, one unit per cell; (H, W) or (H, 1)
-    v = xx * np.float32(cx / w)
-    fi, fj = np.floor(u), np.floor(v)
-    fu, fv = u - fi, v - fj  # position inside the cell, in [0, 1)
-    i0, j0 = fi.astype(np.int64) % cy, fj.astype(np.int64) % cx
-    i1, j1 = (i0 + 1) % cy, (j0 + 1) % cx
+        yy = np.cos(a) * dy - np.sin(a) * dx + h / 2.0  # (H, W)
+        xx = np.sin(a) * dy + np.cos(a) * dx + w / 2.0
+    u = yy * (cy / h)  # lattice coordinates, one unit per cell
+    v = xx * (cx / w)
+    # Shift so the grid starts at lattice corner 0; the lattice spans [0, ny] x [0, nx].
+    u0, v0 = np.floor(u.min()), np.floor(v.min())
+    u, v = u - u0, v - v0
+    ny = max(1, int(np.ceil(u.max())))
+    nx = max(1, int(np.ceil(v.max())))
+    theta = rng.uniform(0.0, 2.0 * np.pi, size=(ny + 1, nx + 1))  # (cells+1) corners per axis
+    gy, gx = np.cos(theta).ravel(), np.sin(theta).ravel()
+
+    i0 = np.minimum(np.floor(u).astype(np.int64), ny - 1)  # u == ny (right edge) stays in the last cell
+    j0 = np.minimum(np.floor(v).astype(np.int64), nx - 1)
+    fu, fv = u - i0, v - j0  # position inside the cell, in [0, 1]
+    i1, j1 = i0 + 1, j0 + 1
 
     def corner(ii, jj, oy, ox):
-        k = ii * cx + jj  # flat lattice index, broadcast to (H, W)
+        k = ii * (nx + 1) + jj  # flat lattice index, broadcast to (H, W)
         return gy[k] * (fu - oy) + gx[k] * (fv - ox)
 
     n00, n01 = corner(i0, j0, 0.0, 0.0), corner(i0, j1, 0.0, 1.0)
@@ -53,7 +60,8 @@ def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.
     su, sv = _fade(fu), _fade(fv)
     top = n00 + sv * (n01 - n00)
     bottom = n10 + sv * (n11 - n10)
-    return (np.float32(np.sqrt(2.0)) * (top + su * (bottom - top))).astype(np.float32)
+    out = np.sqrt(2.0) * (top + su * (bottom - top))
+    return np.broadcast_to(out, (h, w)).astype(np.float32)
 
 
 def max_scale_exponent(size: int) -> int:

@@ -55,14 +55,16 @@ def _close_open_iterators() -> None:
 
 
 class _LoadPair:
-    """(2,) sample indices -> {'normal', 'source'}: uint8 (H, W, 3) each.
+    """(2,) sample indices -> {'normal', 'source'}: uint8 (H, W, 3) each, plus 'source_fg' bool (H, W)
+    when the dataset supplies foreground masks (where the source's synthetic anomaly may go).
 
     Decoded, resized images are kept in a per-process cache (up to CACHE_BYTES): training revisits
     every image each epoch, and decoding full-size PNGs is about half the pipeline's CPU time."""
 
-    def __init__(self, paths: list[str], size: int):
+    def __init__(self, paths: list[str], size: int, foreground_paths: list[str | None] | None = None):
         self.paths, self.size = list(paths), int(size)
-        self._cache: dict[int, np.ndarray] = {}
+        self.foreground_paths = list(foreground_paths) if foreground_paths else None
+        self._cache: dict = {}
         self._cached_bytes = 0
 
     def __getstate__(self):  # workers start with an empty cache
@@ -70,18 +72,27 @@ class _LoadPair:
         state["_cache"], state["_cached_bytes"] = {}, 0
         return state
 
+    def _cached(self, key, load):
+        value = self._cache.get(key)
+        if value is None:
+            value = load()
+            if self._cached_bytes + value.nbytes <= CACHE_BYTES:
+                value.setflags(write=False)  # shared by later batches: must never be modified
+                self._cache[key] = value
+                self._cached_bytes += value.nbytes
+        return value
+
     def _load(self, i: int) -> np.ndarray:
-        image = self._cache.get(i)
-        if image is None:
-            image = datasets.load_image(self.paths[i], self.size)
-            if self._cached_bytes + image.nbytes <= CACHE_BYTES:
-                image.setflags(write=False)  # shared by later batches: must never be modified
-                self._cache[i] = image
-                self._cached_bytes += image.nbytes
-        return image
+        return self._cached(i, lambda: datasets.load_image(self.paths[i], self.size))
+
+    def _foreground(self, i: int) -> np.ndarray:
+        return self._cached(("fg", i), lambda: datasets.load_mask(self.foreground_paths[i], self.size)[..., 0] > 0)
 
     def __call__(self, idx: np.ndarray) -> dict:
-        return {"normal": self._load(int(idx[0])), "source": self._load(int(idx[1]))}
+        out = {"normal": self._load(int(idx[0])), "source": self._load(int(idx[1]))}
+        if self.foreground_paths is not None and self.foreground_paths[int(idx[1])] is not None:
+            out["source_fg"] = self._foreground(int(idx[1]))
+        return out
 
 
 class _SynthesizePair:
@@ -94,8 +105,8 @@ class _SynthesizePair:
     def __call__(self, pair: dict, rng: np.random.Generator) -> dict:
         normal = datasets.image_to_float(pair["normal"])
         source = datasets.image_to_float(pair["source"])
-        anomalous, mask, _ = synthesize_anomaly(source, rng, texture_bank=self.texture_bank,
-                                                fg_mode=self.fg_mode)
+        anomalous, mask, _ = synthesize_anomaly(source, rng, foreground=pair.get("source_fg"),
+                                                texture_bank=self.texture_bank, fg_mode=self.fg_mode)
         out = {"image": np.stack([normal, anomalous]),
                "mask": np.stack([np.zeros_like(mask), mask]),
                "is_synthetic": np.array([0.0, 1.0], np.float32)}
@@ -139,13 +150,14 @@ def build_train_dataset(config, *, seed: int, process_index: int = 0, process_co
     if samples is None:
         samples = datasets.list_samples(config.data, "train", seed=seed)
     paths = [s.path for s in samples]
+    foregrounds = [s.foreground_path for s in samples]
     with_clean = bool(config.get("loss", {}).get("anomaly_oriented_noise", False))
     ds = (grain.MapDataset.range(len(paths))
           .seed(seed)
           .shuffle()
           .repeat()
           .batch(2, drop_remainder=True)
-          .map(_LoadPair(paths, int(config.data.image_size)))
+          .map(_LoadPair(paths, int(config.data.image_size), foregrounds if any(foregrounds) else None))
           .random_map(_SynthesizePair(str(config.data.foreground), _texture_bank(config.data), with_clean))
           .batch(b_local // 2, drop_remainder=True))
     return ds[process_index::process_count].map(_interleave)
@@ -258,19 +270,15 @@ def make_val_batches(config, *, seed: int, num_batches: int, samples=None) -> li
     bank = _texture_bank(config.data)
     synth = _SynthesizePair(str(config.data.foreground), bank,
                             bool(config.get("loss", {}).get("anomaly_oriented_noise", False)))
-    cache: dict[int, np.ndarray] = {}
-
-    def image(i: int) -> np.ndarray:
-        if i not in cache:
-            cache[i] = datasets.load_image(samples[i].path, size)
-        return cache[i]
+    foregrounds = [s.foreground_path for s in samples]
+    load = _LoadPair([s.path for s in samples], size, foregrounds if any(foregrounds) else None)
 
     batches = []
     for k in range(num_batches):
         pairs = []
         for j in range(k * b // 2, (k + 1) * b // 2):
             rng = np.random.default_rng([seed, 0x7A1, j])  # own stream, independent of training
-            pairs.append(synth({"normal": image(j % n), "source": image((j + n // 2) % n)}, rng))
+            pairs.append(synth(load(np.array([j % n, (j + n // 2) % n])), rng))
         batches.append(_interleave({key: np.stack([p[key] for p in pairs]) for key in pairs[0]}))
     return batches
 

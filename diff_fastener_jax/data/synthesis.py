@@ -61,10 +61,7 @@ def foreground_mask(image: np.ndarray, mode: str = "otsu") -> np.ndarray:
 def _random_rectangle(foreground: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A rectangle centred on a random foreground pixel, ANDed with the foreground (never empty)."""
     h, w = foreground.shape
-    ys, xs = np.nonzero(foreground)
-    if ys.size == 0:
-        foreground = np.ones((h, w), bool)
-        ys, xs = np.nonzero(foreground)
+    ys, xs = np.nonzero(foreground)  # anomaly_mask never passes an empty foreground
     k = rng.integers(ys.size)
     cy, cx = ys[k], xs[k]
     rh = max(1, int(h * rng.uniform(0.08, 0.25)))
@@ -76,9 +73,17 @@ def _random_rectangle(foreground: np.ndarray, rng: np.random.Generator) -> np.nd
 
 def anomaly_mask(shape: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None,
                  max_tries: int = MAX_MASK_TRIES) -> np.ndarray:
-    """bool (H, W), never empty: a thresholded Perlin mask AND `foreground`, redrawn up to `max_tries`
-    times while empty, then a random rectangle inside the foreground (so this always terminates)."""
+    """bool (H, W), never empty, inside `foreground` (when it has any pixel).
+
+    A thresholded Perlin mask AND the foreground, redrawn up to `max_tries` times while empty. Every
+    Perlin scale reaches the threshold, so for a foreground of a few percent of the image the draws
+    almost always succeed; only a tiny or thin foreground that the blobs keep missing falls back to
+    a random rectangle centred on a foreground pixel and clipped to the foreground, so synthesis
+    always terminates with an anomaly where anomalies may be. An empty foreground means anywhere.
+    """
     fg = np.ones(shape, bool) if foreground is None else np.asarray(foreground, bool).reshape(shape)
+    if not fg.any():
+        fg = np.ones(shape, bool)
     for _ in range(max_tries):
         m = perlin.perlin_mask(shape, rng) & fg
         if m.any():
@@ -260,7 +265,8 @@ def synthesize_anomaly(image_float: np.ndarray, rng: np.random.Generator, *,
     """Pastes a synthetic anomaly into a normal image.
 
     image_float: float32 (H, W, 3) in [-1, 1]. foreground: optional bool (H, W) or (H, W, 1) region
-    where anomalies may appear; when None it comes from `fg_mode` ('otsu' | 'full').
+    where anomalies may appear, e.g. supplied by the dataset (`data.foreground_dir`); when None, or
+    when a supplied mask is empty, it comes from `fg_mode` ('otsu' | 'full').
     Returns (out float32 (H, W, 3) in [-1, 1], mask float32 (H, W, 1) in {0, 1} and never empty,
     beta in [0.2, 0.8)). Pixels outside the mask are returned unchanged.
     """
