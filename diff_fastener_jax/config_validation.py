@@ -60,7 +60,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     need(d.image_size > 0 and d.image_size % max(down, seg_down) == 0, "data.image_size",
          f"{d.image_size} must be divisible by {max(down, seg_down)} (the U-Nets' total downsampling)")
     need(m.activation in ("gelu", "silu", "relu"), "model.activation", f"unknown activation {m.activation!r}")
-    need(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {m.dtype!r}")
+    need(m.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {m.dtype!r}")
+    need(m.attention in ("auto", "xla", "cudnn"), "model.attention", f"unknown implementation {m.attention!r}")
+    need(m.remat in ("none", "blocks"), "model.remat", f"unknown mode {m.remat!r}")
     need(m.skip_every >= 1, "model.skip_every", f"must be >= 1, got {m.skip_every}")
     need(m.base_channels % m.num_heads == 0, "model.num_heads",
          f"{m.num_heads} heads must divide model.base_channels={m.base_channels}")
