@@ -31,14 +31,17 @@ from diff_fastener_jax.errors import UserError
 DATA_FORMATS = ("mvtec", "visa", "folder", "demo")
 FOREGROUNDS = ("otsu", "full")
 ACTIVATIONS = ("gelu", "silu", "relu")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # 'auto': bfloat16 on GPUs/TPUs, float32 on CPUs
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_MODES = ("none", "blocks")
 SCHEDULES = ("linear", "cosine")
+LR_SCHEDULES = ("constant", "warmup_cosine")
 INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm")
 ANOMALY_MAPS = ("segmentation", "recon_error")
 
 __all__ = [
-    "ACTIVATIONS", "ANOMALY_MAPS", "DATA_FORMATS", "DATA_PRESETS", "DTYPES", "FOREGROUNDS", "INFER_METHODS",
-    "SCHEDULES", "ConfigError", "apply_overrides", "base_config", "check_keys", "config_from_json", "flatten",
+    "ACTIVATIONS", "ANOMALY_MAPS", "ATTENTION_IMPLS", "DATA_FORMATS", "DATA_PRESETS", "DTYPES", "FOREGROUNDS",
+    "INFER_METHODS", "LR_SCHEDULES", "REMAT_MODES", "SCHEDULES", "ConfigError", "apply_overrides", "base_config", "check_keys", "config_from_json", "flatten",
     "known_keys", "load_config", "suggest_key", "unknown_keys", "validate_config",
 ]
 
@@ -217,6 +220,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
          f"{d.image_size} must be divisible by {max(down, seg_down)} (the U-Nets' total downsampling)")
     one_of("model.activation", m.activation, ACTIVATIONS)
     one_of("model.dtype", m.dtype, DTYPES)
+    one_of("model.attention", m.attention, ATTENTION_IMPLS)
+    one_of("model.remat", m.remat, REMAT_MODES)
     need(m.skip_every >= 1, "model.skip_every", f"must be >= 1, got {m.skip_every}")
     need(m.base_channels % m.num_heads == 0, "model.num_heads",
          f"{m.num_heads} heads must divide model.base_channels={m.base_channels}")
@@ -233,6 +238,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     need(config.infer.top_k >= 1, "infer.top_k", f"must be >= 1, got {config.infer.top_k}")
     need(config.infer.batch_size >= 1, "infer.batch_size", f"must be >= 1, got {config.infer.batch_size}")
     need(config.optim.lr_recon > 0 and config.optim.lr_seg > 0, "optim.lr_recon/lr_seg", "must be > 0")
+    one_of("optim.schedule", config.optim.schedule, LR_SCHEDULES)
+    need(config.optim.schedule != "warmup_cosine" or t.num_steps > 0, "optim.schedule",
+         "'warmup_cosine' needs train.num_steps > 0 (the decay horizon)", hint="e.g. --config.train.num_steps=600")
+    need(config.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {config.optim.warmup_steps}")
+    need(0.0 <= config.optim.final_lr_fraction <= 1.0, "optim.final_lr_fraction",
+         f"must be in [0, 1], got {config.optim.final_lr_fraction}")
     need(0.0 <= config.optim.ema_decay < 1.0, "optim.ema_decay", f"must be in [0, 1), got {config.optim.ema_decay}")
     b = t.batch_size
     need(b > 0 and b % 2 == 0, "train.batch_size", f"{b} must be even (half normal, half synthetic)")

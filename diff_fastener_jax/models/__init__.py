@@ -7,20 +7,31 @@ import jax.numpy as jnp
 import ml_collections
 
 from diff_fastener_jax.models.dacm import DACM
+from diff_fastener_jax.models.layers import attention_implementation
 from diff_fastener_jax.models.segmentation import SegmentationUNet
 from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
 
 __all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "build_models", "count_params",
-           "init_params", "kept_skips", "compute_dtype"]
+           "init_params", "kept_skips", "compute_dtype", "resolve_dtype_name"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPE_NAMES = ("auto", *_DTYPES)
+
+
+def resolve_dtype_name(name: str, backend: str | None = None) -> str:
+    """`model.dtype` -> a concrete dtype name: 'auto' is bfloat16 on GPUs/TPUs (tensor cores; params
+    stay float32) and float32 elsewhere (XLA:CPU computes bf16 convolutions in float32 plus casts, so
+    bf16 is slower there: benchmarks/RESULTS.md)."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}; choose one of {list(DTYPE_NAMES)}")
+    if name != "auto":
+        return name
+    return "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu") else "float32"
 
 
 def compute_dtype(name: str):
-    """Maps `model.dtype` to a jnp dtype, with a clear error for unknown names."""
-    if name not in _DTYPES:
-        raise ValueError(f"model.dtype: unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    """Maps `model.dtype` (including 'auto', see `resolve_dtype_name`) to a jnp dtype."""
+    return _DTYPES[resolve_dtype_name(name)]
 
 
 def attention_downsample_factors(image_size: int, resolutions) -> tuple[int, ...]:
@@ -40,12 +51,18 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet,
     """Builds (reconstruction U-Net, segmentation U-Net) from `config.model` and `config.data.image_size`."""
     m = config.model
     dtype = compute_dtype(m.dtype)
+    remat = m.get("remat", "none")
+    attention_ds = attention_downsample_factors(config.data.image_size, m.attention_resolutions)
+    # head dims of every attention block: the attention levels plus the middle (last level)
+    widths = [m.base_channels * mult for level, mult in enumerate(m.channel_mults) if 2**level in attention_ds]
+    head_dims = [w // m.num_heads for w in (*widths, m.base_channels * m.channel_mults[-1])]
+    attention_impl = attention_implementation(m.get("attention", "auto"), dtype, head_dims)
     recon = ReconstructionUNet(
         in_channels=m.in_channels,
         base_channels=m.base_channels,
         channel_mults=tuple(m.channel_mults),
         num_res_blocks=m.num_res_blocks,
-        attention_ds=attention_downsample_factors(config.data.image_size, m.attention_resolutions),
+        attention_ds=attention_ds,
         num_heads=m.num_heads,
         groups=m.num_groups,
         activation=m.activation,
@@ -56,8 +73,10 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet,
         dacm_use_dilated=m.dacm_use_dilated,
         dacm_reduction=m.dacm_reduction,
         dtype=dtype,
+        attention_impl=attention_impl,
+        remat=remat,
     )
-    seg = SegmentationUNet(channels=tuple(m.seg_channels), groups=m.num_groups, dtype=dtype)
+    seg = SegmentationUNet(channels=tuple(m.seg_channels), groups=m.num_groups, dtype=dtype, remat=remat)
     return recon, seg
 
 

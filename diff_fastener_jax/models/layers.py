@@ -139,16 +139,58 @@ class ResBlock(nn.Module):
         return x + h
 
 
+REMAT_MODES = ("none", "blocks")
+
+
+def remat_block(cls, mode: str, static_argnums: tuple[int, ...] = ()):
+    """`cls` itself for `model.remat='none'`; for 'blocks', `cls` under `nn.remat` saving nothing inside.
+
+    With 'blocks' the backward pass keeps only each block's inputs and recomputes everything inside
+    the block (convs, GroupNorm, activations) from them: one extra forward pass of compute for a train
+    step whose stored activations shrink to one or two tensors per block. `static_argnums` counts
+    `self` as 0 (flax's convention), e.g. (3,) for `ResBlock(x, temb, train)`. Module names must be
+    given explicitly by the caller so the parameter tree does not depend on the mode.
+    """
+    if mode not in REMAT_MODES:
+        raise ValueError(f"model.remat: unknown mode {mode!r}; choose one of {REMAT_MODES}")
+    if mode == "none":
+        return cls
+    return nn.remat(cls, static_argnums=static_argnums, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(name: str, dtype, head_dims=(), backend: str | None = None) -> str | None:
+    """`model.attention` -> the `implementation` argument of `jax.nn.dot_product_attention`.
+
+    'xla' -> None (XLA's composed softmax(QK^T)V, any backend and dtype); 'cudnn' -> 'cudnn' (the fused
+    flash-attention kernel: GPU only, bf16/fp16 only); 'auto' -> 'cudnn' where that kernel applies
+    (a GPU backend, 16-bit compute, every head dim a multiple of 8 and at most 128), else XLA.
+    """
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention: unknown implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    if name == "xla":
+        return None
+    if name == "cudnn":
+        return "cudnn"
+    backend = backend or jax.default_backend()
+    fits = all(d % 8 == 0 and d <= 128 for d in head_dims)
+    return "cudnn" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 and fits else None
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, residual, zero-initialised output projection.
 
-    Uses `jax.nn.dot_product_attention` (XLA's implementation; `implementation='cudnn'` would select the
-    fused cuDNN kernel on GPUs in bf16 — not enabled until it is measured on a GPU).
+    `implementation` is passed to `jax.nn.dot_product_attention`: None = XLA's composed attention
+    (materialises the (B, heads, N, N) logits), 'cudnn' = cuDNN's fused kernel (GPU, bf16/fp16).
+    `build_models` picks it from `model.attention` (see `attention_implementation`).
     """
 
     num_heads: int = 4
     groups: int = 32
     dtype: Dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -159,7 +201,8 @@ class AttentionBlock(nn.Module):
         h = GroupNorm32(self.groups, self.dtype)(x).reshape(b, hgt * wid, c)  # (B, N, C)
         qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(h)  # (B, N, 3C)
         q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3, self.num_heads, head_dim), 3, axis=2)
-        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, heads, D)
+        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                           implementation=self.implementation)  # (B, N, heads, D)
         out = out.reshape(b, hgt * wid, c)
         out = Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
         return x + out.reshape(b, hgt, wid, c)

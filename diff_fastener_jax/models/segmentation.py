@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax.models.layers import Conv, Dtype, GroupNorm32
+from diff_fastener_jax.models.layers import Conv, Dtype, GroupNorm32, remat_block
 
 
 class ConvNormAct(nn.Module):
@@ -36,6 +36,7 @@ class SegmentationUNet(nn.Module):
     channels: Sequence[int] = (64, 128, 256, 512, 512, 512)
     groups: int = 32
     dtype: Dtype = jnp.float32
+    remat: str = "none"  # 'none' | 'blocks' (see models.layers.remat_block)
 
     @nn.compact
     def __call__(self, x: jax.Array, return_logits: bool = False) -> jax.Array:
@@ -43,8 +44,12 @@ class SegmentationUNet(nn.Module):
         factor = 2 ** (n - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"image size {x.shape[1:3]} must be divisible by {factor} (2**(len(model.seg_channels) - 1))")
-        block = lambda f, name: nn.Sequential(  # noqa: E731
-            [ConvNormAct(f, self.groups, self.dtype), ConvNormAct(f, self.groups, self.dtype)], name=name)
+        cna = remat_block(ConvNormAct, self.remat)
+        count = iter(range(4 * n))
+        # The two-layer blocks' layers are named ConvNormAct_<k> in this module, in call order: the
+        # parameter tree that flax's auto-naming gave them before, with or without remat.
+        conv_norm_act = lambda f: cna(f, self.groups, self.dtype, name=f"ConvNormAct_{next(count)}")  # noqa: E731
+        block = lambda f, name: nn.Sequential([conv_norm_act(f), conv_norm_act(f)], name=name)  # noqa: E731
 
         h = x.astype(self.dtype)
         feats = []
@@ -58,7 +63,7 @@ class SegmentationUNet(nn.Module):
             ch = self.channels[max(j - 1, 0)]
             b, hh, ww, c = h.shape
             h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method="bilinear", antialias=False)
-            h = ConvNormAct(ch, self.groups, self.dtype, name=f"up{j}")(h)
+            h = cna(ch, self.groups, self.dtype, name=f"up{j}")(h)
             h = jnp.concatenate([h, feats[j]], axis=-1)
             h = block(ch, f"dec{j}")(h)
 

@@ -28,6 +28,7 @@ from diff_fastener_jax.models.layers import (
     GroupNorm32,
     ResBlock,
     get_activation,
+    remat_block,
     timestep_embedding,
 )
 
@@ -58,6 +59,8 @@ class ReconstructionUNet(nn.Module):
     dacm_use_dilated: bool = True
     dacm_reduction: int = 16
     dtype: Dtype = jnp.float32
+    attention_impl: str | None = None  # `jax.nn.dot_product_attention(implementation=...)`
+    remat: str = "none"  # 'none' | 'blocks' (see models.layers.remat_block)
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
@@ -68,9 +71,13 @@ class ReconstructionUNet(nn.Module):
                              f"(2**(len(model.channel_mults) - 1))")
         act = get_activation(self.activation)
         keep = kept_skips(num_levels, self.num_res_blocks, self.skip_every)
-        res = lambda ch, name, resample=None: ResBlock(  # noqa: E731
+        # Remat wraps the class; the explicit names keep the parameter tree identical either way.
+        res_cls = remat_block(ResBlock, self.remat, static_argnums=(3,))  # (self, x, temb, train)
+        attn_cls = remat_block(AttentionBlock, self.remat)
+        res = lambda ch, name, resample=None: res_cls(  # noqa: E731
             ch, self.activation, self.dropout, self.groups, resample, self.dtype, name=name)
-        attn = lambda name: AttentionBlock(self.num_heads, self.groups, self.dtype, name=name)  # noqa: E731
+        attn = lambda name: attn_cls(self.num_heads, self.groups, self.dtype, self.attention_impl,  # noqa: E731
+                                     name=name)
 
         temb_dim = 4 * self.base_channels
         temb = timestep_embedding(t, self.base_channels)  # (B, base)

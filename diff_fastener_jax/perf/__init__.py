@@ -1,0 +1,1 @@
+"""Speed and memory measurement: device limits, XLA statistics, the benchmarked programs, block profiles."""

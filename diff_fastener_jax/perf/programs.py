@@ -1,0 +1,132 @@
+"""The two benchmarked programs (whole inference, whole train step): compiled, costed and timed, or
+only compiled (`compile_*`: abstract inputs, nothing allocated or run, for sizing a device)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diff_fastener_jax import parallel
+from diff_fastener_jax.inference import make_infer_fn
+from diff_fastener_jax.models import init_params
+from diff_fastener_jax.perf.xla_stats import compiled_cost, compiled_memory_bytes, median_seconds
+from diff_fastener_jax.train_step import create_train_state, make_train_step
+
+
+def _row(batch: int, devices: int, flops: float, nbytes: float, compiled, sec: float | None) -> dict:
+    row = {"batch": batch, "devices": devices, "gflops_per_image": flops / batch / 1e9,
+           "gbytes_per_image": nbytes / batch / 1e9, "xla_peak_memory_bytes": compiled_memory_bytes(compiled)}
+    if sec is not None:
+        row.update({"images_per_s": batch / sec, "ms_per_image": 1000 * sec / batch, "tflops": flops / sec / 1e12})
+    return row
+
+
+def _abstract(tree, sharding=None):
+    """ShapeDtypeStructs (optionally carrying `sharding`) for every array leaf of `tree`."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+# ----------------------------------------------------------------------------- inference
+
+def _infer_inputs(config, batch: int, mesh, abstract: bool, params=None):
+    """(params, images) for `infer`: abstract ShapeDtypeStructs, or real arrays (random images in [-1, 1])."""
+    size, c = config.data.image_size, config.model.in_channels
+    if abstract:
+        params = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)) if params is None else params
+        images = jax.ShapeDtypeStruct((batch, size, size, c), jnp.float32)
+        if mesh is not None:
+            params = _abstract(params, parallel.replicated(mesh))
+            images = jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=parallel.data_sharding(mesh))
+        return params, images
+    images = jax.random.uniform(jax.random.key(2), (batch, size, size, c), minval=-1.0, maxval=1.0)
+    if mesh is not None:
+        params = jax.device_put(params, parallel.replicated(mesh))
+        images = jax.device_put(images, parallel.data_sharding(mesh))
+    return params, images
+
+
+def bench_infer(config, params, batch: int, repeats: int, mesh=None) -> tuple[dict, float]:
+    """One inference row at `batch` images (data-parallel over `mesh` when given) and its compile seconds."""
+    partitions = 1 if mesh is None else mesh.devices.size
+    infer = make_infer_fn(config)
+    args = _infer_inputs(config, batch, mesh, abstract=False, params=params)
+    t0 = time.perf_counter()
+    compiled = infer.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    flops, nbytes = compiled_cost(compiled, partitions)
+    sec = median_seconds(lambda: compiled(*args), repeats)
+    return _row(batch, partitions, flops, nbytes, compiled, sec), compile_s
+
+
+def compile_infer(config, batch: int, mesh=None) -> tuple[dict, float]:
+    """Compiles (only) the inference program at `batch` from abstract inputs: (row, compile seconds)."""
+    partitions = 1 if mesh is None else mesh.devices.size
+    infer = make_infer_fn(config)
+    args = _infer_inputs(config, batch, mesh, abstract=True)
+    t0 = time.perf_counter()
+    compiled = infer.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    flops, nbytes = compiled_cost(compiled, partitions)
+    return _row(batch, partitions, flops, nbytes, compiled, None), compile_s
+
+
+# ----------------------------------------------------------------------------- training
+
+def synthetic_train_batch(batch: int, size: int, channels: int, seed: int = 0) -> dict:
+    """A host batch shaped like the data pipeline's: alternating normal / synthetic rows, sparse masks."""
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
+    return {"image": image, "clean": image.copy(),
+            "mask": (rng.uniform(size=(batch, size, size, 1)) > 0.9).astype(np.float32),
+            "is_synthetic": np.tile([0.0, 1.0], (batch + 1) // 2)[:batch].astype(np.float32)}
+
+
+def _train_setup(config, batch: int):
+    devices = jax.devices()
+    used = devices if batch % len(devices) == 0 else devices[:1]
+    mesh = parallel.make_mesh(used)
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = batch
+    return config, mesh, len(used)
+
+
+def bench_train(config, batch: int, repeats: int) -> tuple[dict, float]:
+    """The full train step at global `batch` (over every device when it divides, else one) and its compile s."""
+    config, mesh, n_used = _train_setup(config, batch)
+    step = make_train_step(config, mesh)
+    state = parallel.replicate(create_train_state(config, jax.random.key(0)), mesh)
+    host = synthetic_train_batch(batch, config.data.image_size, config.model.in_channels)
+    data = parallel.shard_batch(host, mesh)
+    key = jax.random.key(3)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data, key).compile()
+    compile_s = time.perf_counter() - t0
+    flops, nbytes = compiled_cost(compiled, n_used)
+    holder = {"state": state}
+
+    def one():
+        holder["state"], metrics = compiled(holder["state"], data, key)  # old state is donated
+        return holder["state"], metrics
+
+    sec = median_seconds(one, repeats)
+    return _row(batch, n_used, flops, nbytes, compiled, sec), compile_s
+
+
+def compile_train(config, batch: int) -> tuple[dict, float]:
+    """Compiles (only) the train step at global `batch` from abstract inputs: (row, compile seconds)."""
+    config, mesh, n_used = _train_setup(config, batch)
+    step = make_train_step(config, mesh)
+    state = _abstract(jax.eval_shape(lambda k: create_train_state(config, k), jax.random.key(0)),
+                      parallel.replicated(mesh))
+    size, c = config.data.image_size, config.model.in_channels
+    data = _abstract(jax.eval_shape(lambda: synthetic_train_batch(batch, size, c)), parallel.data_sharding(mesh))
+    key = jax.eval_shape(lambda: jax.random.key(3))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data, key).compile()
+    compile_s = time.perf_counter() - t0
+    flops, nbytes = compiled_cost(compiled, n_used)
+    return _row(batch, n_used, flops, nbytes, compiled, None), compile_s
