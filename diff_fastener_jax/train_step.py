@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from diff_fastener_jax import diffusion, losses
+from diff_fastener_jax.config import ANOMALY_MAPS, INFER_METHODS
 from diff_fastener_jax.models import build_models, init_params
 from diff_fastener_jax.parallel import DATA_AXIS
 
@@ -175,10 +176,10 @@ def make_infer_fn(config: ml_collections.ConfigDict) -> Callable:
     d = config.diffusion
     if not 0 <= d.eval_t_small < d.eval_t_big < d.T:
         raise ValueError(f"diffusion: need 0 <= eval_t_small ({d.eval_t_small}) < eval_t_big ({d.eval_t_big}) < T ({d.T})")
-    if config.infer.method not in ("norm_guided", "one_step", "ddim", "ddpm"):
-        raise ValueError(f"infer.method must be norm_guided, one_step, ddim or ddpm, got {config.infer.method!r}")
-    if config.infer.map not in ("segmentation", "recon_error"):
-        raise ValueError(f"infer.map must be 'segmentation' or 'recon_error', got {config.infer.map!r}")
+    if config.infer.method not in INFER_METHODS:
+        raise ValueError(f"infer.method must be one of {', '.join(INFER_METHODS)}, got {config.infer.method!r}")
+    if config.infer.map not in ANOMALY_MAPS:
+        raise ValueError(f"infer.map must be one of {', '.join(ANOMALY_MAPS)}, got {config.infer.map!r}")
 
     def infer(params, images, key, indices):
         n, h, w, _ = images.shape
