@@ -76,3 +76,11 @@ def test_allowed_values_come_from_the_constants():
             C.validate_config(tiny_config(**{key: value}))
         with pytest.raises(C.ConfigError, match=f"{key}: 'nope' is not one of {', '.join(allowed)}"):
             C.validate_config(tiny_config(**{key: "nope"}))
+
+
+def test_allowed_values_match_what_the_code_implements():
+    from diff_fastener_jax.models import _DTYPES
+    from diff_fastener_jax.models.layers import ACTIVATIONS
+
+    assert set(C.ACTIVATIONS) == set(ACTIVATIONS)
+    assert set(C.DTYPES) == set(_DTYPES)

@@ -117,3 +117,35 @@ def test_non_finite_loss_stops_with_the_step_named():
     with pytest.raises(NonFiniteLossError, match="step 17"):
         _check_finite(17, {"finite": 0.0, "total": nan, "noise": nan, "focal": 0.1})
     _check_finite(18, {"finite": 1.0, "total": 1.0, "noise": 1.0, "focal": 0.1})  # finite: no error
+
+
+def test_a_failed_start_writes_nothing(demo_root, tmp_path):
+    """Config, data layout and every image are checked before the workdir is touched or anything compiles."""
+    from diff_fastener_jax.data.datasets import DatasetError
+
+    root = shutil.copytree(demo_root, tmp_path / "data")
+    victim = sorted((root / "fastener" / "train" / "good").iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated PNG
+    workdir = tmp_path / "run"
+    with pytest.raises(DatasetError, match=f"cannot decode image {victim}"):
+        train_and_evaluate(_config(str(root)), str(workdir), quiet=True)
+    with pytest.raises(ConfigError, match="data.root"):
+        train_and_evaluate(tiny_config(**{"data.format": "mvtec", "data.root": str(tmp_path / "nope")}),
+                           str(workdir), quiet=True)
+    (root / "fastener" / "train" / "good").rename(root / "fastener" / "train" / "elsewhere")
+    with pytest.raises(DatasetError, match="train/good"):
+        train_and_evaluate(_config(str(root)), str(workdir), quiet=True)
+    assert not workdir.exists()
+
+
+def test_prepare_run_lists_each_split_once(demo_root, tmp_path, monkeypatch):
+    from diff_fastener_jax.data import datasets
+    from diff_fastener_jax.train import prepare_run
+
+    calls = []
+    original = datasets.list_splits
+    monkeypatch.setattr(datasets, "list_splits", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config, samples = prepare_run(_config(demo_root), str(tmp_path / "run"), num_devices=4)
+    assert len(calls) == 1 and set(samples) == {"train", "val", "test"}
+    assert len(samples["train"]) + len(samples["val"]) == 12 and config.data.root == demo_root
+    assert not (tmp_path / "run").exists()
