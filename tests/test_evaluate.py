@@ -1,4 +1,4 @@
-"""evaluate / predict / crossval end to end on a smoke-trained demo run."""
+"""evaluate / crossval end to end on a smoke-trained demo run (predict: test_predict.py)."""
 
 import base64
 import io
@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-from diff_fastener_jax import evaluate, predict
+from diff_fastener_jax import evaluate
 from diff_fastener_jax.train import train_and_evaluate
 
 REQUIRED = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
@@ -65,29 +65,6 @@ def test_evaluate_with_given_threshold_and_bad_override(trained_run, tmp_path):
     assert json.load(open(os.path.join(out, "metrics.json")))["threshold"] == 0.5
     with pytest.raises(KeyError, match="eval.thresold"):
         evaluate.main(["--workdir", trained_run, "--out", out, "--config.eval.thresold=0.5"])
-
-
-def test_predict_reports_corrupt_file_and_scores_the_rest(trained_run, tmp_path):
-    folder = tmp_path / "incoming"
-    folder.mkdir()
-    src = os.path.join(trained_run, "demo_data", "fastener", "test")
-    picked = []
-    for defect in sorted(os.listdir(src))[:2]:
-        name = sorted(os.listdir(os.path.join(src, defect)))[0]
-        dst = folder / f"{defect}_{name}"
-        # Another size than the model's: predict resizes in and the map back out.
-        Image.open(os.path.join(src, defect, name)).resize((50, 40)).save(dst)
-        picked.append(dst)
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    out = str(tmp_path / "pred")
-    rc = predict.main(["--workdir", trained_run, "--images", str(folder), "--out", out])
-    assert rc == 1  # some files were unreadable
-    rows = open(os.path.join(out, "scores.csv")).read().strip().splitlines()
-    assert rows[0] == "path,score,label" and len(rows) == 1 + len(picked)
-    assert "broken.png" in open(os.path.join(out, "errors.csv")).read()
-    for p in picked:
-        overlay = Image.open(os.path.join(out, p.stem + "_overlay.png"))
-        assert overlay.size == (50, 40)
 
 
 def test_crossval_two_folds(tmp_path):
