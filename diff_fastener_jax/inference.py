@@ -109,8 +109,8 @@ def top_k_count(config: ml_collections.ConfigDict, height: int, width: int) -> i
 
 def top_k_score(amap: jax.Array, k: int) -> jax.Array:
     """Image score: mean of the k largest map values. (N, H, W) -> (N,)."""
-    n = amap.shape[0]
-    return jnp.mean(lax.top_k(amap.reshape(n, -1), k)[0], axis=-1)
+    n, h, w = amap.shape  # n may be a symbolic dimension (jax.export)
+    return jnp.mean(lax.top_k(amap.reshape(n, h * w), k)[0], axis=-1)
 
 
 def fixed_noise(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -134,7 +134,7 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"infer.map must be 'segmentation' or 'recon_error', got {config.infer.map!r}")
 
 
-def make_infer_program(config: ml_collections.ConfigDict) -> Callable:
+def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool = True) -> Callable:
     """The unjitted `infer(params, images) -> (recon, anomaly_map, score)` (for jit, jax.export, ONNX).
 
     images (N, H, W, C) in [-1, 1] at the model's size; recon (N, H, W, C); anomaly_map (N, H, W) in
@@ -142,6 +142,8 @@ def make_infer_program(config: ml_collections.ConfigDict) -> Callable:
     `infer.map='recon_error'`); score (N,) = mean of the top-K map values. Every image gets the same
     fixed noise (`fixed_noise`; ddim/ddpm draw theirs from one fixed raw key), so row i of the outputs
     depends on images[i] alone. Closes over no typed PRNG key (jax2onnx cannot convert one).
+    `fuse_passes=False` runs the two noise scales as two network calls instead of one on a 2N batch
+    (the same numbers up to float rounding; jax2onnx cannot slice a symbolic 2N batch in half).
     """
     check_infer_config(config)
     recon_net, seg_net = build_models(config)
@@ -161,15 +163,16 @@ def make_infer_program(config: ml_collections.ConfigDict) -> Callable:
         n = images.shape[0]
         n1 = jnp.broadcast_to(noise[0], images.shape)  # (N, H, W, C)
         n2 = jnp.broadcast_to(noise[1], images.shape)
-        t_s = jnp.full((n,), d.eval_t_small, jnp.int32)
-        t_b = jnp.full((n,), d.eval_t_big, jnp.int32)
+        # broadcast_to, not jnp.full: jax2onnx converts it with a symbolic batch size
+        t_s = jnp.broadcast_to(np.int32(d.eval_t_small), (n,))
+        t_b = jnp.broadcast_to(np.int32(d.eval_t_big), (n,))
 
         def eps_fn(x, t):
             return recon_net.apply({"params": params["recon"]}, x, t)
 
         if method == "norm_guided":
             recon = diffusion.norm_guided_reconstruction(
-                eps_fn, sched, images, t_s, t_b, n1, n2, w=d.guidance_w, fuse_passes=True)["recon"]
+                eps_fn, sched, images, t_s, t_b, n1, n2, w=d.guidance_w, fuse_passes=fuse_passes)["recon"]
         elif method == "one_step":
             x_b = diffusion.q_sample(sched, images, t_b, n2)
             recon = jnp.clip(diffusion.x0_from_eps(sched, x_b, t_b, eps_fn(x_b, t_b)), -1.0, 1.0)

@@ -1,127 +1,145 @@
-r"""Score new images with a trained run: scores.csv and a heat-map overlay per image.
+r"""Score new images with a trained detector; needs neither the training data nor a recalibration.
 
-  python -m diff_fastener_jax.predict --workdir runs/demo --images 'photos/*.png' --out predictions
+  python -m diff_fastener_jax.predict --model exported/demo --images 'photos/*.png' --out predictions
+  python -m diff_fastener_jax.predict --workdir runs/demo --images photos/ --out predictions
 
-Images of any size are resized to the model's size, scored, and their anomaly map is resized back
-to the original size for the overlay. Unreadable files are reported (stderr and `errors.csv`) and
-the rest are still processed. The label column uses the threshold calibrated on the run's held-out
-normal images (or `--config.eval.threshold=X`).
+Images of any size, 8 or 16 bit, grey or colour, are read by the same function as the training images,
+scored, and their anomaly map is resized back to the original size. Writes to --out:
+  scores.csv               path, score, label (1 iff score > threshold), threshold
+  <stem>_overlay.png       the heat map over the image (the evaluation report's overlay)
+  <stem>_map.png / .npy    the raw anomaly map in [0, 1] (16-bit PNG: value * 65535; or float32 .npy)
+  <stem>_mask.png          the binary mask (anomaly_map > pixel threshold), 0/255
+  errors.csv               files that could not be read, with the reason (the rest are still scored)
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
 import glob
 import os
 import sys
 import time
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
-from diff_fastener_jax.config import parse_cli_overrides
-from diff_fastener_jax.evaluate import calibrated_threshold
-from diff_fastener_jax.inference import prepare_inference, progress, run_infer
-from diff_fastener_jax.run_loading import load_run_config, load_run_params
+from diff_fastener_jax import report
+from diff_fastener_jax.api import Detector
+from diff_fastener_jax.data import datasets
+from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.inference import progress
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MAP_FORMATS = ("png16", "npy")
 
 
 def find_images(spec: str) -> list[str]:
-    """A folder (its image files, sorted) or a glob pattern; a clear error when nothing matches."""
+    """A folder (its image files, sorted) or a glob pattern; UserError when nothing matches."""
     if os.path.isdir(spec):
         paths = sorted(os.path.join(spec, f) for f in os.listdir(spec))
-        paths = [p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)]
+        paths = [p for p in paths if os.path.isfile(p) and p.lower().endswith(datasets.IMAGE_EXTENSIONS)]
     else:
         paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
     if not paths:
-        raise FileNotFoundError(f"--images {spec!r}: no image files found")
+        raise UserError(f"--images {spec!r}: no image files found",
+                        hint=f"give a folder of {'/'.join(datasets.IMAGE_EXTENSIONS)} files or a quoted glob")
     return paths
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """uint8 (H, W, 3); raises OSError/ValueError naming the file if it cannot be decoded."""
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))
+def _unique_stems(paths: list[str]) -> list[str]:
+    """File stems for the outputs; a repeated stem (same name in two folders) gets _2, _3, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return out
 
 
-def overlay(rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blends a jet-coloured anomaly map (H, W) in [0, 1] over an RGB uint8 image (H, W, 3)."""
-    from matplotlib import colormaps
+def write_outputs(out_dir: str, stem: str, img: Image.Image, amap: np.ndarray, mask: np.ndarray,
+                  maps: str = "png16") -> None:
+    """<stem>_overlay.png, <stem>_map.png|.npy and <stem>_mask.png for one image at its own size."""
+    h, w = amap.shape
+    rgb = datasets.prepare_image(img, (h, w))  # (h, w, 3) uint8: 16-bit and grey read as in training
+    Image.fromarray(report.heat_overlay(rgb, amap, stem)).save(os.path.join(out_dir, f"{stem}_overlay.png"))
+    if maps == "npy":
+        np.save(os.path.join(out_dir, f"{stem}_map.npy"), amap.astype(np.float32))
+    else:
+        u16 = np.round(np.clip(amap, 0.0, 1.0) * 65535.0).astype(np.uint16)
+        Image.fromarray(u16).save(os.path.join(out_dir, f"{stem}_map.png"))
+    Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, f"{stem}_mask.png"))
 
-    heat = (colormaps["jet"](np.clip(amap, 0, 1))[..., :3] * 255).astype(np.float32)
-    return ((1 - alpha) * rgb.astype(np.float32) + alpha * heat).astype(np.uint8)
 
+def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16",
+            show_progress: bool = True) -> dict:
+    """Scores `paths` with `det`; writes scores.csv, the per-image files and errors.csv (if any).
 
-def predict(config, params, paths: list[str], out_dir: str, *, show_progress: bool = True,
-            threshold: float | None = None) -> dict:
-    """Scores `paths`; writes scores.csv, errors.csv (if any) and <stem>_overlay.png files to `out_dir`."""
+    Returns {"scored": n, "errors": [(path, reason)], "threshold": t}.
+    """
+    if maps not in MAP_FORMATS:
+        raise UserError(f"--maps must be one of {MAP_FORMATS}, got {maps!r}")
     os.makedirs(out_dir, exist_ok=True)
-    size, bs = config.data.image_size, config.infer.batch_size
-    infer, params, mesh = prepare_inference(config, params)
-    if threshold is None:
-        threshold, _ = calibrated_threshold(config, params, infer, mesh)
-    rows, errors, done = [], [], 0
+    stems = _unique_stems(paths)
+    bs = det.config.infer.batch_size
+    errors: list[tuple[str, str]] = []
     t0 = time.time()
-    for i0 in range(0, len(paths), bs):
-        chunk, originals, batch = [], [], []
-        for p in paths[i0:i0 + bs]:
-            try:
-                rgb = read_rgb(p)
-            except Exception as e:  # noqa: BLE001 - report every unreadable file and go on
-                errors.append((p, f"{type(e).__name__}: {e}"))
-                print(f"[error] cannot read {p}: {e}", file=sys.stderr)
-                continue
-            chunk.append(p)
-            originals.append(rgb)
-            small = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR), np.float32)
-            batch.append(small / 127.5 - 1.0)
-        done += len(paths[i0:i0 + bs])
-        if chunk:
-            images = np.stack(batch)
-            _, amap, score = run_infer(infer, params, images, mesh, pad_to=bs)
-            for p, rgb, m, s in zip(chunk, originals, amap, score):
-                h, w = rgb.shape[:2]
-                big = np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
-                stem = os.path.splitext(os.path.basename(p))[0]
-                Image.fromarray(overlay(rgb, big)).save(os.path.join(out_dir, f"{stem}_overlay.png"))
-                rows.append((p, float(s), int(s >= threshold)))
-        if show_progress:
-            progress(done, len(paths), t0)
-    with open(os.path.join(out_dir, "scores.csv"), "w") as f:
-        f.write("path,score,label\n")
-        for p, s, lab in rows:
-            f.write(f"{p},{s:.6f},{lab}\n")
+    with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path", "score", "label", "threshold"])
+        for i0 in range(0, len(paths), bs):
+            ok, images = [], []
+            for i in range(i0, min(i0 + bs, len(paths))):
+                try:
+                    images.append(det.read(paths[i], paths[i]))
+                    ok.append(i)
+                except UserError as e:  # report the file by name and go on with the rest
+                    errors.append((paths[i], str(e)))
+                    print(f"[error] {e}", file=sys.stderr)
+            if ok:
+                out = det.predict(images)
+                for j, i in enumerate(ok):
+                    write_outputs(out_dir, stems[i], images[j], out.anomaly_maps[j], out.masks[j], maps)
+                    rows.writerow([paths[i], f"{out.scores[j]:.6f}", int(out.labels[j]), f"{out.threshold:.6f}"])
+            if show_progress:
+                progress(min(i0 + bs, len(paths)), len(paths), t0)
     if errors:
-        with open(os.path.join(out_dir, "errors.csv"), "w") as f:
-            f.write("path,error\n")
-            for p, e in errors:
-                f.write(f"{p},\"{e}\"\n")
-    return {"scored": len(rows), "errors": errors, "threshold": threshold}
+        with open(os.path.join(out_dir, "errors.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "error"])
+            w.writerows(errors)
+    return {"scored": len(paths) - len(errors), "errors": errors, "threshold": det.threshold}
 
 
-def main(argv=None) -> int:
-    from absl import flags
+def define_flags() -> None:
+    """This command's flags (defined only when it runs: absl flags are process-global)."""
+    flags.DEFINE_string("model", None, "an export folder (python -m diff_fastener_jax.export)")
+    flags.DEFINE_string("workdir", None, "or a training run folder")
+    flags.DEFINE_integer("checkpoint", None, "with --workdir: the step (default: the latest)")
+    flags.DEFINE_string("images", None, "a folder or a glob pattern (quote it)")
+    flags.DEFINE_string("out", None, "output folder")
+    flags.DEFINE_float("threshold", None, "override the stored image-score threshold")
+    flags.DEFINE_enum("maps", "png16", list(MAP_FORMATS), "raw anomaly maps as 16-bit PNG or float32 .npy")
 
-    flags.FLAGS.mark_as_parsed()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="training run folder")
-    p.add_argument("--images", required=True, help="a folder or a glob pattern (quote it)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--checkpoint", type=int, default=None, help="step (default: latest)")
-    args, rest = p.parse_known_args(argv)
-    config = load_run_config(args.workdir, parse_cli_overrides(rest))
-    params, _ = load_run_params(args.workdir, config, args.checkpoint)
-    result = predict(config, params, find_images(args.images), args.out)
-    print(f"scored {result['scored']} image(s) at threshold {result['threshold']:.4f} -> {args.out}/scores.csv")
+
+def main(argv):
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if bool(f.model) == bool(f.workdir):
+        raise app.UsageError("give exactly one of --model DIR or --workdir RUN")
+    if not f.images or not f.out:
+        raise app.UsageError("--images and --out are required")
+    paths = find_images(f.images)
+    det = Detector.load(f.model or f.workdir, checkpoint=f.checkpoint, threshold=f.threshold)
+    result = predict(det, paths, f.out, maps=f.maps)
+    print(f"scored {result['scored']} image(s) at threshold {result['threshold']:.6f} -> {f.out}/scores.csv")
     if result["errors"]:
-        print(f"{len(result['errors'])} unreadable file(s), listed in {args.out}/errors.csv:", file=sys.stderr)
-        for path, err in result["errors"]:
-            print(f"  {path}: {err}", file=sys.stderr)
+        print(f"{len(result['errors'])} unreadable file(s), listed in {f.out}/errors.csv", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    app.run(main)

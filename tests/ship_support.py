@@ -32,3 +32,15 @@ def smoke_test_images(workdir: str, n: int | None = None) -> list[str]:
     config = config_from_json(os.path.join(workdir, "config.json"))
     samples = datasets.list_samples(config.data, "test", seed=config.seed)
     return [s.path for s in samples][:n]
+
+
+def smoke_export(tmp_path_factory) -> str:
+    """An export folder (model.stablehlo, model.onnx with a fixed batch of 2, params, detector.json)
+    of the smoke run, written once per session."""
+    if "export" not in _CACHE:
+        from diff_fastener_jax.export import export_run
+
+        out = str(tmp_path_factory.mktemp("smoke_export"))
+        export_run(smoke_run(tmp_path_factory), out, onnx_batch=2, log=lambda *_: None)
+        _CACHE["export"] = out
+    return _CACHE["export"]

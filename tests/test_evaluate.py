@@ -1,4 +1,4 @@
-"""evaluate / predict / crossval end to end on a smoke-trained demo run."""
+"""evaluate / crossval end to end on a smoke-trained demo run (predict: test_predict.py)."""
 
 import base64
 import io
@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli, tiny_config
 from PIL import Image
 
-from diff_fastener_jax import evaluate, predict
+from diff_fastener_jax import evaluate
 from diff_fastener_jax.run_loading import load_run_config
 
 pytestmark = pytest.mark.slow  # end to end: every test here needs the session's trained smoke run
@@ -77,29 +77,6 @@ def test_evaluate_with_given_threshold_and_bad_override(trained_run, tmp_path):
     assert proc.stderr.splitlines() == ["error: unknown config key eval.thresold (--config.eval.thresold)",
                                         "hint: did you mean eval.threshold?"]
     assert not bad_out.exists()
-
-
-def test_predict_reports_corrupt_file_and_scores_the_rest(trained_run, tmp_path):
-    folder = tmp_path / "incoming"
-    folder.mkdir()
-    src = os.path.join(trained_run, "demo_data", "fastener", "test")
-    picked = []
-    for defect in sorted(os.listdir(src))[:2]:
-        name = sorted(os.listdir(os.path.join(src, defect)))[0]
-        dst = folder / f"{defect}_{name}"
-        # Another size than the model's: predict resizes in and the map back out.
-        Image.open(os.path.join(src, defect, name)).resize((50, 40)).save(dst)
-        picked.append(dst)
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    out = str(tmp_path / "pred")
-    rc = predict.main(["--workdir", trained_run, "--images", str(folder), "--out", out])
-    assert rc == 1  # some files were unreadable
-    rows = open(os.path.join(out, "scores.csv")).read().strip().splitlines()
-    assert rows[0] == "path,score,label" and len(rows) == 1 + len(picked)
-    assert "broken.png" in open(os.path.join(out, "errors.csv")).read()
-    for p in picked:
-        overlay = Image.open(os.path.join(out, p.stem + "_overlay.png"))
-        assert overlay.size == (50, 40)
 
 
 def test_crossval_two_folds(tmp_path):

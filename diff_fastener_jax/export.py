@@ -1,0 +1,182 @@
+r"""Export a trained run as a self-contained folder: StableHLO, ONNX, parameters and detector.json.
+
+  python -m diff_fastener_jax.export --workdir runs/demo --out exported/demo [--checkpoint STEP]
+
+The folder holds
+  model.stablehlo   `jax.export` serialisation of the whole inference program (both U-Net passes, the
+                    segmentation net, the top-K score) with a symbolic batch size; call it with
+                    (params, images) -> (anomaly_map (N, H, W), score (N,)) after `jax.export.deserialize`
+  model.onnx        the same program with the parameters embedded: input `images` float32 (B, H, W, 3)
+                    in [-1, 1], outputs `anomaly_map` (B, H, W) and `score` (B,) (jax2onnx); B is fixed
+                    (--onnx_batch, default 1): jax2onnx 0.17.1 cannot convert the bilinear upsampling
+                    with a symbolic batch, so pad short batches (`onnx_predict` does)
+  params.npz        the (EMA) parameters, keys 'recon/...', 'seg/...'
+  detector.json     the input contract, inference settings, threshold (see detector.py)
+  config.json       the run's config (to rebuild the networks for `Detector.load`)
+Copy the folder anywhere and load it with `Detector.load(folder)` or serve it with
+`python -m diff_fastener_jax.serve --model folder`; no training data is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from diff_fastener_jax import api
+from diff_fastener_jax import detector as D
+from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.inference import make_infer_program, model_image_shape
+
+STABLEHLO_FILE = "model.stablehlo"
+ONNX_FILE = "model.onnx"
+ONNX_INPUT, ONNX_OUTPUTS = "images", ("anomaly_map", "score")
+# Platforms model.stablehlo is lowered for (it then runs on either without the Python model code).
+EXPORT_PLATFORMS = ("cpu", "cuda")
+
+
+def map_and_score_program(config, *, fuse_passes: bool = True):
+    """`f(params, images) -> (anomaly_map (N, H, W), score (N,))`: what both exported files compute."""
+    infer = make_infer_program(config, fuse_passes=fuse_passes)
+
+    def f(params, images):
+        _, amap, score = infer(params, images)
+        return amap, score
+
+    return f
+
+
+def export_stablehlo(config, params, platforms=EXPORT_PLATFORMS) -> tuple[bytes, dict]:
+    """(serialised jax.export.Exported, facts) of (params, images[N symbolic]) -> (anomaly_map, score)."""
+    h, w, c = model_image_shape(config)
+    param_specs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params)
+    (n,) = jax.export.symbolic_shape("N")
+    images = jax.ShapeDtypeStruct((n, h, w, c), jnp.float32)
+    fn = jax.jit(map_and_score_program(config))
+    try:
+        exp = jax.export.export(fn, platforms=platforms)(param_specs, images)
+    except Exception:  # noqa: BLE001 - a platform this JAX cannot lower for: fall back to the local one
+        platforms = (jax.default_backend(),)
+        exp = jax.export.export(fn, platforms=platforms)(param_specs, images)
+    return bytes(exp.serialize()), {"batch": "symbolic N", "platforms": list(exp.platforms),
+                                    "inputs": "(params pytree of params.npz, images float32 (N, H, W, 3))",
+                                    "outputs": "(anomaly_map float32 (N, H, W), score float32 (N,))"}
+
+
+def load_stablehlo(folder: str):
+    """`f(images) -> (anomaly_map, score)` running the folder's model.stablehlo on its params.npz."""
+    with open(os.path.join(folder, STABLEHLO_FILE), "rb") as fh:
+        exp = jax.export.deserialize(bytearray(fh.read()))
+    params = jax.device_put(api.load_params(os.path.join(folder, api.PARAMS_FILE)))
+    return lambda images: exp.call(params, jnp.asarray(images, jnp.float32))
+
+
+def export_onnx(config, params, path: str, batch: int = 1) -> dict:
+    """Writes model.onnx (parameters embedded as constants) for a FIXED batch of `batch` images.
+
+    jax2onnx 0.17.1 cannot give the segmentation net's bilinear upsampling a symbolic batch size, so
+    the ONNX batch is fixed: pad a short batch with copies of its last image (`onnx_predict` does).
+    """
+    from jax2onnx import to_onnx
+
+    h, w, c = model_image_shape(config)
+    program = map_and_score_program(config, fuse_passes=False)
+    const = jax.tree_util.tree_map(jnp.asarray, params)
+    to_onnx(lambda images: program(const, images), inputs=[(batch, h, w, c)], model_name="diff_fastener",
+            input_names=[ONNX_INPUT], output_names=list(ONNX_OUTPUTS), return_mode="file", output_path=path)
+    import onnx
+
+    return {"opset": int(onnx.load(path, load_external_data=False).opset_import[0].version), "batch": batch,
+            "input": f"{ONNX_INPUT} float32 ({batch}, {h}, {w}, {c}) in [-1, 1] (fixed batch: pad short ones)",
+            "outputs": f"{ONNX_OUTPUTS[0]} float32 ({batch}, {h}, {w}); {ONNX_OUTPUTS[1]} float32 ({batch},)"}
+
+
+def onnx_session(folder: str):
+    """An onnxruntime session on the folder's model.onnx (CPU)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(os.path.join(folder, ONNX_FILE), providers=["CPUExecutionProvider"])
+
+
+def onnx_predict(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(anomaly_map (N, H, W), score (N,)) from an onnxruntime session, any N: chunks of the model's fixed
+    batch, the last one padded with copies of its last image."""
+    b = session.get_inputs()[0].shape[0]
+    maps, scores = [], []
+    for i0 in range(0, images.shape[0], b):
+        chunk = np.asarray(images[i0:i0 + b], np.float32)
+        n = chunk.shape[0]
+        if n < b:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)])
+        amap, score = session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: chunk})
+        maps.append(amap[:n])
+        scores.append(score[:n])
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def threshold_for(workdir: str, config, params, step: int) -> dict:
+    """The run's stored threshold when it was calibrated for `step`; otherwise a fresh calibration."""
+    if os.path.isfile(os.path.join(workdir, D.DETECTOR_FILE)):
+        record = D.read(workdir)
+        if record.get("checkpoint_step") == step:
+            return record["threshold"]
+    return D.calibrate(config, params)
+
+
+def export_run(workdir: str, out: str, *, checkpoint: int | None = None, onnx: bool = True, onnx_batch: int = 1,
+               log=print) -> dict:
+    """Writes the export folder `out` for the run in `workdir`; returns its detector record."""
+    from diff_fastener_jax.run_loading import load_run_config, load_run_params
+
+    config = load_run_config(workdir)
+    params, step = load_run_params(workdir, config, checkpoint)
+    params = D.host_params(params)
+    record = D.detector_record(config, threshold_for(workdir, config, params, step), step)
+    os.makedirs(out, exist_ok=True)
+    if os.path.abspath(out) == os.path.abspath(workdir):
+        raise UserError("--out must differ from --workdir")
+    t = time.perf_counter()
+    blob, record["stablehlo"] = export_stablehlo(config, params)
+    with open(os.path.join(out, STABLEHLO_FILE), "wb") as fh:
+        fh.write(blob)
+    log(f"wrote {STABLEHLO_FILE} ({len(blob) / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
+    if onnx:
+        t = time.perf_counter()
+        record["onnx"] = export_onnx(config, params, os.path.join(out, ONNX_FILE), onnx_batch)
+        log(f"wrote {ONNX_FILE} ({time.perf_counter() - t:.1f} s)")
+    api.save_params(os.path.join(out, api.PARAMS_FILE), params)
+    shutil.copyfile(os.path.join(workdir, api.CONFIG_FILE), os.path.join(out, api.CONFIG_FILE))
+    D.write(os.path.join(out, D.DETECTOR_FILE), record)
+    log(f"wrote {api.PARAMS_FILE}, {api.CONFIG_FILE}, {D.DETECTOR_FILE} -> {out}")
+    return record
+
+
+def define_flags() -> None:
+    """This command's flags (defined only when it runs: absl flags are process-global and other
+    commands define --workdir too)."""
+    flags.DEFINE_string("workdir", None, "training run folder")
+    flags.DEFINE_string("out", None, "export folder to write")
+    flags.DEFINE_integer("checkpoint", None, "step to export (default: the latest)")
+    flags.DEFINE_boolean("onnx", True, "also write model.onnx (jax2onnx)")
+    flags.DEFINE_integer("onnx_batch", 1, "the fixed batch size of model.onnx")
+
+
+def main(argv):
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not f.workdir or not f.out:
+        raise app.UsageError("--workdir and --out are required")
+    record = export_run(f.workdir, f.out, checkpoint=f.checkpoint, onnx=f.onnx, onnx_batch=f.onnx_batch)
+    thr = record["threshold"]["value"]
+    print(f"exported step {record['checkpoint_step']} (threshold {thr if thr is None else round(thr, 6)})")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

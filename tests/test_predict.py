@@ -1,0 +1,81 @@
+"""predict: scores new images from an export folder (no training data), reports corrupt files by name."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+from ship_support import smoke_export, smoke_run, smoke_test_images
+
+from diff_fastener_jax import Detector, predict
+from diff_fastener_jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return smoke_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def incoming(tmp_path_factory):
+    """Two test images at another size (one as 16-bit grey), a comma in a name, and a corrupt file."""
+    run = smoke_run(tmp_path_factory)
+    d = tmp_path_factory.mktemp("incoming")
+    src = smoke_test_images(run)
+    a, b = src[0], src[-1]
+    Image.open(a).resize((50, 40)).save(d / "a,comma.png")
+    grey = np.asarray(Image.open(b).convert("L").resize((36, 30)), np.uint16) * 257
+    Image.fromarray(grey).save(d / "b16.png")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return d
+
+
+def test_predict_writes_scores_maps_masks_and_reports_the_corrupt_file(folder, incoming, tmp_path):
+    det = Detector.load(folder)
+    paths = predict.find_images(str(incoming))
+    out = str(tmp_path / "pred")
+    res = predict.predict(det, paths, out, show_progress=False)
+    assert res["scored"] == 2 and [os.path.basename(p) for p, _ in res["errors"]] == ["broken.png"]
+    with open(os.path.join(out, "scores.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [os.path.basename(r["path"]) for r in rows] == ["a,comma.png", "b16.png"]  # csv quotes the comma
+    ref = det.predict([str(incoming / "a,comma.png"), str(incoming / "b16.png")])
+    for r, s, lab in zip(rows, ref.scores, ref.labels):
+        assert float(r["score"]) == pytest.approx(float(s), abs=1e-6)
+        assert int(r["label"]) == int(lab) == int(float(r["score"]) > float(r["threshold"]))
+    assert float(rows[0]["threshold"]) == pytest.approx(det.threshold, abs=1e-6)
+    # Per-image outputs at each input's own size.
+    assert Image.open(os.path.join(out, "a,comma_overlay.png")).size == (50, 40)
+    raw = np.asarray(Image.open(os.path.join(out, "b16_map.png")))
+    assert raw.dtype == np.uint16 and raw.shape == (30, 36)
+    np.testing.assert_allclose(raw / 65535.0, ref.anomaly_maps[1], atol=1e-4)
+    mask = np.asarray(Image.open(os.path.join(out, "b16_mask.png")))
+    np.testing.assert_array_equal(mask > 0, ref.masks[1])
+    with open(os.path.join(out, "errors.csv"), newline="") as f:
+        assert "broken.png" in f.read()
+
+
+def test_predict_npy_maps_and_missing_images(folder, incoming, tmp_path):
+    det = Detector.load(folder)
+    out = str(tmp_path / "npy")
+    predict.predict(det, [str(incoming / "b16.png")], out, maps="npy", show_progress=False)
+    amap = np.load(os.path.join(out, "b16_map.npy"))
+    assert amap.dtype == np.float32 and amap.shape == (30, 36)
+    with pytest.raises(UserError, match="no image files"):
+        predict.find_images(str(tmp_path / "nothing*.png"))
+
+
+@pytest.mark.slow
+def test_predict_cli_with_only_the_export_folder(folder, incoming, tmp_path):
+    out = str(tmp_path / "cli")
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-m", "diff_fastener_jax.predict", "--model", folder,
+                           "--images", str(incoming), "--out", out], capture_output=True, text=True,
+                          env=env, cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # one unreadable file
+    assert "broken.png" in proc.stderr and "scored 2 image(s)" in proc.stdout
+    assert os.path.isfile(os.path.join(out, "scores.csv"))
