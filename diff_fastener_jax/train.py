@@ -24,10 +24,10 @@ from ml_collections import config_flags
 
 from diff_fastener_jax import metrics as M
 from diff_fastener_jax import parallel
-from diff_fastener_jax.inference import run_infer
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.config_validation import resolve_data_root, validate_config
 from diff_fastener_jax.data import datasets, pipeline
+from diff_fastener_jax.inference import run_infer
 from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
 from diff_fastener_jax.train_step import (
     create_train_state,
