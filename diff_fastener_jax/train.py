@@ -22,17 +22,17 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
 
 from diff_fastener_jax import cli, detector, parallel
+from diff_fastener_jax import metrics as M
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.config import validate_config
 from diff_fastener_jax.data import datasets, pipeline
 from diff_fastener_jax.data.demo import resolve_data_root
-from diff_fastener_jax.inference import make_infer_fn
+from diff_fastener_jax.inference import make_infer_fn, run_infer
 from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
 from diff_fastener_jax.train_step import create_train_state, make_train_step
 
@@ -67,24 +67,27 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
         jax.distributed.initialize()  # cluster auto-detection (SLURM)
 
 
-def _validation_scores(infer, params, val_batches) -> dict:
-    """Image AUROC (held-out normals vs synthetic anomalies) and pixel AUROC on the validation batches."""
-    from sklearn.metrics import roc_auc_score
-
-    scores, labels, maps, masks = [], [], [], []
+def _validation_scores(infer, params, val_batches, mesh=None) -> dict:
+    """Validation on held-out normals + synthetic anomalies, scored like `evaluate` (same inference
+    call, same metrics): image AUROC, exact pixel AUROC and AUPRO, and the mean absolute
+    reconstruction error on the held-out NORMAL images, which keeps falling while the reconstruction
+    improves after the synthetic anomalies have become easy (AUROC 1.0)."""
+    evaluation = M.StreamingEvaluation(with_pixels=True)
+    recon_errors = []
     for batch in val_batches:
-        _, amap, score = infer(params, jnp.asarray(batch["image"]))
-        scores.append(np.asarray(score))
-        labels.append(np.asarray(batch["is_synthetic"]))
-        maps.append(np.asarray(amap).ravel())
-        masks.append(np.asarray(batch["mask"]).ravel())
-    scores, labels = np.concatenate(scores), np.concatenate(labels)
-    maps, masks = np.concatenate(maps), np.concatenate(masks)
-    out = {}
-    if 0 < labels.sum() < labels.size:
-        out["val_image_auroc"] = float(roc_auc_score(labels, scores))
-    if 0 < masks.sum() < masks.size:
-        out["val_pixel_auroc"] = float(roc_auc_score(masks > 0.5, maps))
+        images = np.asarray(batch["image"])  # (B, H, W, 3)
+        recon, amap, score = run_infer(infer, params, images, mesh)
+        labels = np.asarray(batch["is_synthetic"]).astype(np.int64)
+        evaluation.update(score, labels, ["synthetic" if y else "good" for y in labels], amap,
+                          np.asarray(batch["mask"])[..., 0] > 0.5)
+        normal = labels == 0
+        recon_errors.append(np.abs(recon[normal] - images[normal]).mean(axis=(1, 2, 3)))
+    result = evaluation.compute()
+    out = {"val_recon_error": float(np.mean(np.concatenate(recon_errors)))}
+    for key_in, key_out in (("image_auroc", "val_image_auroc"), ("pixel_auroc", "val_pixel_auroc"),
+                            ("pixel_aupro", "val_pixel_aupro")):
+        if not math.isnan(result[key_in]):
+            out[key_out] = float(result[key_in])
     return out
 
 
@@ -214,7 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
                                f"loss {m['total']:.4f} (noise {m['noise']:.4f} focal {m['focal']:.4f} "
                                f"smoothl1 {m['smoothl1']:.4f}) | ETA {format_seconds(eta)}")
         if val_batches and config.train.eval_every > 0 and (done % config.train.eval_every == 0 or done == total_steps):
-            val = _validation_scores(infer, state.params, val_batches)
+            # Evaluate scores the EMA params when EMA is on: validate what will be evaluated.
+            val_params = state.ema_params if config.optim.ema_decay > 0 else state.params
+            val = _validation_scores(infer, val_params, val_batches, mesh)
             writer.write({"step": done, "event": "validation", **val},
                          "validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
             last.update(val)
@@ -224,10 +229,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
         _check_finite(*pending)
     train_iter.close()
     ckpt.close()
-    detector.calibrate_and_save(config, state.ema_params if config.optim.ema_decay > 0 else state.params,
-                                workdir, total_steps)
-    writer.write({"event": "done", "step": total_steps, "wall_s": time.time() - t_start},
-                 f"done: {total_steps} steps in {format_seconds(time.time() - t_start)}")
+    final_params = state.ema_params if config.optim.ema_decay > 0 else state.params
+    detector.calibrate_and_save(config, final_params, workdir, total_steps)
+    wall = time.time() - t_start
+    done_record = {"event": "done", "step": total_steps, "wall_s": wall}
+    if not quiet:
+        # Hosts differ (and shared ones vary by the minute): report the time next to this host's
+        # measured float32 matmul peak so a reader can scale it.
+        from diff_fastener_jax.perf.hardware import measured_matmul_tflops
+
+        done_record["matmul_peak_tflops"] = measured_matmul_tflops()
+    writer.write(done_record, f"done: {total_steps} steps in {format_seconds(wall)}" + (
+        f" (this host's float32 matmul peak now: {done_record['matmul_peak_tflops']:.2f} TFLOP/s)"
+        if "matmul_peak_tflops" in done_record else ""))
     writer.close()
     return last
 

@@ -112,3 +112,29 @@ def test_empty_foreground_means_anywhere_and_empty_supplied_mask_uses_the_config
     _, mask, _ = synthesis.synthesize_anomaly(image, np.random.default_rng(2), foreground=np.zeros((32, 32)),
                                               fg_mode="full")
     assert mask.any()
+
+
+def test_demo_fastening_zone_puts_synthetic_anomalies_on_the_clips(capsys):
+    """Otsu's foreground on the demo scenes is the bright concrete and rail head: the dark clips, where
+    every test defect is, fall outside it. The supplied fastening zone contains them."""
+    import copy
+
+    from diff_fastener_jax.data import demo
+
+    rng = np.random.default_rng(0)
+    inside, touched = {"otsu": [], "zone": []}, {"otsu": [], "zone": []}
+    for i in range(30):
+        state = copy.deepcopy(rng.bit_generator.state)
+        image, _, zone = demo.render_scene_with_zone(64, rng)
+        twin = np.random.default_rng()
+        twin.bit_generator.state = state  # the same scene with one clip removed: its mask is the clip
+        _, clip = demo.render_scene(64, twin, "missing_clip")
+        fgs = {"otsu": synthesis.foreground_mask(datasets.image_to_float(image), "otsu"), "zone": zone}
+        for name, fg in fgs.items():
+            inside[name].append((fg & clip).sum() / clip.sum())
+            srng = np.random.default_rng(i)
+            touched[name] += [(synthesis.anomaly_mask((64, 64), srng, fg) & clip).any() for _ in range(10)]
+    summary = {k: (float(np.mean(inside[k])), float(np.mean(touched[k]))) for k in inside}
+    print("clip pixels inside the foreground, synthetic masks touching the clip:", summary)
+    assert summary["zone"][0] == 1.0 and summary["zone"][1] > 0.4
+    assert summary["otsu"][0] < 0.2 and summary["otsu"][1] < 0.2
