@@ -24,20 +24,14 @@ def test_validation_logs_ema_scores_equal_to_a_direct_computation(tmp_path):
     val = [x for x in logged if x.get("event") == "validation"][-1]
     assert val["step"] == 3 and {"val_recon_error", "val_image_auroc", "val_pixel_auroc", "val_pixel_aupro"} <= set(val)
 
-    # Direct: the checkpoint's EMA params (what evaluate loads), the same val batches and noise key.
+    # Direct: the checkpoint's EMA params (what evaluate loads), the same val batches, the model's fixed noise.
     run_config = load_run_config(workdir)
     params, _ = load_run_params(workdir, run_config)
-    infer, params, _, mesh = prepare_inference(run_config, params)
-    import jax
-
-    val_key = jax.random.fold_in(jax.random.key(run_config.seed), 2)
+    infer, params, mesh = prepare_inference(run_config, params)
     batches = pipeline.make_val_batches(run_config, seed=run_config.seed, num_batches=run_config.train.val_batches)
     scores, labels, maps, masks, errors = [], [], [], [], []
-    offset = 0
     for b in batches:
-        n = b["image"].shape[0]
-        recon, amap, score = run_infer(infer, params, b["image"], np.arange(offset, offset + n), val_key, mesh)
-        offset += n
+        recon, amap, score = run_infer(infer, params, b["image"], mesh)
         normal = b["is_synthetic"] == 0
         errors.append(np.abs(recon[normal].astype(np.float64) - b["image"][normal]).mean(axis=(1, 2, 3)))
         scores.append(score), labels.append(b["is_synthetic"]), maps.append(amap), masks.append(b["mask"][..., 0])

@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax.models import build_models
 from diff_fastener_jax.inference import make_infer_fn
+from diff_fastener_jax.models import build_models
 from diff_fastener_jax.perf.xla_stats import compiled_cost, median_seconds
 
 

@@ -4,7 +4,6 @@ only compiled (`compile_*`: abstract inputs, nothing allocated or run, for sizin
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
