@@ -79,8 +79,9 @@ def test_allowed_values_come_from_the_constants():
 
 
 def test_allowed_values_match_what_the_code_implements():
-    from diff_fastener_jax.models import _DTYPES
-    from diff_fastener_jax.models.layers import ACTIVATIONS
+    from diff_fastener_jax.models import DTYPE_NAMES
+    from diff_fastener_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS
 
     assert set(C.ACTIVATIONS) == set(ACTIVATIONS)
-    assert set(C.DTYPES) == set(_DTYPES)
+    assert set(C.DTYPES) == set(DTYPE_NAMES)
+    assert set(C.ATTENTION_IMPLS) == set(ATTENTION_IMPLEMENTATIONS)
