@@ -82,7 +82,7 @@ def test_evaluate_with_given_threshold_and_bad_override(trained_run, tmp_path):
 def test_predict_reports_corrupt_file_and_scores_the_rest(trained_run, tmp_path):
     folder = tmp_path / "incoming"
     folder.mkdir()
-    src = os.path.join(trained_run, "demo_data", "fastener", "test")
+    src = os.path.join(load_run_config(trained_run).data.root, "fastener", "test")
     picked = []
     for defect in sorted(os.listdir(src))[:2]:
         name = sorted(os.listdir(os.path.join(src, defect)))[0]
