@@ -85,7 +85,8 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
         recon, amap, score = run_infer(infer, params, arrays["image"], mesh, pad_to=bs)
         panels.append({"image": arrays["image"][0], "reconstruction": recon[0],
                        "mask": arrays["mask"][0, ..., 0] if has_masks else None, "anomaly_map": amap[0],
-                       "pred_mask": is_anomalous(amap[0], PIXEL_THRESHOLD), "score": float(score[0]), "label": int(labels[idx]),
+                       "pred_mask": is_anomalous(amap[0], PIXEL_THRESHOLD), "score": float(score[0]),
+                       "label": int(labels[idx]),
                        "defect": defects[idx], "path": test_samples[idx].path, "kind": kind})
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(_jsonable(result), f, indent=2)
@@ -126,12 +127,14 @@ def define_flags() -> None:
                          "calibrate the threshold again on the held-out normals instead of using detector.json's")
 
 
-def stored_threshold_for(workdir: str, step: int) -> dict | None:
-    """detector.json's threshold record if it was calibrated for checkpoint `step`, else None."""
+def stored_threshold_for(workdir: str, step: int, config) -> dict | None:
+    """detector.json's threshold record if it was calibrated for checkpoint `step` under this very config
+    (no override changed it), else None (evaluate then calibrates)."""
     if not os.path.isfile(os.path.join(workdir, detector.DETECTOR_FILE)):
         return None
     record = detector.read(workdir)
-    return record["threshold"] if record.get("checkpoint_step") == step else None
+    same = record.get("checkpoint_step") == step and record.get("config_digest") == detector.config_digest(config)
+    return record["threshold"] if same else None
 
 
 def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | None = None,
@@ -150,7 +153,7 @@ def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | Non
     title = title or f"{os.path.basename(os.path.abspath(workdir))} @ step {step}"
     return evaluate_run(config, params, out, title=title,
                         show_progress=show_progress, calibration_samples=splits["val"],
-                        test_samples=splits["test"], stored_threshold=stored_threshold_for(workdir, step),
+                        test_samples=splits["test"], stored_threshold=stored_threshold_for(workdir, step, config),
                         recalibrate=recalibrate)
 
 

@@ -73,7 +73,8 @@ def load_stablehlo(folder: str):
     with open(os.path.join(folder, STABLEHLO_FILE), "rb") as fh:
         exp = jax.export.deserialize(bytearray(fh.read()))
     params = jax.device_put(api.load_params(os.path.join(folder, api.PARAMS_FILE)))
-    return lambda images: exp.call(params, jnp.asarray(images, jnp.float32))
+    call = jax.jit(exp.call)  # compiled once per batch size, like the in-process program
+    return lambda images: call(params, jnp.asarray(images, jnp.float32))
 
 
 def export_onnx(config, params, path: str, batch: int = 1) -> dict:

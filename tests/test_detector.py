@@ -118,3 +118,14 @@ def test_evaluate_uses_the_stored_threshold_unless_asked(run, tmp_path):
     res = evaluate_run(config, params, str(tmp_path / "b"), show_progress=False,
                        stored_threshold={"value": 0.123, "source": "test"}, recalibrate=True)
     assert res["threshold"] == pytest.approx(detector.read(run)["threshold"]["value"], rel=1e-6)
+
+
+def test_evaluate_cli_takes_the_stored_threshold_only_for_its_step_and_config(run):
+    from diff_fastener_jax.config_utils import apply_overrides
+    from diff_fastener_jax.evaluate import stored_threshold_for
+
+    config = load_run_config(run)
+    step = detector.read(run)["checkpoint_step"]
+    assert stored_threshold_for(run, step, config) == detector.read(run)["threshold"]
+    assert stored_threshold_for(run, step - 3, config) is None  # another checkpoint
+    assert stored_threshold_for(run, step, apply_overrides(config, {"infer.map": "recon_error"})) is None
