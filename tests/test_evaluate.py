@@ -131,6 +131,7 @@ def test_per_defect_pixel_metrics_use_every_normal_image(trained_run, tmp_path, 
     for name, entry in result["per_defect"].items():
         sel = [i for i, d in enumerate(defects) if d in (name, "good")]
         assert entry["num_images"] == sum(d == name for d in defects)
+        assert entry["pixel_num_pixels"] == len(sel) * seen[0][0].size  # every normal image's pixels
         maps = np.stack([seen[i][0] for i in sel]).astype(np.float32)
         masks = np.stack([seen[i][1] for i in sel]) > 0.5
         assert entry["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9), name
