@@ -129,3 +129,60 @@ def test_bad_sizes_raise_clear_errors():
     with pytest.raises(ValueError, match="model.activation"):
         build_models(tiny_config(**{"model.activation": "tanh"}))[0].init(
             jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32))
+
+
+def test_remat_blocks_keeps_params_and_gradients():
+    """model.remat='blocks' recomputes inside blocks: same parameter tree, same loss, same gradients."""
+    from diff_fastener_jax.train_step import make_loss_fn
+
+    plain, remat = tiny_config(), tiny_config(**{"model.remat": "blocks"})
+    params = init_params(plain, jax.random.key(0))
+    p_remat = init_params(remat, jax.random.key(0))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(p_remat)
+    # Non-zero output layers, so every block's gradient is non-trivial.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    b, s = 2, plain.data.image_size
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
+             "mask": jnp.asarray(rng.uniform(size=(b, s, s, 1)) > 0.9, jnp.float32),
+             "is_synthetic": jnp.asarray([0.0, 1.0])}
+    t = jnp.array([10, 100], jnp.int32)
+    n1, n2 = jax.random.normal(jax.random.key(5), (2, b, s, s, 3))
+
+    def grads(config):
+        loss_fn = make_loss_fn(config)
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, t, t + 300, n1, n2, jax.random.key(0))[0]))(
+            params)
+
+    (l_plain, g_plain), (l_remat, g_remat) = grads(plain), grads(remat)
+    np.testing.assert_allclose(l_remat, l_plain, rtol=1e-5)
+    for a, r in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_remat)):
+        np.testing.assert_allclose(r, a, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_implementation_choice():
+    from diff_fastener_jax.models.layers import attention_implementation
+
+    assert attention_implementation("auto", jnp.bfloat16, (64, 128), backend="gpu") == "cudnn"
+    assert attention_implementation("auto", jnp.float32, (64,), backend="gpu") is None  # cuDNN: 16-bit only
+    assert attention_implementation("auto", jnp.bfloat16, (64, 256), backend="gpu") is None  # head dim > 128
+    assert attention_implementation("auto", jnp.bfloat16, (64,), backend="cpu") is None
+    assert attention_implementation("xla", jnp.bfloat16, (64,), backend="gpu") is None
+    assert attention_implementation("cudnn", jnp.bfloat16, (64,), backend="cpu") == "cudnn"
+    with pytest.raises(ValueError, match="model.attention"):
+        attention_implementation("flash", jnp.bfloat16, (64,))
+    with pytest.raises(ValueError, match="model.remat"):
+        build_models(tiny_config(**{"model.remat": "all"}))[0].init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32))
+
+
+def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_gpu():
+    from diff_fastener_jax.models import resolve_dtype_name
+
+    assert resolve_dtype_name("auto", backend="cpu") == "float32"
+    assert resolve_dtype_name("auto", backend="gpu") == "bfloat16"
+    assert resolve_dtype_name("float32", backend="gpu") == "float32"
+    with pytest.raises(ValueError, match="model.dtype"):
+        resolve_dtype_name("int8")
