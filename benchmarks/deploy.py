@@ -4,7 +4,8 @@ r"""Images/s of the three ways to run an exported detector: in-process JAX, mode
 
 Uses freshly initialised parameters (throughput does not depend on their values): exports the config's
 inference program as StableHLO (jax.export) and ONNX (jax2onnx, fixed batch), checks that both agree
-with JAX, then times each on the same random batch (median of --repeats after one warm-up call).
+with JAX, then times each on the same random batch: one warm-up call each, then --repeats rounds that call
+the three in turn (median per way).
 Prints one JSON line.
 """
 
@@ -30,16 +31,6 @@ from diff_fastener_jax.inference import make_infer_fn, model_image_shape  # noqa
 from diff_fastener_jax.models import init_params  # noqa: E402
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation, allocation)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.py")
@@ -56,8 +47,6 @@ def main() -> None:
     infer = make_infer_fn(config)
     ref_map, ref_score = (np.asarray(o) for o in infer(params, images)[1:])
     jax_params = jax.device_put(params)
-    out["jax_images_per_s"] = args.batch / median_s(lambda: jax.block_until_ready(infer(jax_params, images)),
-                                                    args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         blob, _ = export.export_stablehlo(config, params)
@@ -66,8 +55,6 @@ def main() -> None:
         m, s = call(jax_params, images)
         out["stablehlo_max_abs_diff"] = float(max(np.abs(np.asarray(m) - ref_map).max(),
                                                   np.abs(np.asarray(s) - ref_score).max()))
-        out["stablehlo_images_per_s"] = args.batch / median_s(
-            lambda: jax.block_until_ready(call(jax_params, images)), args.repeats)
         path = os.path.join(tmp, "model.onnx")
         t = time.perf_counter()
         export.export_onnx(config, params, path, batch=args.batch)
@@ -77,7 +64,20 @@ def main() -> None:
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         m, s = sess.run(None, {"images": images})
         out["onnx_max_abs_diff"] = float(max(np.abs(m - ref_map).max(), np.abs(s - ref_score).max()))
-        out["onnx_images_per_s"] = args.batch / median_s(lambda: sess.run(None, {"images": images}), args.repeats)
+        runs = {"jax": lambda: jax.block_until_ready(infer(jax_params, images)),
+                "stablehlo": lambda: jax.block_until_ready(call(jax_params, images)),
+                "onnx": lambda: sess.run(None, {"images": images})}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for fn in runs.values():
+            fn()  # warm-up (compilation, allocation)
+        # Round robin, so a shared machine's changing load hits the three alike.
+        for _ in range(args.repeats):
+            for k, fn in runs.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+        for k, ts in times.items():
+            out[f"{k}_images_per_s"] = args.batch / statistics.median(ts)
     print(json.dumps(out))
 
 
