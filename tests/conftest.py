@@ -106,3 +106,4 @@ def assert_same_training_result(params_a, params_b, lr: float, steps: int):
     close = diff <= 1e-6 + 1e-4 * np.abs(b)
     assert close.mean() > 0.999, f"only {close.mean():.5f} of the weights agree"
     assert diff.max() <= 2 * lr * steps + 1e-6, diff.max()
+

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from ship_support import smoke_run, smoke_test_images
+from ship_support import smoke_test_images
 
 from diff_fastener_jax import Detector, detector
 from diff_fastener_jax import metrics as M
@@ -17,8 +17,8 @@ from diff_fastener_jax.run_loading import load_run_config, load_run_params
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return smoke_run(tmp_path_factory)
+def run(smoke_run):
+    return smoke_run
 
 
 @pytest.fixture(scope="module")

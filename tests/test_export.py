@@ -5,20 +5,20 @@ import os
 
 import numpy as np
 import pytest
-from ship_support import smoke_export, smoke_run, smoke_test_images
+from ship_support import smoke_export, smoke_test_images
 
 from diff_fastener_jax import Detector, export
 from diff_fastener_jax.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return smoke_run(tmp_path_factory)
+def run(smoke_run):
+    return smoke_run
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return smoke_export(tmp_path_factory)
+def folder(tmp_path_factory, smoke_run):
+    return smoke_export(tmp_path_factory, smoke_run)
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from PIL import Image
-from ship_support import smoke_export, smoke_run, smoke_test_images
+from ship_support import smoke_export, smoke_test_images
 
 from diff_fastener_jax import Detector, predict
 from diff_fastener_jax.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return smoke_export(tmp_path_factory)
+def folder(tmp_path_factory, smoke_run):
+    return smoke_export(tmp_path_factory, smoke_run)
 
 
 @pytest.fixture(scope="module")
-def incoming(tmp_path_factory):
+def incoming(tmp_path_factory, smoke_run):
     """Two test images at another size (one as 16-bit grey), a comma in a name, and a corrupt file."""
-    run = smoke_run(tmp_path_factory)
+    run = smoke_run
     d = tmp_path_factory.mktemp("incoming")
     src = smoke_test_images(run)
     a, b = src[0], src[-1]

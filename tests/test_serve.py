@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from PIL import Image
-from ship_support import smoke_export, smoke_run, smoke_test_images
+from ship_support import smoke_export, smoke_test_images
 
 from diff_fastener_jax import Detector
 
@@ -27,9 +27,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, smoke_run):
     """(base url, export folder, smoke run) of a server started in a subprocess; stopped afterwards."""
-    folder, run = smoke_export(tmp_path_factory), smoke_run(tmp_path_factory)
+    folder, run = smoke_export(tmp_path_factory, smoke_run), smoke_run
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
