@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from diff_fastener_jax import api
+from diff_fastener_jax import api, cli
 from diff_fastener_jax import detector as D
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import make_infer_program, model_image_shape
@@ -179,5 +179,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, __doc__, define_flags=define_flags, required=("workdir", "out"))

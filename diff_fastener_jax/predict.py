@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from diff_fastener_jax import report
+from diff_fastener_jax import cli, report
 from diff_fastener_jax.api import Detector
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
@@ -141,5 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, __doc__, define_flags=define_flags, required=("images", "out"))

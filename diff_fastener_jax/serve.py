@@ -27,7 +27,7 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from diff_fastener_jax import report
+from diff_fastener_jax import cli, report
 from diff_fastener_jax.api import Detector
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
@@ -133,5 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, __doc__, define_flags=define_flags, required=("model",))
