@@ -102,6 +102,7 @@ def test_bfloat16_gradients_close_to_float32():
     assert all(0.75 < ratio < 1.33 for _, ratio, _ in worst), [w for w in worst if not 0.75 < w[1] < 1.33]
 
 
+@pytest.mark.slow  # runs the whole benchmark command: end to end
 def test_benchmark_main_writes_record(tmp_path):
     out = tmp_path / "bench.json"
     config = f"{ROOT}/configs/demo.py:smoke"
@@ -130,6 +131,7 @@ def test_benchmark_main_writes_record(tmp_path):
     assert r["params_recon"] > r["params_seg"] > 0
 
 
+@pytest.mark.slow  # runs the whole benchmark command: end to end
 def test_benchmark_profile_lists_every_block():
     config = tiny_config()
     params = init_params(config, jax.random.key(0))

@@ -54,6 +54,7 @@ def test_step_compiles_once_and_reports_metrics():
     np.testing.assert_allclose(m["total"], m["noise"] + 5 * m["focal"] + m["smoothl1"], rtol=1e-5)
 
 
+@pytest.mark.slow  # a 300-step training loop: end to end
 def test_loss_falls_on_fixed_batch():
     config = tiny_config(**{"optim.lr_recon": 2e-3, "optim.lr_seg": 2e-3})
     _, metrics, _ = _run_steps(config, parallel.make_mesh(jax.devices()[:1]), _batch(4), 300)
