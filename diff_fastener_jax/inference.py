@@ -7,7 +7,6 @@ evaluate, predict, the exported programs and the service, whatever the batch siz
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Callable, Iterable
 
@@ -22,12 +21,6 @@ from diff_fastener_jax.config import ANOMALY_MAPS, INFER_METHODS
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models
-
-
-def progress(done: int, total: int, start: float, label: str = "images") -> None:
-    """One progress line on stderr (for callers that track their own counts; see ProgressBar)."""
-    rate = done / max(time.time() - start, 1e-9)
-    print(f"{done}/{total} {label} ({rate:.1f}/s)", file=sys.stderr, flush=True)
 
 
 def place_params(params, mesh):

@@ -18,7 +18,6 @@ import csv
 import glob
 import os
 import sys
-import time
 
 import numpy as np
 from absl import app, flags
@@ -28,7 +27,7 @@ from diff_fastener_jax import cli, report
 from diff_fastener_jax.api import Detector
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
-from diff_fastener_jax.inference import progress
+from diff_fastener_jax.logging_utils import ProgressBar
 
 MAP_FORMATS = ("png16", "npy")
 
@@ -83,7 +82,7 @@ def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16
     stems = _unique_stems(paths)
     bs = det.config.infer.batch_size
     errors: list[tuple[str, str]] = []
-    t0 = time.time()
+    bar = ProgressBar(len(paths), "images", disable=not show_progress)
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(["path", "score", "label", "threshold"])
@@ -101,8 +100,8 @@ def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16
                 for j, i in enumerate(ok):
                     write_outputs(out_dir, stems[i], images[j], out.anomaly_maps[j], out.masks[j], maps)
                     rows.writerow([paths[i], f"{out.scores[j]:.6f}", int(out.labels[j]), f"{out.threshold:.6f}"])
-            if show_progress:
-                progress(min(i0 + bs, len(paths)), len(paths), t0)
+            bar.update(min(i0 + bs, len(paths)) - i0)
+    bar.close()
     if errors:
         with open(os.path.join(out_dir, "errors.csv"), "w", newline="") as f:
             w = csv.writer(f)
