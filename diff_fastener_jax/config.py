@@ -255,26 +255,3 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
         need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
     need(-1 <= d.fold < d.num_folds, "data.fold", f"must be -1 (off) or in [0, {d.num_folds}), got {d.fold}")
     need(0.0 < config.eval.fpr_target < 1.0, "eval.fpr_target", f"must be in (0, 1), got {config.eval.fpr_target}")
-
-
-# Transitional: predict.py and benchmark.py parse their own override syntax until they move onto cli.py.
-def parse_set_overrides(items: list[str]) -> dict[str, str]:
-    """['model.dtype=bfloat16', 'config.data.image_size=128'] (from repeated --set) -> {key: value}."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.removeprefix("config.")] = v
-    return out
-
-
-def parse_cli_overrides(args: list[str]) -> dict[str, str]:
-    """['--config.data.root=/x', ...] -> {'data.root': '/x'}; anything else raises ConfigError."""
-    out = {}
-    for a in args:
-        if not a.startswith("--config.") or "=" not in a:
-            raise ConfigError(f"unexpected argument {a!r}", hint="overrides look like --config.data.root=/path")
-        k, v = a[len("--config."):].split("=", 1)
-        out[k] = v
-    return out
