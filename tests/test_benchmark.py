@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT, tiny_config
 
 from diff_fastener_jax import benchmark
-from diff_fastener_jax.perf import block_profile, hardware
 from diff_fastener_jax.models import count_params, init_params
+from diff_fastener_jax.perf import block_profile, hardware
 from diff_fastener_jax.train_step import make_infer_fn, make_loss_fn
 
 # bfloat16 vs float32 one-step inference on the smoke config with perturbed params (measured on
