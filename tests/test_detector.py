@@ -121,8 +121,7 @@ def test_evaluate_uses_the_stored_threshold_unless_asked(run, tmp_path):
 
 
 def test_evaluate_cli_takes_the_stored_threshold_only_for_its_step_and_config(run):
-    from diff_fastener_jax.config_utils import apply_overrides
-
+    from diff_fastener_jax.config import apply_overrides
     from diff_fastener_jax.evaluate import stored_threshold_for
 
     config = load_run_config(run)
