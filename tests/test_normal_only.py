@@ -27,8 +27,9 @@ def test_normal_only_folder_trains_calibrates_and_evaluates(tmp_path):
     workdir = str(tmp_path / "run")
     train_and_evaluate(config, workdir, quiet=True)
     out = str(tmp_path / "eval")
-    assert evaluate.main(["--workdir", workdir, "--out", out]) == 0
+    result = evaluate.evaluate_workdir(workdir, out, show_progress=False)
     m = json.load(open(os.path.join(out, "metrics.json")))
+    assert result["num_images"] == m["num_images"]
     assert m["num_anomalous"] == 0 and m["num_images"] == 3  # 20% of the 16 normals held out as test
     assert m["has_masks"] is False and m["per_defect"] == {}
     assert math.isnan(m["image_auroc"]) and any("image metrics undefined" in w for w in m["warnings"])
