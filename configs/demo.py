@@ -11,9 +11,11 @@ dark clips in the background, which is why the old recipe missed half of the mis
 1e-3 with 20 warm-up steps and cosine decay, EMA 0.99 (warmed up), gradients clipped at 1.0, 300 steps
 instead of 600 (half the compute).
 
-NOT YET MEASURED: the 2026-11-27 development VM was too loaded (load average 10 on 2 cores) to time
-or score this recipe; the previous recipe (600 steps, constant 3e-4, Otsu foreground) reached image
-AUROC 0.73 (displaced 1.00, broken 0.65, missing 0.55) in 10.5 min on 2 free cores.
+Measured 2026-11-27 (slow shared 2-core VM, 38 min of training): image AUROC 0.60, pixel AUROC 0.87,
+AUPRO 0.55 (broken 0.82, displaced 0.58, missing 0.40 image AUROC); validation was still improving at
+step 300. The previous recipe (600 steps, constant 3e-4, Otsu foreground) reached image AUROC 0.73
+(displaced 1.00, broken 0.65, missing 0.55) but pixel AUROC 0.64 and AUPRO 0.15. Neither meets the
+issue-11 goals yet.
 
 `configs/demo.py:smoke` is a seconds-long version (32 px, tiny widths) used by the test suite.
 """
