@@ -7,7 +7,7 @@
 #   1. inference at batch sizes that fill the GPU (INFER_BATCHES, default 32,128)
 #   2. the train step at TRAIN_BATCH (default 16, no remat)
 #   3. the train step at REMAT_BATCH (default 32) with model.remat=blocks
-# Every record also holds what --compile-only reports (compile seconds, GFLOP/image,
+# Every record also holds what --compile_only reports (compile seconds, GFLOP/image,
 # xla_peak_memory_bytes per program) plus the runtime's peak device memory. If the fused cuDNN
 # attention fails to compile, step 1 is retried with model.attention=xla.
 #
@@ -54,14 +54,14 @@ bench() {  # bench <name> <time limit s> <args...>: one benchmark run -> $DEST/g
   return $rc
 }
 
-bench infer 140 --batch-sizes "$INFER_BATCHES" --train-batch 0
+bench infer 140 --batch_sizes "$INFER_BATCHES" --train_batch 0
 rc=$?
 if (( rc != 0 && rc != 124 )); then  # an error (not the time limit): retry without the cuDNN attention
-  bench infer_xla_attention 120 --batch-sizes "$INFER_BATCHES" --train-batch 0 --config.model.attention=xla
+  bench infer_xla_attention 120 --batch_sizes "$INFER_BATCHES" --train_batch 0 --config.model.attention=xla
 fi
-bench train_b$TRAIN_BATCH 170 --batch-sizes 0 --train-batch "$TRAIN_BATCH"
+bench train_b$TRAIN_BATCH 170 --batch_sizes 0 --train_batch "$TRAIN_BATCH"
 if (( REMAT_BATCH > 0 )); then
-  bench train_b${REMAT_BATCH}_remat 170 --batch-sizes 0 --train-batch "$REMAT_BATCH" --config.model.remat=blocks
+  bench train_b${REMAT_BATCH}_remat 170 --batch_sizes 0 --train_batch "$REMAT_BATCH" --config.model.remat=blocks
 fi
 
 "$PY" - "$DEST" <<'PYEOF'

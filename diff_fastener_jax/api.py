@@ -40,6 +40,7 @@ class Prediction:
     anomaly_maps: list[np.ndarray]  # N float32 (h_i, w_i) maps in [0, 1] at each input's own size
     masks: list[np.ndarray]  # N bool (h_i, w_i): anomaly_map > pixel_threshold
     threshold: float
+    denoise_steps: np.ndarray  # (N,) int32: the diffusion step each reconstruction started from
 
 
 def save_params(path: str, params) -> None:
@@ -151,15 +152,20 @@ class Detector:
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(anomaly_map (N, H, W), score (N,)) for a preprocessed batch, in chunks of infer.batch_size."""
-        maps, scores = [], []
+        return self._infer_batch(batch)[:2]
+
+    def _infer_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(anomaly_map (N, H, W), score (N,), denoise_step (N,))."""
+        maps, scores, steps = [], [], []
         for i0 in range(0, batch.shape[0], self._batch):
-            _, amap, score = run_infer(self._infer, self._params, batch[i0:i0 + self._batch], self._mesh,
-                                       pad_to=self._batch)
-            maps.append(amap)
-            scores.append(score)
+            out = run_infer(self._infer, self._params, batch[i0:i0 + self._batch], self._mesh, pad_to=self._batch)
+            maps.append(out.anomaly_map)
+            scores.append(out.score)
+            steps.append(out.denoise_step)
         if not maps:
-            return np.zeros((0, self.height, self.width), np.float32), np.zeros((0,), np.float32)
-        return np.concatenate(maps), np.concatenate(scores)
+            return (np.zeros((0, self.height, self.width), np.float32), np.zeros((0,), np.float32),
+                    np.zeros((0,), np.int32))
+        return np.concatenate(maps), np.concatenate(scores), np.concatenate(steps)
 
     def predict(self, images: Sequence[ImageInput] | ImageInput) -> Prediction:
         """Scores, labels (score > threshold), anomaly maps resized back to each input's size, binary masks."""
@@ -168,11 +174,11 @@ class Detector:
                             hint="pass threshold=X to Detector.load, or calibrate with "
                                  "`python -m diff_fastener_jax.evaluate --workdir RUN --recalibrate`")
         batch, sizes = self._prepare(images)
-        amaps, scores = self.infer(batch)
+        amaps, scores, steps = self._infer_batch(batch)
         maps = [resize_map(m, h, w) for m, (h, w) in zip(amaps, sizes)]
         return Prediction(scores=scores.astype(np.float32), labels=D.is_anomalous(scores, self.threshold),
                           anomaly_maps=maps, masks=[D.is_anomalous(m, self.pixel_threshold) for m in maps],
-                          threshold=self.threshold)
+                          threshold=self.threshold, denoise_steps=steps.astype(np.int32))
 
     def __repr__(self) -> str:
         return (f"Detector({self.height}x{self.width}, method={self.config.infer.method}, "

@@ -1,9 +1,13 @@
 r"""Speed and memory of the jitted inference and train step, against the hardware's limit.
 
-  python -m diff_fastener_jax.benchmark --config configs/default.py --batch-sizes 1,8,32 \
+  python -m diff_fastener_jax.benchmark --config configs/<x>.py[:preset] [--batch_sizes 1,8,32]
+      [--train_batch N] [--dtype auto|float32|bfloat16] [--compile_only] [--out FILE] [--config.KEY=VALUE ...]
+
+Example:
+  python -m diff_fastener_jax.benchmark --config configs/default.py --batch_sizes 1,8,32 \
       --config.model.dtype=bfloat16 --out benchmarks/h100_bf16.json
-  python -m diff_fastener_jax.benchmark --config configs/default.py --batch-sizes 4 --train-batch 4 \
-      --config.model.remat=blocks --compile-only        # XLA's planned memory, FLOPs; runs nothing
+  python -m diff_fastener_jax.benchmark --config configs/default.py --batch_sizes 4 --train_batch 4 \
+      --config.model.remat=blocks --compile_only        # XLA's planned memory, FLOPs; runs nothing
 
 Inference = the whole one-step norm-guided pipeline (two U-Net passes fused into one batched call,
 segmentation net, top-K score) as one XLA program; training = the whole data-parallel train step
@@ -12,14 +16,14 @@ the median of `--repeats` calls, each ended by `block_until_ready`. FLOPs and by
 cost analysis of the compiled program (per device for a sharded program, so they are multiplied by the
 device count). Achieved TFLOP/s over the device's peak (a datasheet table for GPUs, a measured matmul
 roofline on CPUs) is the fraction of peak. `--profile B` adds per-component timings
-(`perf/block_profile.py`). `--compile-only` compiles every requested program from abstract inputs
+(`perf/block_profile.py`). `--compile_only` compiles every requested program from abstract inputs
 and records compile time, FLOPs and `xla_peak_memory_bytes` without allocating or running anything.
-Config overrides: `--config.a.b=v` (ml_collections); `--set a.b=v` is a deprecated alias.
+Config overrides: `--config.a.b=v`, as in every command. The older spellings `--batch-sizes`,
+`--train-batch`, `--compile-only` are still understood, and `--set a.b=v` as a deprecated alias.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -28,13 +32,18 @@ import warnings
 
 import jax
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from diff_fastener_jax import parallel
+from diff_fastener_jax import cli, parallel
+from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.models import count_params, init_params, resolve_dtype_name
 from diff_fastener_jax.perf.block_profile import print_profile, profile_components
 from diff_fastener_jax.perf.hardware import device_limits
 from diff_fastener_jax.perf.programs import bench_infer, bench_train, compile_infer, compile_train
 from diff_fastener_jax.perf.xla_stats import peak_memory_bytes
+
+FLAGS = flags.FLAGS
 
 REQUIRED_KEYS = ("device", "dtype", "image_size", "infer", "train", "gflops_per_image_infer",
                  "achieved_tflops", "fraction_of_peak", "compile_s", "params_recon", "params_seg")
@@ -163,91 +172,100 @@ def print_table(r: dict) -> None:
         print_profile(r["profile"])
 
 
-def _load_config(parser: argparse.ArgumentParser, path: str, overrides: list[str]):
-    """`--config path[:arg]` plus `--config.a.b=v` overrides through ml_collections' config_flags."""
-    from absl import flags
-    from ml_collections import config_flags
+LEGACY_SPELLINGS = {"--batch-sizes": "--batch_sizes", "--train-batch": "--train_batch",
+                    "--compile-only": "--compile_only"}
 
-    argv = ["benchmark", f"--config={path}", *overrides]
-    values = flags.FlagValues()  # private: main() may run several times in one process (tests)
-    config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=False, sys_argv=argv)
+
+def modern_argv(argv: list[str]) -> list[str]:
+    """Rewrites the older spellings (`--batch-sizes`, `--train-batch`, `--compile-only`, and the
+    deprecated `--set KEY=VALUE`) to today's flags, so scripts written for them keep working."""
+    out, i, warned = [], 0, False
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in LEGACY_SPELLINGS:
+            out.append(LEGACY_SPELLINGS[name] + eq + value)
+        elif name == "--set":
+            item = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 0 if eq else 1
+            if "=" not in item:
+                raise UserError(f"--set expects KEY=VALUE, got {item!r}", hint="write --config.KEY=VALUE")
+            key, val = item.split("=", 1)
+            out.append(f"--config.{key.removeprefix('config.')}={val}")
+            if not warned:
+                warnings.warn("benchmark: --set KEY=VALUE is deprecated; use --config.KEY=VALUE",
+                              DeprecationWarning, stacklevel=2)
+                print("warning: --set KEY=VALUE is deprecated; use --config.KEY=VALUE", file=sys.stderr)
+                warned = True
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def define_flags() -> None:
+    """This command's flags (defined only when it runs: absl flags are process-global)."""
+    cli.define_config("file")
+    flags.DEFINE_string("batch_sizes", "1,8,32",
+                        "inference batch sizes, comma separated ('' or 0: no inference, train step only)")
+    flags.DEFINE_integer("train_batch", None, "global train batch (default: train.batch_size; 0 skips it)")
+    flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"],
+                      "compute dtype (sets model.dtype; auto = bfloat16 on GPU, float32 on CPU)")
+    flags.DEFINE_integer("repeats", 5, "timed calls per program (the median is reported)")
+    flags.DEFINE_integer("profile", 0, "also time the components (U-Net pass, seg net, each block) at this batch")
+    flags.DEFINE_bool("compile_only", False,
+                      "only compile the programs: compile seconds, FLOPs, XLA's planned memory; runs nothing")
+    flags.DEFINE_string("out", None, "write the JSON record here")
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32]; '' or '0' -> [] (no inference rows)."""
     try:
-        values(argv)
-        return values.config
-    except (flags.Error, AttributeError, KeyError, ValueError, OSError, TypeError) as e:
-        msg = str(e).strip().strip("'\"")
-        parser.error(f"--config {path} {' '.join(overrides)}: {type(e).__name__}: {msg}")
-
-
-def _set_to_override(item: str) -> str:
-    """Deprecated `--set a.b=v` -> `--config.a.b=v`."""
-    if "=" not in item:
-        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-    key, value = item.split("=", 1)
-    return f"--config.{key.removeprefix('config.')}={value}"
-
-
-def main(argv=None) -> int:
-    """CLI entry point; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m diff_fastener_jax.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--config", required=True, help="configs/<x>.py[:arg]; override keys with --config.a.b=v")
-    p.add_argument("--batch-sizes", default="1,8,32",
-                   help="inference batch sizes, comma separated ('' or 0: no inference, train step only)")
-    p.add_argument("--train-batch", type=int, default=None,
-                   help="global train batch (default: train.batch_size; 0 skips the train step)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-                   help="compute dtype (sets model.dtype; auto = bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per program (median)")
-    p.add_argument("--profile", type=int, default=0, metavar="BATCH",
-                   help="also time the components (U-Net pass, seg net, each block) at this batch")
-    p.add_argument("--compile-only", action="store_true",
-                   help="only compile the programs: compile seconds, FLOPs, XLA's planned memory; runs nothing")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="deprecated alias of --config.KEY=VALUE")
-    p.add_argument("--out", help="write the JSON record here")
-    args, rest = p.parse_known_args(argv)
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --config.model.dtype=bfloat16)")
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip() and b.strip() != "0"]
+        sizes = [int(b) for b in text.split(",") if b.strip() and b.strip() != "0"]
     except ValueError:
-        p.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
-    if batch_sizes and min(batch_sizes) < 1:
-        p.error(f"--batch-sizes must be positive, got {args.batch_sizes!r}")
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.set:
-        warnings.warn("benchmark: --set KEY=VALUE is deprecated; use --config.KEY=VALUE", DeprecationWarning,
-                      stacklevel=1)
-        print("warning: --set KEY=VALUE is deprecated; use --config.KEY=VALUE", file=sys.stderr)
-    try:
-        overrides = [_set_to_override(s) for s in args.set] + rest
-    except ValueError as e:
-        p.error(str(e))
-    if args.dtype:
-        overrides.append(f"--config.model.dtype={args.dtype}")
-    config = _load_config(p, args.config, overrides)
-    train_batch = config.train.batch_size if args.train_batch is None else args.train_batch
-    if train_batch < 0:
-        p.error(f"--train-batch must be >= 0, got {train_batch}")
+        raise UserError(f"--batch_sizes must be comma-separated integers, got {text!r}") from None
+    if sizes and min(sizes) < 1:
+        raise UserError(f"--batch_sizes must be positive, got {text!r}")
+    return sizes
+
+
+def measure(config, batch_sizes: list[int], train_batch: int | None, *, compile_only: bool = False,
+            repeats: int = 5, profile_batch: int | None = None) -> dict:
+    """The benchmark record for `config` (what the command prints and writes)."""
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
+    if train_batch is not None and train_batch < 0:
+        raise UserError(f"--train_batch must be >= 0, got {train_batch}")
     if not batch_sizes and not train_batch:
-        p.error("nothing to measure: give --batch-sizes and/or a --train-batch > 0")
-    if args.compile_only:
-        result = run_compile_only(config, batch_sizes, train_batch or None)
-    else:
-        result = run_benchmark(config, batch_sizes, train_batch or None, repeats=args.repeats,
-                               profile_batch=args.profile or None)
-    result["config"] = args.config
-    result["command"] = "python -m diff_fastener_jax.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
+        raise UserError("nothing to measure: give --batch_sizes and/or a --train_batch > 0")
+    if compile_only:
+        return run_compile_only(config, batch_sizes, train_batch or None)
+    return run_benchmark(config, batch_sizes, train_batch or None, repeats=repeats,
+                         profile_batch=profile_batch or None)
+
+
+def main(argv) -> int:
+    batch_sizes = parse_batch_sizes(FLAGS.batch_sizes)
+    if FLAGS.dtype:
+        FLAGS.config.model.dtype = FLAGS.dtype
+    config = cli.get_config()
+    train_batch = config.train.batch_size if FLAGS.train_batch is None else FLAGS.train_batch
+    result = measure(config, batch_sizes, train_batch, compile_only=FLAGS.compile_only, repeats=FLAGS.repeats,
+                     profile_batch=FLAGS.profile)
+    result["config"] = config_flags.get_config_filename(FLAGS["config"])
+    result["command"] = "python -m diff_fastener_jax.benchmark " + " ".join(sys.argv[1:])
     print_table(result)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
             json.dump(json_safe(result), f, indent=2)
+        print(f"wrote {FLAGS.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        _argv = modern_argv(sys.argv)
+    except UserError as e:
+        cli.fail(str(e), e.hint, exc=e)
+    cli.run(main, __doc__, define_flags=define_flags, required=("config",), argv=_argv)

@@ -36,7 +36,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_MODES = ("none", "blocks")
 SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("constant", "warmup_cosine")
-INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm")
+INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm", "adaptive")
 ANOMALY_MAPS = ("segmentation", "recon_error")
 
 __all__ = [
@@ -235,6 +235,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     one_of("infer.map", config.infer.map, ANOMALY_MAPS)
     one_of("infer.method", config.infer.method, INFER_METHODS)
     need(config.infer.ddim_steps >= 1, "infer.ddim_steps", f"must be >= 1, got {config.infer.ddim_steps}")
+    need(0 < config.infer.adaptive_t_max < config.diffusion.T, "infer.adaptive_t_max",
+         f"must be in (0, diffusion.T={config.diffusion.T}), got {config.infer.adaptive_t_max}")
+    need(config.infer.adaptive_margin >= 0, "infer.adaptive_margin",
+         f"must be >= 0 grid steps, got {config.infer.adaptive_margin}")
+    need(config.infer.adaptive_delta >= 0, "infer.adaptive_delta", f"must be >= 0, got {config.infer.adaptive_delta}")
     need(config.infer.top_k >= 1, "infer.top_k", f"must be >= 1, got {config.infer.top_k}")
     need(config.infer.batch_size >= 1, "infer.batch_size", f"must be >= 1, got {config.infer.batch_size}")
     need(config.optim.lr_recon > 0 and config.optim.lr_seg > 0, "optim.lr_recon/lr_seg", "must be > 0")

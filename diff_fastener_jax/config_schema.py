@@ -103,9 +103,17 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.infer.top_k = 50  # at 256²; scaled with the pixel count at other sizes
     # reconstruction for inference: 'norm_guided' (the paper), 'one_step' (x0 from t_big in one step),
     # 'ddim' (iterative, infer.ddim_steps steps from t_big) or 'ddpm' (ancestral, every step from t_big):
-    # the ablation rows of the paper's Table 3.
+    # the ablation rows of the paper's Table 3; or 'adaptive' (GLAD's per-image denoising step, seed 003
+    # §3.3-3.4): DDIM from adaptive_t_max over ddim_steps grid times, stop where the denoised sample's
+    # noise-free estimate departs from the input's by more than adaptive_delta (top-K mean of the
+    # |difference| / 2 map), restart adaptive_margin grid steps earlier, fuse with
+    # sigmoid(adaptive_fusion_gain * (difference / adaptive_delta - 1)).
     c.infer.method = "norm_guided"
     c.infer.ddim_steps = 10
+    c.infer.adaptive_t_max = 900
+    c.infer.adaptive_delta = 0.1
+    c.infer.adaptive_margin = 1
+    c.infer.adaptive_fusion_gain = 5.0
     c.infer.map = "segmentation"  # 'segmentation' | 'recon_error' (seed 002 baseline)
     c.infer.batch_size = 16
     c.infer.seed = 0

@@ -149,6 +149,16 @@ def read(folder: str) -> dict:
     return record
 
 
+def stored_threshold(workdir: str, step: int, config: ml_collections.ConfigDict) -> dict | None:
+    """detector.json's threshold record if it was calibrated for checkpoint `step` under this very config
+    (no override changed the scoring), else None: the caller then calibrates afresh."""
+    if not os.path.isfile(os.path.join(workdir, DETECTOR_FILE)):
+        return None
+    record = read(workdir)
+    same = record.get("checkpoint_step") == step and record.get("config_digest") == config_digest(config)
+    return record["threshold"] if same else None
+
+
 def host_params(params):
     """Parameters as host numpy arrays, whatever devices (or hosts) hold the replicated arrays."""
     def one(x):

@@ -58,9 +58,12 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
 
     evaluation = M.StreamingEvaluation(with_pixels=has_masks, aupro_limit=config.eval.aupro_limit)
 
-    def on_batch(i0, images, recon, amap, score, masks):
+    steps = np.zeros(len(test_samples), np.int32)  # the denoising step each image started from
+
+    def on_batch(i0, images, out, masks):
         n = images.shape[0]
-        evaluation.update(score, labels[i0:i0 + n], defects[i0:i0 + n], amap if has_masks else None,
+        steps[i0:i0 + n] = out.denoise_step
+        evaluation.update(out.score, labels[i0:i0 + n], defects[i0:i0 + n], out.anomaly_map if has_masks else None,
                           masks if has_masks else None)
 
     scores, infer_s = score_in_batches(
@@ -76,14 +79,20 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
               "threshold_source": threshold_source}
     result.update(evaluation.compute(threshold))
     per_defect = result["per_defect"]
+    notes = [f"Checkpoint parameters: {'EMA' if config.optim.ema_decay > 0 else 'raw'}; threshold: {threshold_source}."]
+    if config.infer.method == "adaptive":
+        names = np.asarray(defects)
+        result["denoise_step_mean"] = {d: float(steps[names == d].mean()) for d in sorted(set(defects))}
+        notes.append("Adaptive denoising (GLAD): mean start step per defect type: " + ", ".join(
+            f"{d} {v:.0f}" for d, v in result["denoise_step_mean"].items()) + "; each image's step is in scores.csv.")
 
     # Panels: re-run the few selected images (deterministic: the model's fixed noise).
     chosen = report.select_panels(scores, labels, config.eval.num_panels)
     panels = []
     for idx, kind in chosen:
         arrays = datasets.load_arrays([test_samples[idx]], size)
-        recon, amap, score = run_infer(infer, params, arrays["image"], mesh, pad_to=bs)
-        panels.append({"image": arrays["image"][0], "reconstruction": recon[0],
+        recon, amap, score, step = run_infer(infer, params, arrays["image"], mesh, pad_to=bs)
+        panels.append({"image": arrays["image"][0], "reconstruction": recon[0], "denoise_step": int(step[0]),
                        "mask": arrays["mask"][0, ..., 0] if has_masks else None, "anomaly_map": amap[0],
                        "pred_mask": is_anomalous(amap[0], PIXEL_THRESHOLD), "score": float(score[0]),
                        "label": int(labels[idx]),
@@ -92,13 +101,13 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
         json.dump(_jsonable(result), f, indent=2)
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
         rows = csv.writer(f)
-        rows.writerow(["path", "defect", "label", "score"])
-        rows.writerows([s.path, s.defect, s.label, f"{sc:.6f}"] for s, sc in zip(test_samples, scores))
+        rows.writerow(["path", "defect", "label", "score", "denoise_step"])
+        rows.writerows([s.path, s.defect, s.label, f"{sc:.6f}", int(st)]
+                       for s, sc, st in zip(test_samples, scores, steps))
     report.write_report(os.path.join(out_dir, "report.html"), metrics=result, per_defect=per_defect,
                         scores=scores, labels=labels, defects=defects, panels=panels,
                         config_json=config.to_json_best_effort(indent=2), title=title or "Diff-Fastener evaluation",
-                        notes=[f"Checkpoint parameters: {'EMA' if config.optim.ema_decay > 0 else 'raw'}; "
-                               f"threshold: {threshold_source}."])
+                        notes=notes)
     return result
 
 
@@ -127,16 +136,6 @@ def define_flags() -> None:
                          "calibrate the threshold again on the held-out normals instead of using detector.json's")
 
 
-def stored_threshold_for(workdir: str, step: int, config) -> dict | None:
-    """detector.json's threshold record if it was calibrated for checkpoint `step` under this very config
-    (no override changed it), else None (evaluate then calibrates)."""
-    if not os.path.isfile(os.path.join(workdir, detector.DETECTOR_FILE)):
-        return None
-    record = detector.read(workdir)
-    same = record.get("checkpoint_step") == step and record.get("config_digest") == detector.config_digest(config)
-    return record["threshold"] if same else None
-
-
 def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | None = None,
                      config=None, show_progress: bool = True, title: str = "",
                      recalibrate: bool = False) -> dict:
@@ -153,7 +152,7 @@ def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | Non
     title = title or f"{os.path.basename(os.path.abspath(workdir))} @ step {step}"
     return evaluate_run(config, params, out, title=title,
                         show_progress=show_progress, calibration_samples=splits["val"],
-                        test_samples=splits["test"], stored_threshold=stored_threshold_for(workdir, step, config),
+                        test_samples=splits["test"], stored_threshold=detector.stored_threshold(workdir, step, config),
                         recalibrate=recalibrate)
 
 

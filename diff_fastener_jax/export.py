@@ -45,8 +45,8 @@ def map_and_score_program(config, *, fuse_passes: bool = True):
     infer = make_infer_program(config, fuse_passes=fuse_passes)
 
     def f(params, images):
-        _, amap, score = infer(params, images)
-        return amap, score
+        out = infer(params, images)
+        return out.anomaly_map, out.score
 
     return f
 
@@ -120,15 +120,6 @@ def onnx_predict(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def threshold_for(workdir: str, config, params, step: int) -> dict:
-    """The run's stored threshold when it was calibrated for `step`; otherwise a fresh calibration."""
-    if os.path.isfile(os.path.join(workdir, D.DETECTOR_FILE)):
-        record = D.read(workdir)
-        if record.get("checkpoint_step") == step:
-            return record["threshold"]
-    return D.calibrate(config, params)
-
-
 def export_run(workdir: str, out: str, *, checkpoint: int | None = None, onnx: bool = True, onnx_batch: int = 1,
                log=print) -> dict:
     """Writes the export folder `out` for the run in `workdir`; returns its detector record."""
@@ -137,10 +128,11 @@ def export_run(workdir: str, out: str, *, checkpoint: int | None = None, onnx: b
     config = load_run_config(workdir)
     params, step = load_run_params(workdir, config, checkpoint)
     params = D.host_params(params)
-    record = D.detector_record(config, threshold_for(workdir, config, params, step), step)
-    os.makedirs(out, exist_ok=True)
+    threshold = D.stored_threshold(workdir, step, config) or D.calibrate(config, params)
+    record = D.detector_record(config, threshold, step)
     if os.path.abspath(out) == os.path.abspath(workdir):
         raise UserError("--out must differ from --workdir")
+    os.makedirs(out, exist_ok=True)
     t = time.perf_counter()
     blob, record["stablehlo"] = export_stablehlo(config, params)
     with open(os.path.join(out, STABLEHLO_FILE), "wb") as fh:

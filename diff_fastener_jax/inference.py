@@ -8,7 +8,7 @@ evaluate, predict, the exported programs and the service, whatever the batch siz
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,15 @@ from diff_fastener_jax.config import ANOMALY_MAPS, INFER_METHODS
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models
+
+
+class InferOutputs(NamedTuple):
+    """What one inference call returns, per image (leading axis N)."""
+
+    recon: Any  # (N, H, W, C) in [-1, 1]
+    anomaly_map: Any  # (N, H, W) in [0, 1]
+    score: Any  # (N,)
+    denoise_step: Any  # (N,) int32: the step the reconstruction started from
 
 
 def place_params(params, mesh):
@@ -40,7 +49,7 @@ def run_infer(infer: Callable, params, images: np.ndarray, mesh=None, pad_to: in
     """One batch through `infer`, padded (to `pad_to` rows, then to the device count) and split over the mesh.
 
     Padding every batch to one size means one compilation. Returns numpy (recon (N, H, W, C),
-    anomaly_map (N, H, W), score (N,)) for the N real rows.
+    anomaly_map (N, H, W), score (N,), denoise_step (N,)) for the N real rows.
     """
     n = images.shape[0]
     d = 1 if mesh is None else mesh.devices.size
@@ -50,9 +59,9 @@ def run_infer(infer: Callable, params, images: np.ndarray, mesh=None, pad_to: in
         images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
     if d == 1:
         out = infer(params, images)
-        return tuple(np.asarray(o)[:n] for o in out)
-    out = infer(params, jax.device_put(images, parallel.data_sharding(mesh)))
-    return tuple(np.asarray(o)[:n] for o in out)
+    else:
+        out = infer(params, jax.device_put(images, parallel.data_sharding(mesh)))
+    return InferOutputs(*(np.asarray(o)[:n] for o in out))
 
 
 def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False):
@@ -70,18 +79,18 @@ def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray
                      show_progress: bool = True, pad_to: int = 0) -> tuple[np.ndarray, float]:
     """Scores every (images, *extra) batch; returns (scores (N,), seconds inside inference).
 
-    `on_batch(i0, images, recon, amap, score, *extra)` sees each batch's outputs (for streaming
-    metrics); `extra` is whatever the batch carried besides its images (e.g. its masks).
+    `on_batch(i0, images, outputs, *extra)` sees each batch's `InferOutputs` (for streaming metrics);
+    `extra` is whatever the batch carried besides its images (e.g. its masks).
     """
     scores, infer_s, done = [], 0.0, 0
     bar = ProgressBar(total or 0, "images", disable=not (show_progress and total))
     for images, *extra in batches:
         t = time.perf_counter()
-        recon, amap, score = run_infer(infer, params, images, mesh, pad_to)
+        out = InferOutputs(*run_infer(infer, params, images, mesh, pad_to))
         infer_s += time.perf_counter() - t
         if on_batch is not None:
-            on_batch(done, images, recon, amap, score, *extra)
-        scores.append(score)
+            on_batch(done, images, out, *extra)
+        scores.append(out.score)
         done += images.shape[0]
         bar.update(images.shape[0])
     bar.close()
@@ -128,11 +137,14 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool = True) -> Callable:
-    """The unjitted `infer(params, images) -> (recon, anomaly_map, score)` (for jit, jax.export, ONNX).
+    """The unjitted `infer(params, images) -> InferOutputs(recon, anomaly_map, score, denoise_step)`
+    (for jit, jax.export, ONNX).
 
     images (N, H, W, C) in [-1, 1] at the model's size; recon (N, H, W, C); anomaly_map (N, H, W) in
     [0, 1] (segmentation probability, or |x - recon| averaged over channels / 2 for
-    `infer.map='recon_error'`); score (N,) = mean of the top-K map values. Every image gets the same
+    `infer.map='recon_error'`); score (N,) = mean of the top-K map values; denoise_step (N,) int32, the
+    diffusion step the reconstruction started from (`diffusion.eval_t_big` for the fixed-step methods,
+    each image's own for 'adaptive'). Every image gets the same
     fixed noise (`fixed_noise`; ddim/ddpm draw theirs from one fixed raw key), so row i of the outputs
     depends on images[i] alone. Closes over no typed PRNG key (jax2onnx cannot convert one).
     `fuse_passes=False` runs the two noise scales as two network calls instead of one on a 2N batch
@@ -159,6 +171,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
         # broadcast_to, not jnp.full: jax2onnx converts it with a symbolic batch size
         t_s = jnp.broadcast_to(np.int32(d.eval_t_small), (n,))
         t_b = jnp.broadcast_to(np.int32(d.eval_t_big), (n,))
+        step = t_b  # the fixed-step methods start every image at t_big
 
         def eps_fn(x, t):
             return recon_net.apply({"params": params["recon"]}, x, t)
@@ -169,6 +182,13 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
         elif method == "one_step":
             x_b = diffusion.q_sample(sched, images, t_b, n2)
             recon = jnp.clip(diffusion.x0_from_eps(sched, x_b, t_b, eps_fn(x_b, t_b)), -1.0, 1.0)
+        elif method == "adaptive":
+            a = config.infer
+            out = diffusion.adaptive_reconstruct(
+                eps_fn, sched, images, n2, t_max=int(a.adaptive_t_max), num_steps=int(a.ddim_steps),
+                delta=float(a.adaptive_delta), margin=int(a.adaptive_margin),
+                fusion_gain=float(a.adaptive_fusion_gain), score_fn=lambda d: top_k_score(d, k))
+            recon, step = out["recon"], out["start_step"]
         else:
             keys = jnp.broadcast_to(raw_key, (n, raw_key.shape[0]))  # (N, 2)
             if method == "ddim":
@@ -180,13 +200,14 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
             amap = seg_net.apply({"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1))[..., 0]
         else:
             amap = diffusion.recon_error_map(images, recon) / 2.0  # [-1, 1] images: error in [0, 2]
-        return recon, amap, top_k_score(amap, k)
+        return InferOutputs(recon, amap, top_k_score(amap, k), step)
 
     return infer
 
 
 def make_infer_fn(config: ml_collections.ConfigDict) -> Callable:
-    """Jitted `infer(params, images) -> (recon, anomaly_map, score)` (see `make_infer_program`).
+    """Jitted `infer(params, images) -> InferOutputs(recon, anomaly_map, score, denoise_step)` (see
+    `make_infer_program`).
 
     Everything stays on device between the passes: one XLA program. Shard `images` over a mesh to run
     it data-parallel.

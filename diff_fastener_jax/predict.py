@@ -85,7 +85,7 @@ def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16
     bar = ProgressBar(len(paths), "images", disable=not show_progress)
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
         rows = csv.writer(f)
-        rows.writerow(["path", "score", "label", "threshold"])
+        rows.writerow(["path", "score", "label", "threshold", "denoise_step"])
         for i0 in range(0, len(paths), bs):
             ok, images = [], []
             for i in range(i0, min(i0 + bs, len(paths))):
@@ -99,7 +99,8 @@ def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16
                 out = det.predict(images)
                 for j, i in enumerate(ok):
                     write_outputs(out_dir, stems[i], images[j], out.anomaly_maps[j], out.masks[j], maps)
-                    rows.writerow([paths[i], f"{out.scores[j]:.6f}", int(out.labels[j]), f"{out.threshold:.6f}"])
+                    rows.writerow([paths[i], f"{out.scores[j]:.6f}", int(out.labels[j]), f"{out.threshold:.6f}",
+                                   int(out.denoise_steps[j])])
             bar.update(min(i0 + bs, len(paths)) - i0)
     bar.close()
     if errors:

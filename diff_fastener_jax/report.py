@@ -291,7 +291,8 @@ def _panel_html(p: dict, i: int) -> str:
         for name, uri in zip(_PANEL_CELLS, cells, strict=True))
     caption = (f"<b>{html.escape(str(p.get('kind', '')))}</b> &middot; {html.escape(str(p.get('defect', '')))} "
                f"({label}) &middot; score {_fmt(float(p.get('score', math.nan)))} &middot; "
-               f"<code>{html.escape(str(p.get('path', '')))}</code>")
+               + (f"denoising step {int(p['denoise_step'])} &middot; " if "denoise_step" in p else "")
+               + f"<code>{html.escape(str(p.get('path', '')))}</code>")
     return f"<div class='panel'><div>{caption}</div><table><tr>{head}</tr><tr>{tds}</tr></table></div>"
 
 

@@ -97,7 +97,8 @@ def create_app(det: Detector, *, max_upload_bytes: int = 20 * 2**20):
         results = []
         for i, img in enumerate(images):
             r = {"filename": file[i].filename, "score": float(out.scores[i]), "label": int(out.labels[i]),
-                 "threshold": out.threshold, "model_version": version, "milliseconds": ms,
+                 "threshold": out.threshold, "denoise_step": int(out.denoise_steps[i]),
+                 "model_version": version, "milliseconds": ms,
                  "width": img.size[0], "height": img.size[1]}
             if heatmap:
                 rgb = datasets.prepare_image(img, img.size[::-1])

@@ -76,7 +76,7 @@ def _validation_scores(infer, params, val_batches, mesh=None) -> dict:
     recon_errors = []
     for batch in val_batches:
         images = np.asarray(batch["image"])  # (B, H, W, 3)
-        recon, amap, score = run_infer(infer, params, images, mesh)
+        recon, amap, score, _ = run_infer(infer, params, images, mesh)
         labels = np.asarray(batch["is_synthetic"]).astype(np.int64)
         evaluation.update(score, labels, ["synthetic" if y else "good" for y in labels], amap,
                           np.asarray(batch["mask"])[..., 0] > 0.5)

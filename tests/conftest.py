@@ -2,7 +2,9 @@
 
 `demo_root` (the smoke config's synthetic demo data) and `smoke_run` (ONE 6-step smoke training run on
 it, checkpoints at steps 3 and 6) are generated once per test session and shared read-only by the
-end-to-end tests; a test that writes into a run copies it first (`copy_run`).
+end-to-end tests; a test that writes into a run copies it first (`copy_run`). Every test that needs
+the trained run is end-to-end by definition and is marked `slow` here, so `pytest -m "not slow"`
+(the inner loop) never trains.
 """
 
 import os
@@ -28,6 +30,13 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 SMOKE_CONFIG = os.path.join(ROOT, "configs", "demo.py") + ":smoke"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need the trained smoke run (directly or through another fixture) are `slow`."""
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def tiny_config(**overrides):

@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import SMOKE_CONFIG, run_cli, tiny_config
 
 from diff_fastener_jax import benchmark
+from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import count_params, init_params
 from diff_fastener_jax.perf import block_profile, hardware
@@ -34,6 +35,7 @@ def perturbed_params(config, scale=0.05, seed=0):
         tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow  # compiles whole programs in two dtypes or for several batches: outside the inner loop
 def test_bfloat16_inference_close_to_float32():
     c32 = tiny_config()
     c16 = tiny_config(**{"model.dtype": "bfloat16"})
@@ -66,6 +68,7 @@ def _grads(config, params):
     return jax.jit(jax.grad(lambda p: loss_fn(p, batch, t, t + 300, n1, n2, jax.random.key(0))[0]))(params)
 
 
+@pytest.mark.slow  # compiles whole programs in two dtypes or for several batches: outside the inner loop
 def test_bfloat16_loss_terms_are_float32():
     config = tiny_config(**{"model.dtype": "bfloat16"})
     params = perturbed_params(config)
@@ -83,6 +86,7 @@ def test_bfloat16_loss_terms_are_float32():
     assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
 
 
+@pytest.mark.slow  # compiles whole programs in two dtypes or for several batches: outside the inner loop
 def test_bfloat16_gradients_close_to_float32():
     """bf16 compute keeps gradients close to float32 (bias adds, and so bias gradients, stay float32)."""
     c32 = tiny_config()
@@ -103,16 +107,16 @@ def test_bfloat16_gradients_close_to_float32():
 
 
 @pytest.mark.slow  # runs the whole benchmark command: end to end
-def test_benchmark_main_writes_record(tmp_path):
+def test_benchmark_command_writes_record(tmp_path):
     out = tmp_path / "bench.json"
-    config = f"{ROOT}/configs/demo.py:smoke"
-    rc = benchmark.main(["--config", config, "--batch-sizes", "1,4", "--train-batch", "4",
-                         "--repeats", "1", "--dtype", "float32", "--out", str(out)])
-    assert rc == 0
+    proc = run_cli("benchmark", "--config", SMOKE_CONFIG, "--batch_sizes", "1,4", "--train_batch", "4",
+                   "--repeats", "1", "--dtype", "float32", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "infer" in proc.stdout and f"wrote {out}" in proc.stdout
     r = json.loads(out.read_text())
     for key in benchmark.REQUIRED_KEYS:
         assert key in r, key
-    assert r["dtype"] == "float32" and r["image_size"] == 32
+    assert r["dtype"] == "float32" and r["image_size"] == 32 and r["config"].endswith("demo.py:smoke")
     assert r["device"].startswith("cpu")
     assert [row["batch"] for row in r["infer"]] == [1, 4]
     for row in r["infer"]:
@@ -162,19 +166,32 @@ def test_gpu_peak_table_matches_specific_names_first():
     assert math.isnan(hardware.device_limits(Fake("Mystery GPU"), "bfloat16")["peak_tflops"])
 
 
-def test_bad_batch_sizes_exit_with_message(capsys):
-    with pytest.raises(SystemExit):
-        benchmark.main(["--config", f"{ROOT}/configs/demo.py:smoke", "--batch-sizes", "1,x"])
-    assert "--batch-sizes" in capsys.readouterr().err
+def test_benchmark_mistake_is_one_error_line():
+    proc = run_cli("benchmark", "--config", SMOKE_CONFIG, "--batch_sizes", "1,x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: --batch_sizes must be comma-separated integers"), proc.stderr
 
 
-def test_compile_only_records_memory_and_flops_without_running(tmp_path):
-    """--compile-only: the same programs compiled from abstract inputs, with costs and planned memory."""
-    out = tmp_path / "compile.json"
-    rc = benchmark.main(["--config", f"{ROOT}/configs/demo.py:smoke", "--batch-sizes", "1,4", "--train-batch", "4",
-                         "--config.model.remat=blocks", "--compile-only", "--out", str(out)])
-    assert rc == 0
-    r = json.loads(out.read_text())
+def test_benchmark_refuses_bad_requests():
+    with pytest.raises(UserError, match="must be positive"):
+        benchmark.parse_batch_sizes("-2")
+    with pytest.raises(UserError, match="nothing to measure"):
+        benchmark.measure(tiny_config(), [], 0)
+    with pytest.raises(UserError, match="--repeats"):
+        benchmark.measure(tiny_config(), [1], 0, repeats=0)
+    with pytest.raises(UserError, match="--set expects KEY=VALUE"):
+        benchmark.modern_argv(["benchmark", "--set", "model.base_channels"])
+
+
+def test_batch_sizes_parse():
+    assert benchmark.parse_batch_sizes("1,8, 32") == [1, 8, 32]
+    assert benchmark.parse_batch_sizes("0") == benchmark.parse_batch_sizes("") == []
+
+
+@pytest.mark.slow  # compiles whole programs in two dtypes or for several batches: outside the inner loop
+def test_compile_only_records_memory_and_flops_without_running():
+    """compile_only: the same programs compiled from abstract inputs, with costs and planned memory."""
+    r = benchmark.measure(tiny_config(**{"model.remat": "blocks"}), [1, 4], 4, compile_only=True)
     assert r["compile_only"] is True and r["remat"] == "blocks" and r["dtype"] == "float32"
     rows = r["infer"] + [r["train"]]
     assert [row["batch"] for row in rows] == [1, 4, 4]
@@ -185,21 +202,23 @@ def test_compile_only_records_memory_and_flops_without_running(tmp_path):
     assert set(r["compile_s"]) == {"infer_b1", "infer_b4", "train"}
 
 
-def test_set_is_a_deprecated_alias_of_config_overrides(tmp_path, capsys):
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    common = ["--config", f"{ROOT}/configs/demo.py:smoke", "--batch-sizes", "2", "--train-batch", "0",
-              "--compile-only"]
+def test_old_spellings_and_set_become_todays_flags():
     with pytest.warns(DeprecationWarning, match="--set"):
-        benchmark.main(common + ["--set", "model.base_channels=8", "--out", str(a)])
-    assert "deprecated" in capsys.readouterr().err
-    benchmark.main(common + ["--config.model.base_channels=8", "--out", str(b)])
-    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+        argv = benchmark.modern_argv(["benchmark", "--batch-sizes", "4", "--train-batch=2", "--compile-only",
+                                      "--set", "model.base_channels=8", "--set=config.data.image_size=32"])
+    assert argv == ["benchmark", "--batch_sizes", "4", "--train_batch=2", "--compile_only",
+                    "--config.model.base_channels=8", "--config.data.image_size=32"]
+
+
+@pytest.mark.slow  # a subprocess that compiles: the shared speed_vs_peer.sh still uses --set and --batch-sizes
+def test_set_alias_runs_like_a_config_override(tmp_path):
+    out = tmp_path / "a.json"
+    proc = run_cli("benchmark", "--config", SMOKE_CONFIG, "--batch-sizes", "2", "--train-batch", "0",
+                   "--compile-only", "--set", "model.base_channels=8", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deprecated" in proc.stderr
+    ra = json.loads(out.read_text())
+    rb = benchmark.measure(tiny_config(**{"model.base_channels": 8}), [2], 0, compile_only=True)
     smoke_params = jax.eval_shape(lambda k: init_params(tiny_config(), k), jax.random.key(0))
     assert ra["params_recon"] == rb["params_recon"] < count_params(smoke_params["recon"])  # 8 < 16 channels
-    assert ra["infer"][0]["gflops_per_image"] == rb["infer"][0]["gflops_per_image"]
-
-
-def test_unknown_config_key_exits_with_message(capsys):
-    with pytest.raises(SystemExit):
-        benchmark.main(["--config", f"{ROOT}/configs/demo.py:smoke", "--config.model.rooot=1", "--compile-only"])
-    assert "rooot" in capsys.readouterr().err
+    assert ra["infer"][0]["gflops_per_image"] == pytest.approx(rb["infer"][0]["gflops_per_image"])

@@ -53,6 +53,7 @@ def test_help_shows_module_usage_example_and_every_flag():
     assert "--coordinator_address" not in out  # train's flags are not crossval's
 
 
+@pytest.mark.slow  # a subprocess; the other CLI tests cover the wrapper in the inner loop
 def test_print_config_applies_overrides_and_exits_before_writing(tmp_path):
     workdir = tmp_path / "run"
     proc = run_cli("train", "--config", SMOKE_CONFIG, "--workdir", workdir, "--config.train.num_steps=7",
@@ -135,10 +136,11 @@ def test_commands_define_no_flags_on_import():
     """Commands import each other (crossval -> train, evaluate); absl flags are process-global."""
     from absl import flags
 
+    import diff_fastener_jax.benchmark  # noqa: F401
     import diff_fastener_jax.crossval  # noqa: F401
     import diff_fastener_jax.evaluate  # noqa: F401
     import diff_fastener_jax.models.__main__  # noqa: F401
     import diff_fastener_jax.train  # noqa: F401
 
-    for name in ("config", "workdir", "folds", "checkpoint", "out", "json"):
+    for name in ("config", "workdir", "folds", "checkpoint", "out", "json", "batch_sizes"):
         assert name not in flags.FLAGS, name

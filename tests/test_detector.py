@@ -122,10 +122,9 @@ def test_evaluate_uses_the_stored_threshold_unless_asked(run, tmp_path):
 
 def test_evaluate_cli_takes_the_stored_threshold_only_for_its_step_and_config(run):
     from diff_fastener_jax.config import apply_overrides
-    from diff_fastener_jax.evaluate import stored_threshold_for
 
     config = load_run_config(run)
     step = detector.read(run)["checkpoint_step"]
-    assert stored_threshold_for(run, step, config) == detector.read(run)["threshold"]
-    assert stored_threshold_for(run, step - 3, config) is None  # another checkpoint
-    assert stored_threshold_for(run, step, apply_overrides(config, {"infer.map": "recon_error"})) is None
+    assert detector.stored_threshold(run, step, config) == detector.read(run)["threshold"]
+    assert detector.stored_threshold(run, step - 3, config) is None  # another checkpoint
+    assert detector.stored_threshold(run, step, apply_overrides(config, {"infer.map": "recon_error"})) is None

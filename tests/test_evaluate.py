@@ -62,6 +62,8 @@ def test_evaluate_writes_metrics_and_self_contained_report(trained_run, tmp_path
 
     rows = list(csv.DictReader(open(os.path.join(out, "scores.csv"))))
     assert len(rows) == 12 and all(os.path.isfile(r["path"]) for r in rows)
+    t_big = load_run_config(trained_run).diffusion.eval_t_big  # norm-guided starts every image there
+    assert {int(r["denoise_step"]) for r in rows} == {t_big}
     assert [float(r["score"]) for r in rows] == pytest.approx(
         [float(r["score"]) for r in csv.DictReader(open(os.path.join(out2, "scores.csv")))])
 
@@ -112,12 +114,12 @@ def test_per_defect_pixel_metrics_use_every_normal_image(trained_run, tmp_path, 
     real = evaluate.score_in_batches
 
     def recording(*args, on_batch=None, **kwargs):
-        def record(i0, images, recon, amap, score, *extra):
+        def record(i0, images, out, *extra):
             if extra:  # the test split carries masks; calibration batches do not
                 for j in range(images.shape[0]):
-                    seen[i0 + j] = (np.asarray(amap[j]), np.asarray(extra[0][j]))
+                    seen[i0 + j] = (np.asarray(out.anomaly_map[j]), np.asarray(extra[0][j]))
             if on_batch is not None:
-                on_batch(i0, images, recon, amap, score, *extra)
+                on_batch(i0, images, out, *extra)
         return real(*args, on_batch=record, **kwargs)
 
     monkeypatch.setattr(evaluate, "score_in_batches", recording)

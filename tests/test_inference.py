@@ -14,7 +14,7 @@ from diff_fastener_jax.inference import (
     score_in_batches,
     top_k_count,
 )
-from diff_fastener_jax.train_step import create_train_state
+from diff_fastener_jax.models import init_params
 
 
 def _images(n, size=32, seed=0):
@@ -22,9 +22,9 @@ def _images(n, size=32, seed=0):
 
 
 def _trained_params(config):
-    state = create_train_state(config, jax.random.key(0))
+    params = init_params(config, jax.random.key(0))
     # Perturb so the networks produce non-trivial outputs.
-    leaves, tree = jax.tree_util.tree_flatten(state.params)
+    leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(3), len(leaves))
     leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
     return jax.tree_util.tree_unflatten(tree, leaves)
@@ -39,8 +39,9 @@ def smoke():
 def test_infer_deterministic_and_top_k_matches_numpy(smoke):
     config, params, infer = smoke
     images = jnp.asarray(_images(6))
-    r1, a1, s1 = infer(params, images)
-    r2, a2, s2 = infer(params, images)
+    r1, a1, s1, t1 = infer(params, images)
+    r2, a2, s2, _ = infer(params, images)
+    np.testing.assert_array_equal(np.asarray(t1), np.full(6, config.diffusion.eval_t_big))
     np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
     np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
     assert r1.shape == (6, 32, 32, 3) and a1.shape == (6, 32, 32) and s1.shape == (6,)
@@ -52,22 +53,23 @@ def test_infer_deterministic_and_top_k_matches_numpy(smoke):
     np.testing.assert_allclose(np.asarray(s1), ref, rtol=1e-6)
 
 
+@pytest.mark.slow  # compiles inference at four batch shapes
 def test_score_depends_on_model_and_image_alone(smoke):
     """The same image scores the same alone, in a batch, in another order and padded."""
     config, params, infer = smoke
     images = _images(5, seed=1)
-    _, a_batch, s_batch = (np.asarray(o) for o in infer(params, images))
+    _, a_batch, s_batch, _ = (np.asarray(o) for o in infer(params, images))
     assert np.ptp(s_batch) > 0  # distinct images, distinct scores: the comparison says something
     for i in range(5):
-        _, a_one, s_one = (np.asarray(o) for o in infer(params, images[i:i + 1]))
+        _, a_one, s_one, _ = (np.asarray(o) for o in infer(params, images[i:i + 1]))
         np.testing.assert_allclose(s_one[0], s_batch[i], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(a_one[0], a_batch[i], rtol=1e-5, atol=1e-6)
     order = np.array([3, 0, 4, 1, 2])
-    _, _, s_perm = infer(params, images[order])
+    s_perm = infer(params, images[order]).score
     np.testing.assert_allclose(np.asarray(s_perm), s_batch[order], rtol=1e-6, atol=1e-7)
     # Padded to 8 rows by run_infer and split over 4 devices.
     mesh = parallel.make_mesh(jax.devices()[:4])
-    _, _, s_pad = run_infer(infer, parallel.replicate(params, mesh), images, mesh, pad_to=8)
+    s_pad = run_infer(infer, parallel.replicate(params, mesh), images, mesh, pad_to=8).score
     np.testing.assert_allclose(s_pad, s_batch, rtol=1e-6, atol=1e-7)
     # Batched scoring in chunks of 2 gives the same scores in the same order.
     scores, _ = score_in_batches(infer, params, [(images[i:i + 2],) for i in range(0, 5, 2)],
@@ -96,22 +98,25 @@ def test_infer_recon_error_map_and_sharded():
     params = _trained_params(config)
     infer = make_infer_fn(config)
     images = _images(8)
-    recon, amap, score = infer(params, jnp.asarray(images))
+    recon, amap, score, _ = infer(params, jnp.asarray(images))
     np.testing.assert_allclose(np.asarray(amap), np.abs(images - np.asarray(recon)).mean(-1) / 2, atol=1e-6)
     mesh = parallel.make_mesh(jax.devices()[:4])
-    _, _, score4 = infer(params, jax.device_put(jnp.asarray(images), parallel.data_sharding(mesh)))
+    score4 = infer(params, jax.device_put(jnp.asarray(images), parallel.data_sharding(mesh))).score
     np.testing.assert_allclose(np.asarray(score4), np.asarray(score), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["one_step", "ddim", "ddpm"])
+@pytest.mark.parametrize("method", ["one_step"] + [pytest.param(m, marks=pytest.mark.slow)  # a compile each
+                                                 for m in ("ddim", "ddpm", "adaptive")])
 def test_infer_ablation_methods_are_batch_independent(method):
     config = tiny_config(**{"infer.method": method, "infer.ddim_steps": 3, "diffusion.eval_t_small": 10,
-                            "diffusion.eval_t_big": 20})
+                            "diffusion.eval_t_big": 20, "infer.adaptive_t_max": 20})
     params = _trained_params(config)
     infer = make_infer_fn(config)
     images = jnp.asarray(_images(2))
-    r1, a1, s1 = infer(params, images)
-    r2, _, s2 = infer(params, images[::-1])
+    r1, a1, s1, t1 = infer(params, images)
+    r2, _, s2, t2 = infer(params, images[::-1])
+    np.testing.assert_array_equal(np.asarray(t2)[::-1], np.asarray(t1))
+    assert set(np.asarray(t1).tolist()) <= {20, 10, 0}  # a time on the grid (20, 10, 0)
     assert r1.shape == images.shape and a1.shape == (2, 32, 32)
     np.testing.assert_allclose(np.asarray(s2)[::-1], np.asarray(s1), rtol=1e-6, atol=1e-7)
     assert float(jnp.max(jnp.abs(r1))) <= 1.0

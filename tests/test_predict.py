@@ -44,7 +44,8 @@ def test_predict_writes_scores_maps_masks_and_reports_the_corrupt_file(folder, i
         rows = list(csv.DictReader(f))
     assert [os.path.basename(r["path"]) for r in rows] == ["a,comma.png", "b16.png"]  # csv quotes the comma
     ref = det.predict([str(incoming / "a,comma.png"), str(incoming / "b16.png")])
-    for r, s, lab in zip(rows, ref.scores, ref.labels):
+    for r, s, lab, step in zip(rows, ref.scores, ref.labels, ref.denoise_steps):
+        assert int(r["denoise_step"]) == int(step) == det.config.diffusion.eval_t_big
         assert float(r["score"]) == pytest.approx(float(s), abs=1e-6)
         assert int(r["label"]) == int(lab) == int(float(r["score"]) > float(r["threshold"]))
     assert float(rows[0]["threshold"]) == pytest.approx(det.threshold, abs=1e-6)

@@ -29,6 +29,7 @@ def _run_steps(config, mesh, batch, n_steps, seed=0):
     return state, metrics, step
 
 
+@pytest.mark.slow  # compiles whole train steps: outside the 2-minute inner loop
 def test_one_device_equals_four_devices():
     assert len(jax.devices()) >= 4, "needs XLA_FLAGS=--xla_force_host_platform_device_count=4"
     config = tiny_config()
@@ -42,6 +43,7 @@ def test_one_device_equals_four_devices():
     assert int(s4.step) == 2
 
 
+@pytest.mark.slow  # compiles whole train steps: outside the 2-minute inner loop
 def test_step_compiles_once_and_reports_metrics():
     config = tiny_config()
     _, metrics, step = _run_steps(config, parallel.make_mesh(jax.devices()[:2]), _batch(4), 3)
@@ -63,6 +65,7 @@ def test_loss_falls_on_fixed_batch():
     assert last < first / 5, (first, last)
 
 
+@pytest.mark.slow  # compiles a whole train step
 def test_non_finite_loss_skips_update():
     config = tiny_config()
     batch = _batch(4)

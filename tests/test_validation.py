@@ -31,7 +31,7 @@ def test_validation_logs_ema_scores_equal_to_a_direct_computation(tmp_path):
     batches = pipeline.make_val_batches(run_config, seed=run_config.seed, num_batches=run_config.train.val_batches)
     scores, labels, maps, masks, errors = [], [], [], [], []
     for b in batches:
-        recon, amap, score = run_infer(infer, params, b["image"], mesh)
+        recon, amap, score, _ = run_infer(infer, params, b["image"], mesh)
         normal = b["is_synthetic"] == 0
         errors.append(np.abs(recon[normal].astype(np.float64) - b["image"][normal]).mean(axis=(1, 2, 3)))
         scores.append(score), labels.append(b["is_synthetic"]), maps.append(amap), masks.append(b["mask"][..., 0])
