@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from diff_fastener_jax import detector as D
+from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import model_image_shape, prepare_inference, run_infer
@@ -39,8 +40,9 @@ class Prediction:
     labels: np.ndarray  # (N,) bool: score > threshold
     anomaly_maps: list[np.ndarray]  # N float32 (h_i, w_i) maps in [0, 1] at each input's own size
     masks: list[np.ndarray]  # N bool (h_i, w_i): anomaly_map > pixel_threshold
-    threshold: float
+    threshold: float  # the model's one threshold (or the override)
     denoise_steps: np.ndarray  # (N,) int32: the diffusion step each reconstruction started from
+    thresholds: np.ndarray  # (N,) each image's own (its category's, for a unified model)
 
 
 def save_params(path: str, params) -> None:
@@ -73,10 +75,12 @@ class Detector:
     def __init__(self, config: ml_collections.ConfigDict, params, record: dict, *, threshold: float | None = None):
         self.config = config
         self.record = record
+        self._threshold_override = threshold is not None
         t = threshold if threshold is not None else (record.get("threshold") or {}).get("value")
         self.threshold = None if t is None else float(t)
         self.pixel_threshold = float(record.get("pixel_threshold", D.PIXEL_THRESHOLD))
         self.height, self.width, self.channels = model_image_shape(config)
+        self.categories = class_names(config)  # [] for a one-category model
         self._infer, self._params, self._mesh = prepare_inference(config, params)
         self._batch = int(config.infer.batch_size)
 
@@ -150,15 +154,35 @@ class Detector:
         model, model.stablehlo and model.onnx take, read by the same function as the training images."""
         return self._prepare(images)[0]
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(anomaly_map (N, H, W), score (N,)) for a preprocessed batch, in chunks of infer.batch_size."""
-        return self._infer_batch(batch)[:2]
+    def class_ids(self, categories, n: int) -> np.ndarray | None:
+        """Class ids (n,) for a unified model from one category name or one per image; None otherwise."""
+        if not self.categories:
+            if categories is not None and any(c not in ("", None) for c in np.atleast_1d(categories)):
+                raise UserError(f"this model was trained on one category; it takes no category (got {categories!r})")
+            return None
+        if categories is None:
+            raise UserError(f"this model covers several categories ({', '.join(self.categories)}): "
+                            "give each image's category", hint="e.g. --category " + self.categories[0])
+        names = [categories] * n if isinstance(categories, str) else list(categories)
+        if len(names) != n:
+            raise UserError(f"{len(names)} categories for {n} images")
+        unknown = sorted(set(names) - set(self.categories))
+        if unknown:
+            raise UserError(f"unknown category {unknown[0]!r}", hint=f"this model knows {', '.join(self.categories)}")
+        return np.asarray([self.categories.index(c) for c in names], np.int32)
 
-    def _infer_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def infer(self, batch: np.ndarray, categories=None) -> tuple[np.ndarray, np.ndarray]:
+        """(anomaly_map (N, H, W), score (N,)) for a preprocessed batch, in chunks of infer.batch_size.
+        `categories`: a name, or one per image, for a unified multi-category model."""
+        return self._infer_batch(batch, categories)[:2]
+
+    def _infer_batch(self, batch: np.ndarray, categories=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(anomaly_map (N, H, W), score (N,), denoise_step (N,))."""
         maps, scores, steps = [], [], []
+        ids = self.class_ids(categories, batch.shape[0])
         for i0 in range(0, batch.shape[0], self._batch):
-            out = run_infer(self._infer, self._params, batch[i0:i0 + self._batch], self._mesh, pad_to=self._batch)
+            out = run_infer(self._infer, self._params, batch[i0:i0 + self._batch], self._mesh, pad_to=self._batch,
+                            class_ids=None if ids is None else ids[i0:i0 + self._batch])
             maps.append(out.anomaly_map)
             scores.append(out.score)
             steps.append(out.denoise_step)
@@ -167,18 +191,29 @@ class Detector:
                     np.zeros((0,), np.int32))
         return np.concatenate(maps), np.concatenate(scores), np.concatenate(steps)
 
-    def predict(self, images: Sequence[ImageInput] | ImageInput) -> Prediction:
-        """Scores, labels (score > threshold), anomaly maps resized back to each input's size, binary masks."""
+    def thresholds_for(self, categories, n: int) -> np.ndarray:
+        """Each image's threshold (n,): a given override, else its category's calibrated one (unified
+        models), else the model's one threshold."""
+        if self._threshold_override or not self.categories:
+            return np.full(n, self.threshold, np.float64)
+        names = [categories] * n if isinstance(categories, str) else list(categories)
+        return np.asarray(D.threshold_for({**self.record["threshold"], "value": self.threshold}, names), np.float64)
+
+    def predict(self, images: Sequence[ImageInput] | ImageInput, categories=None) -> Prediction:
+        """Scores, labels (score > its threshold), anomaly maps resized back to each input's size, binary
+        masks. `categories`: a name, or one per image, for a unified multi-category model (its images are
+        judged against their own category's threshold)."""
         if self.threshold is None:
             raise UserError(f"this detector has no threshold ({self.record['threshold'].get('source')})",
                             hint="pass threshold=X to Detector.load, or calibrate with "
                                  "`python -m diff_fastener_jax.evaluate --workdir RUN --recalibrate`")
         batch, sizes = self._prepare(images)
-        amaps, scores, steps = self._infer_batch(batch)
+        amaps, scores, steps = self._infer_batch(batch, categories)
+        thresholds = self.thresholds_for(categories, len(scores))
         maps = [resize_map(m, h, w) for m, (h, w) in zip(amaps, sizes)]
-        return Prediction(scores=scores.astype(np.float32), labels=D.is_anomalous(scores, self.threshold),
+        return Prediction(scores=scores.astype(np.float32), labels=D.is_anomalous(scores, thresholds),
                           anomaly_maps=maps, masks=[D.is_anomalous(m, self.pixel_threshold) for m in maps],
-                          threshold=self.threshold, denoise_steps=steps.astype(np.int32))
+                          threshold=self.threshold, denoise_steps=steps.astype(np.int32), thresholds=thresholds)
 
     def __repr__(self) -> str:
         return (f"Detector({self.height}x{self.width}, method={self.config.infer.method}, "

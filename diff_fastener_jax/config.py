@@ -37,17 +37,35 @@ REMAT_MODES = ("none", "blocks")
 SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("constant", "warmup_cosine")
 INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm", "adaptive")
+SEG_CLASS_CONDITIONINGS = ("channels", "film")
 ANOMALY_MAPS = ("segmentation", "recon_error")
 
 __all__ = [
     "ACTIVATIONS", "ANOMALY_MAPS", "ATTENTION_IMPLS", "DATA_FORMATS", "DATA_PRESETS", "DTYPES", "FOREGROUNDS",
-    "INFER_METHODS", "LR_SCHEDULES", "REMAT_MODES", "SCHEDULES", "ConfigError", "apply_overrides", "base_config", "check_keys", "config_from_json", "flatten",
+    "INFER_METHODS", "LR_SCHEDULES", "REMAT_MODES", "SCHEDULES", "SEG_CLASS_CONDITIONINGS",
+    "category_names", "class_names", "ConfigError", "apply_overrides", "base_config", "check_keys", "config_from_json", "flatten",
     "known_keys", "load_config", "suggest_key", "unknown_keys", "validate_config",
 ]
 
 
 class ConfigError(UserError, ValueError):
     """An invalid or unknown config value."""
+
+
+def category_names(category) -> list[str]:
+    """data.category as names: 'bottle' -> ['bottle'], 'a, b' -> ['a', 'b'], 'all' -> ['all'] (the data
+    layer expands it), '' -> []."""
+    return [c.strip() for c in str(category or "").split(",") if c.strip()]
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The categories a unified model is conditioned on, in class-id order; [] for a one-category
+    model (no class embedding). 'all' must have been resolved (training saves the resolved list)."""
+    names = category_names(config.data.get("category", ""))
+    if "all" in names:
+        raise ConfigError("data.category='all' is resolved only when a run starts (training writes the list "
+                          "into config.json)", hint="name the categories: --config.data.category=a,b")
+    return names if len(names) > 1 else []
 
 
 def flatten(cfg, prefix: str = "") -> dict[str, object]:
@@ -234,6 +252,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
          f"need 0 <= t_s < t_b < T, got t_s={diff.eval_t_small}, t_b={diff.eval_t_big}, T={diff.T}")
     one_of("infer.map", config.infer.map, ANOMALY_MAPS)
     one_of("infer.method", config.infer.method, INFER_METHODS)
+    one_of("model.seg_class_conditioning", config.model.seg_class_conditioning, SEG_CLASS_CONDITIONINGS)
+    names = category_names(d.category)
+    need(len(set(names)) == len(names), "data.category", f"names a category twice: {d.category!r}")
+    need("all" not in names or names == ["all"], "data.category", f"'all' cannot be combined with names: {d.category!r}")
     need(config.infer.ddim_steps >= 1, "infer.ddim_steps", f"must be >= 1, got {config.infer.ddim_steps}")
     need(0 < config.infer.adaptive_t_max < config.diffusion.T, "infer.adaptive_t_max",
          f"must be in (0, diffusion.T={config.diffusion.T}), got {config.infer.adaptive_t_max}")

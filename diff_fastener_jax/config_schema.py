@@ -35,6 +35,10 @@ def model_config() -> ml_collections.ConfigDict:
     # rematerialisation in the train step: 'none' (fastest) | 'blocks' (recompute every res/attention
     # block in the backward pass: ~1/3 more FLOPs, a fraction of the activation memory)
     m.remat = "none"
+    # unified multi-category models (data.category 'a,b' or 'all'): how the segmentation net gets the
+    # class ('channels': one-hot input planes | 'film': per-level scale and shift); the reconstruction
+    # U-Net always adds a learned class embedding to its time embedding
+    m.seg_class_conditioning = "channels"
     return m
 
 
@@ -48,6 +52,7 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.format = preset if preset != "fastener" else "folder"
     c.data.root = ""  # dataset root (for 'demo': where to generate; default <workdir>/demo_data)
+    # one category, several ('a,b': ONE model conditioned on the class) or 'all' (every category under root)
     c.data.category = "fastener" if preset in ("fastener", "demo") else ""
     c.data.image_size = 256
     c.data.val_fraction = 0.1  # held-out slice of train/good for validation and threshold calibration

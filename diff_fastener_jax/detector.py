@@ -21,6 +21,7 @@ import numpy as np
 
 from diff_fastener_jax import __version__
 from diff_fastener_jax import metrics as M
+from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import (
@@ -63,7 +64,9 @@ def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=
     `eval.fpr_target` of the held-out NORMAL validation images (never the test set).
 
     Returns {"value": float | None, "source": str, "fpr_target", "num_images", "rule"}; value is None
-    (with the reason as source) when there are no held-out normal images to calibrate on.
+    (with the reason as source) when there are no held-out normal images to calibrate on. A unified
+    multi-category model also gets "per_category": {name: value}, each calibrated on that category's own
+    held-out normals (`threshold_for` picks an image's).
     """
     record = {"rule": "score > threshold", "fpr_target": float(config.eval.fpr_target), "num_images": 0}
     if config.eval.threshold >= 0:
@@ -78,23 +81,39 @@ def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=
         infer, params, mesh = prepare_inference(config, params)
     bs = config.infer.batch_size
     scores, _ = score_in_batches(infer, params, sample_batches(calib, config.data.image_size, bs), mesh=mesh,
-                                 total=len(calib), show_progress=False, pad_to=bs)
+                                 total=len(calib), show_progress=False, pad_to=bs,
+                                 class_ids=datasets.class_id_array(config, calib))
     value = float(M.calibrate_threshold(scores, config.eval.fpr_target))
-    return record | {"value": value, "num_images": len(calib),
-                     "source": f"{config.eval.fpr_target:.1%} FPR on {len(calib)} held-out normal images"}
+    record |= {"value": value, "num_images": len(calib),
+               "source": f"{config.eval.fpr_target:.1%} FPR on {len(calib)} held-out normal images"}
+    if class_names(config):
+        cats = np.asarray([s.category for s in calib])
+        record["per_category"] = {name: float(M.calibrate_threshold(scores[cats == name], config.eval.fpr_target))
+                                  for name in class_names(config) if (cats == name).any()}
+    return record
+
+
+def threshold_for(record: dict, categories) -> np.ndarray | float:
+    """The threshold of each image: its category's own (unified models) where one was calibrated, else
+    the record's single value. `categories`: a name per image (or None for one-category models)."""
+    per = record.get("per_category") or {}
+    if categories is None or not per:
+        return float(record["value"])
+    return np.asarray([per.get(c, record["value"]) for c in categories], np.float64)
 
 
 def resolve_threshold(config, params, infer, mesh, stored: dict | None = None, *, recalibrate: bool = False,
-                      calibration_samples=None) -> tuple[float, str]:
-    """(threshold, where it came from) for evaluation: `eval.threshold` if >= 0, else the stored
-    calibration unless `recalibrate` (or nothing usable is stored), else a fresh calibration."""
+                      calibration_samples=None) -> tuple[dict, str]:
+    """(threshold record, where it came from) for evaluation: `eval.threshold` if >= 0, else the stored
+    calibration unless `recalibrate` (or nothing usable is stored), else a fresh calibration. The
+    record's "value" is set; "per_category" too for unified models (see `calibrate`)."""
     if config.eval.threshold < 0 and not recalibrate and stored and stored.get("value") is not None:
-        return float(stored["value"]), f"stored in {DETECTOR_FILE}: {stored['source']}"
+        return stored, f"stored in {DETECTOR_FILE}: {stored['source']}"
     record = calibrate(config, params, calibration_samples=calibration_samples, infer=infer, mesh=mesh)
     if record["value"] is None:
         raise UserError(f"cannot calibrate a threshold: {record['source']}",
                         hint="set one with --config.eval.threshold=X")
-    return record["value"], record["source"]
+    return record, record["source"]
 
 
 def detector_record(config: ml_collections.ConfigDict, threshold: dict, step: int | None) -> dict:

@@ -23,7 +23,7 @@ from absl import flags
 
 from diff_fastener_jax import cli, detector, report
 from diff_fastener_jax import metrics as M
-from diff_fastener_jax.config import validate_config
+from diff_fastener_jax.config import class_names, validate_config
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.detector import PIXEL_THRESHOLD, is_anomalous, resolve_threshold
 from diff_fastener_jax.inference import (
@@ -50,34 +50,56 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
         test_samples = datasets.list_samples(config.data, "test", seed=config.seed)
     labels = np.array([s.label for s in test_samples], np.int32)
     defects = [s.defect for s in test_samples]
+    categories = [s.category for s in test_samples]
     has_masks = any(s.mask_path for s in test_samples)
+    class_ids = datasets.class_id_array(config, test_samples)  # None unless a unified model
+    unified = class_ids is not None
 
     # Warm-up: compile once on a full-size batch so images/s measures steady-state inference.
     first = next(sample_batches(test_samples[:1], size, 1))
-    run_infer(infer, params, first[0], mesh, pad_to=bs)
+    run_infer(infer, params, first[0], mesh, pad_to=bs, class_ids=None if class_ids is None else class_ids[:1])
 
-    evaluation = M.StreamingEvaluation(with_pixels=has_masks, aupro_limit=config.eval.aupro_limit)
+    def new_evaluation():
+        return M.StreamingEvaluation(with_pixels=has_masks, aupro_limit=config.eval.aupro_limit)
 
+    evaluation = new_evaluation()
+    by_category = {c: new_evaluation() for c in (class_names(config) if unified else [])}
     steps = np.zeros(len(test_samples), np.int32)  # the denoising step each image started from
 
     def on_batch(i0, images, out, masks):
         n = images.shape[0]
         steps[i0:i0 + n] = out.denoise_step
-        evaluation.update(out.score, labels[i0:i0 + n], defects[i0:i0 + n], out.anomaly_map if has_masks else None,
+        rows = slice(i0, i0 + n)
+        evaluation.update(out.score, labels[rows], defects[rows], out.anomaly_map if has_masks else None,
                           masks if has_masks else None)
+        for c, ev in by_category.items():
+            sel = np.flatnonzero(np.asarray(categories[rows]) == c)
+            if sel.size:
+                ev.update(out.score[sel], labels[rows][sel], [defects[i0 + j] for j in sel],
+                          out.anomaly_map[sel] if has_masks else None, masks[sel] if has_masks else None)
 
     scores, infer_s = score_in_batches(
         infer, params, sample_batches(test_samples, size, bs, with_masks=True), mesh=mesh,
-        total=len(test_samples),
-        on_batch=on_batch, show_progress=show_progress, pad_to=bs)
+        total=len(test_samples), on_batch=on_batch, show_progress=show_progress, pad_to=bs,
+        class_ids=class_ids)
 
-    threshold, threshold_source = resolve_threshold(config, params, infer, mesh, stored_threshold,
-                                                    recalibrate=recalibrate, calibration_samples=calibration_samples)
+    record, threshold_source = resolve_threshold(config, params, infer, mesh, stored_threshold,
+                                                 recalibrate=recalibrate, calibration_samples=calibration_samples)
+    thresholds = detector.threshold_for(record, categories if unified else None)  # one, or one per image
 
     result = {"num_images": len(test_samples), "num_anomalous": int(labels.sum()),
               "images_per_second": len(test_samples) / max(infer_s, 1e-9), "has_masks": has_masks,
               "threshold_source": threshold_source}
-    result.update(evaluation.compute(threshold))
+    result.update(evaluation.compute(thresholds))
+    result["threshold"] = float(record["value"])
+    if unified:
+        # Every category on its own (its images, its threshold), then their unweighted mean.
+        result["threshold_per_category"] = dict(record.get("per_category", {}))
+        result["per_category"] = {c: ev.compute(detector.threshold_for(record, [c])[0])
+                                  for c, ev in by_category.items() if ev.num_images}
+        keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "precision", "recall", "f1")
+        result["per_category_mean"] = {k: float(np.mean([m[k] for m in result["per_category"].values()]))
+                                       for k in keys if all(k in m for m in result["per_category"].values())}
     per_defect = result["per_defect"]
     notes = [f"Checkpoint parameters: {'EMA' if config.optim.ema_decay > 0 else 'raw'}; threshold: {threshold_source}."]
     if config.infer.method == "adaptive":
@@ -89,20 +111,26 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     # Panels: re-run the few selected images (deterministic: the model's fixed noise).
     chosen = report.select_panels(scores, labels, config.eval.num_panels)
     panels = []
-    for idx, kind in chosen:
-        arrays = datasets.load_arrays([test_samples[idx]], size)
-        recon, amap, score, step = run_infer(infer, params, arrays["image"], mesh, pad_to=bs)
-        panels.append({"image": arrays["image"][0], "reconstruction": recon[0], "denoise_step": int(step[0]),
-                       "mask": arrays["mask"][0, ..., 0] if has_masks else None, "anomaly_map": amap[0],
-                       "pred_mask": is_anomalous(amap[0], PIXEL_THRESHOLD), "score": float(score[0]),
-                       "label": int(labels[idx]),
-                       "defect": defects[idx], "path": test_samples[idx].path, "kind": kind})
+    for j0 in range(0, len(chosen), bs):  # the panels' images in full batches: one compiled shape
+        part = chosen[j0:j0 + bs]
+        idx = [i for i, _ in part]
+        arrays = datasets.load_arrays([test_samples[i] for i in idx], size)
+        out = run_infer(infer, params, arrays["image"], mesh, pad_to=bs,
+                        class_ids=None if class_ids is None else class_ids[idx])
+        for r, (i, kind) in enumerate(part):
+            panels.append({"image": arrays["image"][r], "reconstruction": out.recon[r],
+                           "denoise_step": int(out.denoise_step[r]),
+                           "mask": arrays["mask"][r, ..., 0] if has_masks else None,
+                           "anomaly_map": out.anomaly_map[r],
+                           "pred_mask": is_anomalous(out.anomaly_map[r], PIXEL_THRESHOLD),
+                           "score": float(out.score[r]), "label": int(labels[i]),
+                           "defect": defects[i], "path": test_samples[i].path, "kind": kind})
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(_jsonable(result), f, indent=2)
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
         rows = csv.writer(f)
-        rows.writerow(["path", "defect", "label", "score", "denoise_step"])
-        rows.writerows([s.path, s.defect, s.label, f"{sc:.6f}", int(st)]
+        rows.writerow(["path", "category", "defect", "label", "score", "denoise_step"])
+        rows.writerows([s.path, s.category, s.defect, s.label, f"{sc:.6f}", int(st)]
                        for s, sc, st in zip(test_samples, scores, steps))
     report.write_report(os.path.join(out_dir, "report.html"), metrics=result, per_defect=per_defect,
                         scores=scores, labels=labels, defects=defects, panels=panels,

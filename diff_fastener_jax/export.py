@@ -30,6 +30,7 @@ from absl import app, flags
 
 from diff_fastener_jax import api, cli
 from diff_fastener_jax import detector as D
+from diff_fastener_jax.config import class_names
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import make_infer_program, model_image_shape
 
@@ -41,11 +42,12 @@ EXPORT_PLATFORMS = ("cpu", "cuda")
 
 
 def map_and_score_program(config, *, fuse_passes: bool = True):
-    """`f(params, images) -> (anomaly_map (N, H, W), score (N,))`: what both exported files compute."""
+    """`f(params, images[, class_ids]) -> (anomaly_map (N, H, W), score (N,))`: what both exported files
+    compute (class_ids (N,) int32 only for a unified multi-category model, `config.class_names` order)."""
     infer = make_infer_program(config, fuse_passes=fuse_passes)
 
-    def f(params, images):
-        out = infer(params, images)
+    def f(params, images, *class_ids):
+        out = infer(params, images, *class_ids)
         return out.anomaly_map, out.score
 
     return f
@@ -56,15 +58,19 @@ def export_stablehlo(config, params, platforms=EXPORT_PLATFORMS) -> tuple[bytes,
     h, w, c = model_image_shape(config)
     param_specs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params)
     (n,) = jax.export.symbolic_shape("N")
-    images = jax.ShapeDtypeStruct((n, h, w, c), jnp.float32)
+    args = [jax.ShapeDtypeStruct((n, h, w, c), jnp.float32)]
+    inputs = "(params pytree of params.npz, images float32 (N, H, W, 3)"
+    if class_names(config):
+        args.append(jax.ShapeDtypeStruct((n,), jnp.int32))
+        inputs += f", class_ids int32 (N,): index into {class_names(config)}"
     fn = jax.jit(map_and_score_program(config))
     try:
-        exp = jax.export.export(fn, platforms=platforms)(param_specs, images)
+        exp = jax.export.export(fn, platforms=platforms)(param_specs, *args)
     except Exception:  # noqa: BLE001 - a platform this JAX cannot lower for: fall back to the local one
         platforms = (jax.default_backend(),)
-        exp = jax.export.export(fn, platforms=platforms)(param_specs, images)
+        exp = jax.export.export(fn, platforms=platforms)(param_specs, *args)
     return bytes(exp.serialize()), {"batch": "symbolic N", "platforms": list(exp.platforms),
-                                    "inputs": "(params pytree of params.npz, images float32 (N, H, W, 3))",
+                                    "inputs": inputs + ")",
                                     "outputs": "(anomaly_map float32 (N, H, W), score float32 (N,))"}
 
 
@@ -74,6 +80,8 @@ def load_stablehlo(folder: str):
         exp = jax.export.deserialize(bytearray(fh.read()))
     params = jax.device_put(api.load_params(os.path.join(folder, api.PARAMS_FILE)))
     call = jax.jit(exp.call)  # compiled once per batch size, like the in-process program
+    if len(exp.in_avals) > len(jax.tree_util.tree_leaves(params)) + 1:  # a unified model: class ids too
+        return lambda images, class_ids: call(params, jnp.asarray(images, jnp.float32), jnp.asarray(class_ids, jnp.int32))
     return lambda images: call(params, jnp.asarray(images, jnp.float32))
 
 
@@ -86,6 +94,9 @@ def export_onnx(config, params, path: str, batch: int = 1) -> dict:
     from jax2onnx import to_onnx
 
     h, w, c = model_image_shape(config)
+    if class_names(config):
+        raise UserError("ONNX export of a unified multi-category model is not supported yet",
+                        hint="use model.stablehlo (it takes class_ids), or pass --noonnx")
     program = map_and_score_program(config, fuse_passes=False)
     const = jax.tree_util.tree_map(jnp.asarray, params)
     to_onnx(lambda images: program(const, images), inputs=[(batch, h, w, c)], model_name="diff_fastener",
@@ -138,6 +149,10 @@ def export_run(workdir: str, out: str, *, checkpoint: int | None = None, onnx: b
     with open(os.path.join(out, STABLEHLO_FILE), "wb") as fh:
         fh.write(blob)
     log(f"wrote {STABLEHLO_FILE} ({len(blob) / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
+    if onnx and class_names(config):
+        log("model.onnx skipped: ONNX export of a unified multi-category model is not supported yet "
+            "(model.stablehlo takes the class ids)")
+        onnx = False
     if onnx:
         t = time.perf_counter()
         record["onnx"] = export_onnx(config, params, os.path.join(out, ONNX_FILE), onnx_batch)

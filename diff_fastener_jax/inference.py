@@ -20,7 +20,7 @@ from diff_fastener_jax import diffusion, parallel
 from diff_fastener_jax.config import ANOMALY_MAPS, INFER_METHODS
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.logging_utils import ProgressBar
-from diff_fastener_jax.models import build_models
+from diff_fastener_jax.models import build_models, tile_rows
 
 
 class InferOutputs(NamedTuple):
@@ -45,22 +45,30 @@ def prepare_inference(config, params):
     return make_infer_fn(config), place_params(params, mesh), mesh
 
 
-def run_infer(infer: Callable, params, images: np.ndarray, mesh=None, pad_to: int = 0):
+def run_infer(infer: Callable, params, images: np.ndarray, mesh=None, pad_to: int = 0,
+              class_ids: np.ndarray | None = None):
     """One batch through `infer`, padded (to `pad_to` rows, then to the device count) and split over the mesh.
 
-    Padding every batch to one size means one compilation. Returns numpy (recon (N, H, W, C),
+    Padding every batch to one size means one compilation. `class_ids` (N,) int: each image's category
+    for a unified multi-category model (None otherwise). Returns numpy InferOutputs (recon (N, H, W, C),
     anomaly_map (N, H, W), score (N,), denoise_step (N,)) for the N real rows.
     """
     n = images.shape[0]
     d = 1 if mesh is None else mesh.devices.size
     rows = max(n, pad_to)
     pad = rows - n + (-rows) % d
+    if class_ids is not None:
+        class_ids = np.asarray(class_ids, np.int32).reshape(-1)
+        if class_ids.shape[0] != n:
+            raise ValueError(f"run_infer: {class_ids.shape[0]} class ids for {n} images")
     if pad:  # repeat the last image; its outputs are dropped
         images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-    if d == 1:
-        out = infer(params, images)
-    else:
-        out = infer(params, jax.device_put(images, parallel.data_sharding(mesh)))
+        if class_ids is not None:
+            class_ids = np.concatenate([class_ids, np.repeat(class_ids[-1:], pad)])
+    args = (images,) if class_ids is None else (images, class_ids)
+    if d > 1:
+        args = tuple(jax.device_put(a, parallel.data_sharding(mesh)) for a in args)
+    out = infer(params, *args)
     return InferOutputs(*(np.asarray(o)[:n] for o in out))
 
 
@@ -76,17 +84,20 @@ def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False
 
 def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray, ...]], *,
                      mesh=None, total: int | None = None, on_batch: Callable | None = None,
-                     show_progress: bool = True, pad_to: int = 0) -> tuple[np.ndarray, float]:
+                     show_progress: bool = True, pad_to: int = 0,
+                     class_ids: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Scores every (images, *extra) batch; returns (scores (N,), seconds inside inference).
 
     `on_batch(i0, images, outputs, *extra)` sees each batch's `InferOutputs` (for streaming metrics);
-    `extra` is whatever the batch carried besides its images (e.g. its masks).
+    `extra` is whatever the batch carried besides its images (e.g. its masks). `class_ids` (N,): the
+    category of every image of the whole stream, in order (unified multi-category models).
     """
     scores, infer_s, done = [], 0.0, 0
     bar = ProgressBar(total or 0, "images", disable=not (show_progress and total))
     for images, *extra in batches:
         t = time.perf_counter()
-        out = InferOutputs(*run_infer(infer, params, images, mesh, pad_to))
+        cls = None if class_ids is None else class_ids[done:done + images.shape[0]]
+        out = run_infer(infer, params, images, mesh, pad_to, class_ids=cls)
         infer_s += time.perf_counter() - t
         if on_batch is not None:
             on_batch(done, images, out, *extra)
@@ -137,8 +148,9 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool = True) -> Callable:
-    """The unjitted `infer(params, images) -> InferOutputs(recon, anomaly_map, score, denoise_step)`
-    (for jit, jax.export, ONNX).
+    """The unjitted `infer(params, images[, class_ids]) -> InferOutputs(recon, anomaly_map, score,
+    denoise_step)` (for jit, jax.export, ONNX). `class_ids` (N,) int32, each image's category, is
+    required by (and only by) a unified multi-category model.
 
     images (N, H, W, C) in [-1, 1] at the model's size; recon (N, H, W, C); anomaly_map (N, H, W) in
     [0, 1] (segmentation probability, or |x - recon| averaged over channels / 2 for
@@ -161,10 +173,13 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     k = top_k_count(config, shape[0], shape[1])
     method = config.infer.method
 
-    def infer(params, images):
+    def infer(params, images, class_ids=None):
         if tuple(images.shape[1:]) != shape:
             raise ValueError(f"infer: images must be (N, {', '.join(map(str, shape))}) for this model, "
                              f"got {tuple(images.shape)}")
+        if bool(recon_net.num_classes) != (class_ids is not None):
+            raise ValueError(f"infer: this model has {recon_net.num_classes} classes; pass class_ids (N,) "
+                             "exactly when it has some")
         n = images.shape[0]
         n1 = jnp.broadcast_to(noise[0], images.shape)  # (N, H, W, C)
         n2 = jnp.broadcast_to(noise[1], images.shape)
@@ -173,8 +188,8 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
         t_b = jnp.broadcast_to(np.int32(d.eval_t_big), (n,))
         step = t_b  # the fixed-step methods start every image at t_big
 
-        def eps_fn(x, t):
-            return recon_net.apply({"params": params["recon"]}, x, t)
+        def eps_fn(x, t):  # fused passes stack copies of the batch: the class ids are tiled to match
+            return recon_net.apply({"params": params["recon"]}, x, t, class_ids=tile_rows(class_ids, x.shape[0]))
 
         if method == "norm_guided":
             recon = diffusion.norm_guided_reconstruction(
@@ -197,7 +212,8 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
             else:
                 recon = diffusion.ddpm_reconstruct(eps_fn, sched, images, int(d.eval_t_big), keys)
         if config.infer.map == "segmentation":
-            amap = seg_net.apply({"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1))[..., 0]
+            amap = seg_net.apply({"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1),
+                                 class_ids=class_ids)[..., 0]
         else:
             amap = diffusion.recon_error_map(images, recon) / 2.0  # [-1, 1] images: error in [0, 2]
         return InferOutputs(recon, amap, top_k_score(amap, k), step)

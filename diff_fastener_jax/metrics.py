@@ -143,21 +143,25 @@ def calibrate_threshold(normal_val_scores, fpr_target: float = 0.01) -> float:
     return float(np.sort(s)[n - k - 1])
 
 
-def label_metrics(scores, labels, threshold: float) -> dict:
+def label_metrics(scores, labels, threshold) -> dict:
     """Precision, recall, F1, accuracy and the confusion matrix at `threshold` (anomalous iff score > threshold).
+
+    `threshold` is one value or one per image (a unified model's per-category thresholds); the record's
+    "threshold" is then None.
 
     confusion_matrix = [[tn, fp], [fn, tp]] (rows: true normal / anomalous; columns: predicted).
     Precision is NaN when nothing is predicted anomalous, recall NaN when there are no anomalies,
     F1 = 2tp / (2tp + fp + fn) NaN only when both are absent.
     """
     s, y = _as_scores_labels(scores, labels, "label_metrics")
-    pred = s > float(threshold)
+    thr = np.asarray(threshold, np.float64)
+    pred = s > (thr.reshape(-1) if thr.ndim else float(thr))
     tp = int(np.sum(pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))
     tn = int(np.sum(~pred & (y == 0)))
     fn = int(np.sum(~pred & (y == 1)))
     return {
-        "threshold": float(threshold),
+        "threshold": None if thr.ndim else float(thr),
         "precision": tp / (tp + fp) if tp + fp else math.nan,
         "recall": tp / (tp + fn) if tp + fn else math.nan,
         "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else math.nan,
@@ -368,6 +372,10 @@ class StreamingEvaluation:
         self._labels += y.tolist()
         self._defects += d
 
+    @property
+    def num_images(self) -> int:
+        return len(self._scores)
+
     def _pixels(self, names) -> PixelMetricAccumulator:
         acc = PixelMetricAccumulator(self.aupro_limit)
         acc.merge(self._normal_px)
@@ -398,7 +406,8 @@ class StreamingEvaluation:
             if self.with_pixels:
                 _merge_warnings(entry, self._pixels([name]).compute())
             if threshold is not None:
-                lm = label_metrics(s[sel], y[sel], threshold)
+                thr = np.asarray(threshold, np.float64)
+                lm = label_metrics(s[sel], y[sel], thr.reshape(-1)[sel] if thr.ndim else thr)
                 entry.update({k: lm[k] for k in ("precision", "recall", "f1")})
             per_defect[name] = entry
         out["per_defect"] = per_defect

@@ -2,10 +2,11 @@ r"""Score new images with a trained detector; needs neither the training data no
 
   python -m diff_fastener_jax.predict --model exported/demo --images 'photos/*.png' --out predictions
   python -m diff_fastener_jax.predict --workdir runs/demo --images photos/ --out predictions
+  python -m diff_fastener_jax.predict --workdir runs/multi --images 'site/*/*.png' --category from_folder --out p
 
 Images of any size, 8 or 16 bit, grey or colour, are read by the same function as the training images,
 scored, and their anomaly map is resized back to the original size. Writes to --out:
-  scores.csv               path, score, label (1 iff score > threshold), threshold
+  scores.csv               path, category, score, label (1 iff score > threshold), threshold, denoise_step
   <stem>_overlay.png       the heat map over the image (the evaluation report's overlay)
   <stem>_map.png / .npy    the raw anomaly map in [0, 1] (16-bit PNG: value * 65535; or float32 .npy)
   <stem>_mask.png          the binary mask (anomaly_map > pixel threshold), 0/255
@@ -70,12 +71,28 @@ def write_outputs(out_dir: str, stem: str, img: Image.Image, amap: np.ndarray, m
     Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, f"{stem}_mask.png"))
 
 
+FROM_FOLDER = "from_folder"
+
+
+def categories_of(paths: list[str], category: str | None) -> list[str] | None:
+    """Each image's category for a unified model: `category` for all, or with 'from_folder' the name of
+    the folder holding each image (images/<category>/*.png); None when no category is given."""
+    if not category:
+        return None
+    if category == FROM_FOLDER:
+        return [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    return [category] * len(paths)
+
+
 def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16",
-            show_progress: bool = True) -> dict:
+            show_progress: bool = True, category: str | None = None) -> dict:
     """Scores `paths` with `det`; writes scores.csv, the per-image files and errors.csv (if any).
 
+    `category`: for a unified multi-category model, the category of every image, or 'from_folder'.
     Returns {"scored": n, "errors": [(path, reason)], "threshold": t}.
     """
+    cats = categories_of(paths, category)
+    det.class_ids(cats, len(paths))  # an unknown or missing category fails before anything is written
     if maps not in MAP_FORMATS:
         raise UserError(f"--maps must be one of {MAP_FORMATS}, got {maps!r}")
     os.makedirs(out_dir, exist_ok=True)
@@ -85,7 +102,7 @@ def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16
     bar = ProgressBar(len(paths), "images", disable=not show_progress)
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
         rows = csv.writer(f)
-        rows.writerow(["path", "score", "label", "threshold", "denoise_step"])
+        rows.writerow(["path", "category", "score", "label", "threshold", "denoise_step"])
         for i0 in range(0, len(paths), bs):
             ok, images = [], []
             for i in range(i0, min(i0 + bs, len(paths))):
@@ -96,11 +113,11 @@ def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16
                     errors.append((paths[i], str(e)))
                     print(f"[error] {e}", file=sys.stderr)
             if ok:
-                out = det.predict(images)
+                out = det.predict(images, None if cats is None else [cats[i] for i in ok])
                 for j, i in enumerate(ok):
                     write_outputs(out_dir, stems[i], images[j], out.anomaly_maps[j], out.masks[j], maps)
-                    rows.writerow([paths[i], f"{out.scores[j]:.6f}", int(out.labels[j]), f"{out.threshold:.6f}",
-                                   int(out.denoise_steps[j])])
+                    rows.writerow([paths[i], "" if cats is None else cats[i], f"{out.scores[j]:.6f}",
+                                   int(out.labels[j]), f"{out.thresholds[j]:.6f}", int(out.denoise_steps[j])])
             bar.update(min(i0 + bs, len(paths)) - i0)
     bar.close()
     if errors:
@@ -120,6 +137,8 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "output folder")
     flags.DEFINE_float("threshold", None, "override the stored image-score threshold")
     flags.DEFINE_enum("maps", "png16", list(MAP_FORMATS), "raw anomaly maps as 16-bit PNG or float32 .npy")
+    flags.DEFINE_string("category", None, "a unified multi-category model: every image's category, or "
+                        f"'{FROM_FOLDER}' (the name of the folder holding each image)")
 
 
 def main(argv):
@@ -132,7 +151,7 @@ def main(argv):
         raise app.UsageError("--images and --out are required")
     paths = find_images(f.images)
     det = Detector.load(f.model or f.workdir, checkpoint=f.checkpoint, threshold=f.threshold)
-    result = predict(det, paths, f.out, maps=f.maps)
+    result = predict(det, paths, f.out, maps=f.maps, category=f.category)
     print(f"scored {result['scored']} image(s) at threshold {result['threshold']:.6f} -> {f.out}/scores.csv")
     if result["errors"]:
         print(f"{len(result['errors'])} unreadable file(s), listed in {f.out}/errors.csv", file=sys.stderr)

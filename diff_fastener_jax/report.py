@@ -342,6 +342,11 @@ def write_report(path: str, *, metrics: dict, per_defect: dict, scores, labels, 
         all_notes.insert(0, NO_MASKS_TEXT)
     parts += [f"<div class='note'>{html.escape(str(n))}</div>" for n in all_notes]
     parts.append("<h2>Metrics</h2>" + _metrics_table(metrics) + _confusion_table(metrics))
+    if metrics.get("per_category"):
+        rows = dict(metrics["per_category"])
+        rows["mean over categories"] = metrics.get("per_category_mean", {})
+        parts.append("<h2>Per category (one unified model)</h2><p>Each row: that category's test images, "
+                     "scored against its own threshold.</p>" + _per_defect_table(rows).replace(">defect<", ">category<"))
     parts.append("<h2>Per defect type</h2><p>Each row: that type's images plus every normal image.</p>"
                  + _per_defect_table(per_defect))
     parts.append("<h2>Curves and score distributions</h2><div>"

@@ -79,7 +79,8 @@ def create_app(det: Detector, *, max_upload_bytes: int = 20 * 2**20):
         return det.metadata | {"model_version": version}
 
     @api.post("/predict")
-    def predict(file: list[UploadFile] = File(...), heatmap: bool = Query(False), mask: bool = Query(False)):
+    def predict(file: list[UploadFile] = File(...), heatmap: bool = Query(False), mask: bool = Query(False),
+                category: str | None = Query(None)):
         t0 = time.perf_counter()
         images, total = [], 0
         for f in file:
@@ -91,13 +92,18 @@ def create_app(det: Detector, *, max_upload_bytes: int = 20 * 2**20):
                 images.append(datasets.decode_bytes(data, f.filename or "upload"))
             except UserError as e:
                 return error(415, f"{e} (send PNG, JPEG, BMP or TIFF images)")
+        try:
+            det.class_ids(category, len(images))  # a unified model needs ?category=NAME (one known name)
+        except UserError as e:
+            return error(422, f"{e}" + (f" ({e.hint})" if e.hint else ""))
         with lock:
-            out = det.predict(images)
+            out = det.predict(images, category)
         ms = 1000.0 * (time.perf_counter() - t0)
         results = []
         for i, img in enumerate(images):
             r = {"filename": file[i].filename, "score": float(out.scores[i]), "label": int(out.labels[i]),
-                 "threshold": out.threshold, "denoise_step": int(out.denoise_steps[i]),
+                 "threshold": float(out.thresholds[i]), "denoise_step": int(out.denoise_steps[i]),
+                 "category": category,
                  "model_version": version, "milliseconds": ms,
                  "width": img.size[0], "height": img.size[1]}
             if heatmap:

@@ -29,7 +29,7 @@ from absl import flags, logging
 from diff_fastener_jax import cli, detector, parallel
 from diff_fastener_jax import metrics as M
 from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
-from diff_fastener_jax.config import validate_config
+from diff_fastener_jax.config import category_names, class_names, validate_config
 from diff_fastener_jax.data import datasets, pipeline
 from diff_fastener_jax.data.demo import resolve_data_root
 from diff_fastener_jax.inference import make_infer_fn, run_infer
@@ -67,7 +67,7 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
         jax.distributed.initialize()  # cluster auto-detection (SLURM)
 
 
-def _validation_scores(infer, params, val_batches, mesh=None) -> dict:
+def _validation_scores(infer, params, val_batches, mesh=None, unified: bool = False) -> dict:
     """Validation on held-out normals + synthetic anomalies, scored like `evaluate` (same inference
     call, same metrics): image AUROC, exact pixel AUROC and AUPRO, and the mean absolute
     reconstruction error on the held-out NORMAL images, which keeps falling while the reconstruction
@@ -76,7 +76,8 @@ def _validation_scores(infer, params, val_batches, mesh=None) -> dict:
     recon_errors = []
     for batch in val_batches:
         images = np.asarray(batch["image"])  # (B, H, W, 3)
-        recon, amap, score, _ = run_infer(infer, params, images, mesh)
+        recon, amap, score, _ = run_infer(infer, params, images, mesh,
+                                          class_ids=batch["class_id"] if unified else None)
         labels = np.asarray(batch["is_synthetic"]).astype(np.int64)
         evaluation.update(score, labels, ["synthetic" if y else "good" for y in labels], amap,
                           np.asarray(batch["mask"])[..., 0] > 0.5)
@@ -108,6 +109,11 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, num_devices: in
     """
     validate_config(config, num_devices=num_devices)
     config = resolve_data_root(config, workdir)
+    if category_names(config.data.category) == ["all"]:
+        # The run's classes are fixed here and saved with its config: a later category folder must not
+        # silently change what the model's class ids mean.
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.data.category = ",".join(datasets.resolve_categories(config.data))
     samples = datasets.list_splits(config.data, seed=config.seed)
     datasets.verify_images(samples["train"] + samples["val"])
     check_resume_compatible(config, workdir)
@@ -219,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
         if val_batches and config.train.eval_every > 0 and (done % config.train.eval_every == 0 or done == total_steps):
             # Evaluate scores the EMA params when EMA is on: validate what will be evaluated.
             val_params = state.ema_params if config.optim.ema_decay > 0 else state.params
-            val = _validation_scores(infer, val_params, val_batches, mesh)
+            val = _validation_scores(infer, val_params, val_batches, mesh, unified=bool(class_names(config)))
             writer.write({"step": done, "event": "validation", **val},
                          "validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
             last.update(val)

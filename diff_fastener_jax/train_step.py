@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from diff_fastener_jax import diffusion, losses
-from diff_fastener_jax.models import build_models, init_params
+from diff_fastener_jax.models import build_models, init_params, tile_rows
 from diff_fastener_jax.parallel import DATA_AXIS
 
 Params = Any
@@ -102,9 +102,11 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
 
     def loss_fn(params, batch, t_s, t_b, n1, n2, dropout_key):
         image, mask, synth = batch["image"], batch["mask"], batch["is_synthetic"]
+        cls = batch["class_id"] if recon_net.num_classes else None  # (b,) int32 in a unified model
 
         def eps_fn(x, t):
-            return recon_net.apply({"params": params["recon"]}, x, t, train=True, rngs={"dropout": dropout_key})
+            return recon_net.apply({"params": params["recon"]}, x, t, train=True, rngs={"dropout": dropout_key},
+                                   class_ids=tile_rows(cls, x.shape[0]))
 
         out = diffusion.norm_guided_reconstruction(
             eps_fn, sched, image, t_s, t_b, n1, n2, w=config.diffusion.guidance_w, fuse_passes=True)
@@ -112,7 +114,7 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
         if lc.detach_recon:
             recon = lax.stop_gradient(recon)
         logits = seg_net.apply({"params": params["seg"]}, jnp.concatenate([image, recon], axis=-1),
-                               return_logits=True)  # (b, H, W, 1)
+                               return_logits=True, class_ids=cls)  # (b, H, W, 1)
         prob = jax.nn.sigmoid(logits)
         if lc.anomaly_oriented_noise:
             noise = losses.anomaly_oriented_noise_loss(

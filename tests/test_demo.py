@@ -49,13 +49,14 @@ def test_deterministic_under_seed(tmp_path):
     assert not np.array_equal(_read(a / rel), _read(c / rel))
 
 
+@pytest.mark.parametrize("fastener", demo.FASTENER_TYPES)
 @pytest.mark.parametrize("defect", demo.DEFECTS)
-def test_defects_are_visible_and_localised(defect):
+def test_defects_are_visible_and_localised(defect, fastener):
     """A defective scene differs from its normal twin (same random state) strongly inside the mask and
-    hardly anywhere else."""
+    hardly anywhere else, for both fastener types."""
     for seed in range(3):
-        good, empty = demo.render_scene(64, np.random.default_rng(seed))
-        bad, mask = demo.render_scene(64, np.random.default_rng(seed), defect)
+        good, empty = demo.render_scene(64, np.random.default_rng(seed), fastener=fastener)
+        bad, mask = demo.render_scene(64, np.random.default_rng(seed), defect, fastener)
         assert not empty.any() and mask.sum() >= 20
         diff = np.abs(good.astype(np.float32) - bad.astype(np.float32)).mean(axis=-1)
         assert diff[mask].mean() > 25.0
@@ -70,3 +71,15 @@ def test_cli(tmp_path, capsys):
     demo.main(["--out", str(tmp_path), "--n-train", "2", "--n-test", "4", "--size", "32"])
     assert "SYNTHETIC" in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "fastener" / "test")) == 4
+
+
+def test_the_two_fastener_types_look_different():
+    omega, _ = demo.render_scene(64, np.random.default_rng(0), fastener="omega")
+    bar, _ = demo.render_scene(64, np.random.default_rng(0), fastener="bar")
+    # Timber vs concrete sleeper: the sleeper band is markedly browner (red minus blue) on the bar type.
+    band = slice(24, 40)
+    warmth = lambda im: float(im[band, :, 0].astype(np.float32).mean() - im[band, :, 2].astype(np.float32).mean())  # noqa: E731
+    assert warmth(bar) > warmth(omega) + 15
+    assert demo.fastener_type_of("fastener_bar") == "bar" and demo.fastener_type_of("fastener") == "omega"
+    with pytest.raises(ValueError, match="fastener type"):
+        demo.render_scene(32, np.random.default_rng(0), fastener="spike")

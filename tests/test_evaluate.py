@@ -126,8 +126,9 @@ def test_per_defect_pixel_metrics_use_every_normal_image(trained_run, tmp_path, 
     config = load_run_config(trained_run, {"infer.batch_size": "8"})
     params, _ = load_run_params(trained_run, config)
     result = evaluate.evaluate_run(config, params, str(tmp_path / "eval"), show_progress=False)
-    rows = open(tmp_path / "eval" / "scores.csv").read().strip().splitlines()[1:]
-    defects = [r.split(",")[1] for r in rows]
+    import csv
+
+    defects = [r["defect"] for r in csv.DictReader(open(tmp_path / "eval" / "scores.csv"))]
     assert set(result["per_defect"]) == set(defects) - {"good"} == {"missing_clip", "broken_clip", "displaced_clip"}
     assert sorted(seen) == list(range(len(defects)))
     for name, entry in result["per_defect"].items():

@@ -31,11 +31,14 @@ import csv
 import dataclasses
 import io
 import os
+import zlib
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
+from diff_fastener_jax.config import category_names, class_names
 from diff_fastener_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -59,6 +62,7 @@ class Sample:
     defect: str  # 'good' for normal images
     mask_path: str | None = None  # None: no pixel annotation (all-zero mask)
     foreground_path: str | None = None  # training normals: where synthetic anomalies may go (optional)
+    category: str = ""  # the data.category it was listed under (several in a multi-category run)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,10 +473,75 @@ def list_samples(data_cfg, split: str, seed: int) -> list[Sample]:
     return list_splits(data_cfg, seed)[split]
 
 
+def class_ids_of(config, samples) -> list[int]:
+    """Each sample's class id: its category's index in `config.class_names` (0 for one-category runs)."""
+    names = class_names(config)
+    if not names:
+        return [0] * len(samples)
+    index = {n: i for i, n in enumerate(names)}
+    missing = sorted({s.category for s in samples} - set(index))
+    if missing:
+        raise DatasetError(f"samples of categories {missing} are not among the model's classes {names}")
+    return [index[s.category] for s in samples]
+
+
+def class_id_array(config, samples) -> np.ndarray | None:
+    """(N,) int32 class ids for a unified multi-category model's inference; None for one-category models."""
+    return np.asarray(class_ids_of(config, samples), np.int32) if class_names(config) else None
+
+
+def available_categories(data_cfg) -> list[str]:
+    """Every category under data.root for data.format: MVTec/demo folders with train/good, folder-layout
+    folders with data.normal_dir, VisA's objects (split_csv/1cls.csv). Sorted."""
+    fmt, root = str(data_cfg.format), str(data_cfg.root or "")
+    if not root:
+        raise DatasetError(f"data.root is required to list the categories of data.format={fmt!r}")
+    if fmt == "visa":
+        csv_path = os.path.join(root, "split_csv", "1cls.csv")
+        if not os.path.isfile(csv_path):
+            raise DatasetError(f"VisA layout: split file {csv_path} does not exist")
+        with open(csv_path, newline="") as f:
+            return sorted({r.get("object", "") for r in csv.DictReader(f)} - {""})
+    _require_dir(root, "data.root")
+    marker = os.path.join("train", "good") if fmt in ("mvtec", "demo") else str(data_cfg.normal_dir)
+    return [d for d in _subdirs(root) if os.path.isdir(os.path.join(root, d, marker))]
+
+
+def resolve_categories(data_cfg) -> list[str]:
+    """data.category as a list: one name, 'a,b,c', or 'all' (`available_categories`)."""
+    names = category_names(data_cfg.get("category", ""))
+    if names == ["all"]:
+        names = available_categories(data_cfg)
+        if not names:
+            raise DatasetError(f"data.category='all': no {data_cfg.format} categories under {data_cfg.root}")
+    return names
+
+
 def list_splits(data_cfg, seed: int) -> dict[str, list[Sample]]:
     """{'train': [...], 'val': [...], 'test': [...]} from ONE pass over the layout (see `list_samples`).
 
-    A run lists its splits once with this and passes the lists on."""
+    A run lists its splits once with this and passes the lists on. With several categories
+    (data.category 'a,b' or 'all') each is split on its own and the splits are concatenated in
+    category order; every Sample carries its category."""
+    names = resolve_categories(data_cfg)
+    if len(names) > 1:
+        out = {k: [] for k in SPLITS}
+        for name in names:
+            one = ml_collections.ConfigDict(data_cfg.to_dict())
+            one.category = name
+            for k, samples in _list_one_category(one, seed).items():
+                out[k] += samples
+        return out
+    return _list_one_category(data_cfg, seed)
+
+
+def _list_one_category(data_cfg, seed: int) -> dict[str, list[Sample]]:
+    splits = _list_one_category_untagged(data_cfg, seed)
+    category = str(data_cfg.get("category", "") or "")
+    return {k: [dataclasses.replace(s, category=category) for s in v] for k, v in splits.items()}
+
+
+def _list_one_category_untagged(data_cfg, seed: int) -> dict[str, list[Sample]]:
     fmt = str(data_cfg.format)
     if fmt in ("mvtec", "demo"):
         pool, test = _parse_mvtec(data_cfg)
@@ -510,16 +579,22 @@ def list_splits(data_cfg, seed: int) -> dict[str, list[Sample]]:
 
 def ensure_demo_data(config_data, default_root: str) -> str:
     """Returns the demo dataset root (`config_data.root` or `default_root`), generating the synthetic
-    rail-fastener scenes there first if `<root>/<category>` does not exist yet."""
-    from diff_fastener_jax.data.demo import generate_demo_dataset
+    rail-fastener scenes there first for every category of data.category ('all': every built-in
+    fastener type) whose `<root>/<category>` does not exist yet."""
+    from diff_fastener_jax.data.demo import DEMO_TYPES, generate_demo_dataset
 
     root = str(config_data.get("root", "") or "") or default_root
-    category = str(config_data.get("category", "") or "") or "fastener"
-    if not os.path.isdir(os.path.join(root, category)):
+    names = category_names(config_data.get("category", "")) or ["fastener"]
+    if names == ["all"]:
+        names = list(DEMO_TYPES)  # every built-in fastener type
+    for category in names:
+        seed = 0 if category == "fastener" else zlib.crc32(category.encode()) & 0xFFFF  # distinct scenes per name
+        if os.path.isdir(os.path.join(root, category)):
+            continue
         size = int(min(256, max(32, int(config_data.get("image_size", 128)))))
         try:
             generate_demo_dataset(root, n_train=int(config_data.get("demo_n_train", 64)),
-                                  n_test=int(config_data.get("demo_n_test", 48)), size=size, seed=0,
+                                  n_test=int(config_data.get("demo_n_test", 48)), size=size, seed=seed,
                                   category=category)
         except FileExistsError:
             pass  # another process (multi-host launch) generated it first

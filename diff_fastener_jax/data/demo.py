@@ -32,6 +32,16 @@ from PIL import Image
 from diff_fastener_jax.data import perlin
 
 DEFECTS = ("missing_clip", "broken_clip", "displaced_clip")
+# Fastener types: 'omega' (elastic omega clip, hexagonal nut, concrete sleeper) and 'bar' (a rigid clamp
+# plate held by a round bolt head on a timber sleeper). The category name picks the type (DEMO_TYPES);
+# any other name gets the omega type.
+FASTENER_TYPES = ("omega", "bar")
+DEMO_TYPES = {"fastener": "omega", "fastener_bar": "bar"}
+
+
+def fastener_type_of(category: str) -> str:
+    """The demo fastener type drawn for a category name."""
+    return DEMO_TYPES.get(category, "omega")
 
 _README = """SYNTHETIC DATA - not photographs.
 
@@ -102,6 +112,42 @@ class _Clip:
         return _soft(sdf)
 
 
+class _BarClip:
+    """A rigid clamp plate: a straight rounded bar from behind its bolt towards the rail foot."""
+
+    def __init__(self, cy, cx, side, size, rng):
+        self.cy, self.cx, self.side = cy, cx, side
+        self.r = size * rng.uniform(0.070, 0.078)  # half length, comparable to the omega ring
+        self.w = size * rng.uniform(0.028, 0.034)  # half width
+        self.back = size * 0.035  # how far the plate reaches behind the bolt
+
+    def _frame(self, yy, xx, angle, dy, dx):
+        y, x = yy - (self.cy + dy), xx - (self.cx + dx)
+        ca, sa = np.cos(angle), np.sin(angle)
+        y, x = ca * y - sa * x, sa * y + ca * x
+        return y, -x * self.side  # +x towards the rail
+
+    def coverage(self, yy, xx, angle=0.0, dy=0.0, dx=0.0, cut=None):
+        """Antialiased plate coverage (H, W); `cut` = (x_lo, x_hi) (clip frame, px) removed: a broken plate."""
+        y, x = self._frame(yy, xx, angle, dy, dx)
+        lo, hi = -self.back, 2 * self.r
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        qx, qy = np.abs(x - mid) - (half - self.w), np.abs(y) - self.w
+        sdf = np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)  # rounded box
+        if cut is not None:
+            sdf = np.where((x > cut[0]) & (x < cut[1]), np.inf, sdf)
+        return _soft(sdf)
+
+    def broken_coverage(self, yy, xx, drng):
+        start = drng.uniform(0.05, 0.3) * 2 * self.r  # most of the rail-side arm snaps off
+        return self.coverage(yy, xx, cut=(start, 3 * self.r))
+
+
+def _omega_broken_coverage(clip: "_Clip", yy, xx, drng):
+    lo = drng.uniform(-0.9, -0.3)  # a >= 100 deg piece on the rail side, toe included
+    return clip.coverage(yy, xx, gap=(lo, lo + drng.uniform(1.8, 2.4)))
+
+
 def _hexagon_sdf(yy, xx, cy, cx, r, angle):
     y, x = yy - cy, xx - cx
     d = np.full(yy.shape, -np.inf, np.float32)
@@ -111,18 +157,22 @@ def _hexagon_sdf(yy, xx, cy, cx, r, angle):
     return d
 
 
-def render_scene(size: int, rng: np.random.Generator, defect: str = "good") -> tuple[np.ndarray, np.ndarray]:
+def render_scene(size: int, rng: np.random.Generator, defect: str = "good",
+                 fastener: str = "omega") -> tuple[np.ndarray, np.ndarray]:
     """One scene: (image uint8 (S, S, 3), defect mask bool (S, S)); the mask is empty for 'good'."""
-    image, mask, _ = render_scene_with_zone(size, rng, defect)
+    image, mask, _ = render_scene_with_zone(size, rng, defect, fastener)
     return image, mask
 
 
-def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "good"
+def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "good", fastener: str = "omega"
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """render_scene plus the fastening zone bool (S, S): the sleeper band that carries the rail seat,
     clips and nuts, where every defect happens (written as the training images' foreground masks)."""
     if defect not in ("good",) + DEFECTS:
         raise ValueError(f"unknown demo defect {defect!r}; choose good or one of {DEFECTS}")
+    if fastener not in FASTENER_TYPES:
+        raise ValueError(f"unknown demo fastener type {fastener!r}; choose one of {FASTENER_TYPES}")
+    bar = fastener == "bar"
     s = size
     yy, xx = np.meshgrid(np.arange(s, dtype=np.float32) + 0.5, np.arange(s, dtype=np.float32) + 0.5,
                          indexing="ij")
@@ -139,6 +189,10 @@ def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "g
     zone = np.abs(yy - sy) <= half + 1.0
     concrete = np.array([165, 162, 155], np.float32) * rng.uniform(0.9, 1.1)
     conc_tex = 1.0 + 0.08 * _texture((s, s), rng, 4)[..., None] + rng.normal(0, 0.03, (s, s, 1))
+    if bar:  # timber: warm brown with grain running along the sleeper
+        concrete = np.array([122, 88, 58], np.float32) * rng.uniform(0.9, 1.1)
+        grain = np.sin(yy * (2 * np.pi / max(3.0, s / 20)) + 3.0 * _texture((s, s), rng, 2))
+        conc_tex = conc_tex + 0.08 * grain[..., None]
     img = img * (1 - sleeper) + concrete * conc_tex * sleeper
 
     # Rail: a wide dark foot and a bright polished head running down the image.
@@ -153,7 +207,10 @@ def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "g
     # Clips + nuts on both sides of the rail, on the sleeper.
     clip_color = np.array([48, 58, 82], np.float32) * rng.uniform(0.85, 1.15, 3)
     nut_color = np.array([120, 112, 100], np.float32) * rng.uniform(0.9, 1.1)
-    clips = [_Clip(sy + s * rng.uniform(-0.01, 0.01), rx + side * s * 0.25, side, s, rng) for side in (-1, 1)]
+    clip_cls = _BarClip if bar else _Clip
+    clips = [clip_cls(sy + s * rng.uniform(-0.01, 0.01), rx + side * s * 0.25, side, s, rng) for side in (-1, 1)]
+    if bar:
+        clip_color = np.array([34, 36, 40], np.float32) * rng.uniform(0.85, 1.15, 3)  # black-painted steel
     # Defect choices come from their own stream, so a scene and its defective twin (same rng state)
     # differ only in the defect.
     drng = np.random.default_rng(rng.integers(1 << 32))
@@ -168,8 +225,7 @@ def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "g
             cov = np.zeros_like(normal_cov)
             mask |= normal_cov > 0.25
         elif i == bad and defect == "broken_clip":
-            lo = drng.uniform(-0.9, -0.3)  # a >= 100 deg piece on the rail side, toe included
-            cov = clip.coverage(yy, xx, gap=(lo, lo + drng.uniform(1.8, 2.4)))
+            cov = clip.broken_coverage(yy, xx, drng) if bar else _omega_broken_coverage(clip, yy, xx, drng)
             mask |= (normal_cov - cov) > 0.25
         elif i == bad and defect == "displaced_clip":
             ang = drng.choice([-1, 1]) * drng.uniform(0.45, 0.8)
@@ -181,7 +237,10 @@ def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "g
         img = img * (1 - 0.45 * shadow[..., None])
         shade = 1.0 + 0.3 * np.clip(-(yy - clip.cy) / (clip.r * 2), -1, 1)
         img = img * (1 - cov[..., None]) + clip_color * shade[..., None] * cov[..., None]
-        nut = _soft(_hexagon_sdf(yy, xx, clip.cy, clip.cx, s * 0.035, rng.uniform(0, np.pi)))[..., None]
+        nut_angle = rng.uniform(0, np.pi)
+        nut_sdf = (np.hypot(yy - clip.cy, xx - clip.cx) - s * 0.03 if bar
+                   else _hexagon_sdf(yy, xx, clip.cy, clip.cx, s * 0.035, nut_angle))  # round bolt head on bars
+        nut = _soft(nut_sdf)[..., None]
         img = img * (1 - nut) + nut_color * nut
         bolt = _soft(np.hypot(yy - clip.cy, xx - clip.cx) - s * 0.015)[..., None]
         img = img * (1 - bolt) + nut_color * 1.3 * bolt
@@ -200,10 +259,12 @@ def _save(path: Path, array: np.ndarray) -> None:
 
 
 def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size: int = 128, seed: int = 0,
-                          category: str = "fastener") -> Path:
+                          category: str = "fastener", fastener: str | None = None) -> Path:
     """Writes the synthetic dataset under `out_dir/<category>` and `out_dir/README.txt`; returns the
-    category folder. `n_test` images are split evenly over good and the three defects. Written to a
-    temporary folder first and moved into place, so concurrent callers never see half a dataset."""
+    category folder. `n_test` images are split evenly over good and the three defects. `fastener`: the
+    type drawn (default: `fastener_type_of(category)`). Written to a temporary folder first and moved
+    into place, so concurrent callers never see half a dataset."""
+    fastener = fastener or fastener_type_of(category)
     if n_train < 1 or n_test < 4 or size < 32:
         raise ValueError(f"demo needs n_train >= 1, n_test >= 4, size >= 32 (got {n_train}, {n_test}, {size})")
     out_dir = Path(out_dir)
@@ -217,7 +278,7 @@ def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size:
         (tmp / "train" / "good").mkdir(parents=True)
         (tmp / "foreground").mkdir()
         for i in range(n_train):
-            image, _, zone = render_scene_with_zone(size, rng)
+            image, _, zone = render_scene_with_zone(size, rng, fastener=fastener)
             _save(tmp / "train" / "good" / f"{i:03d}.png", image)
             _save(tmp / "foreground" / f"{i:03d}.png", zone.astype(np.uint8) * 255)
         kinds = ("good",) + DEFECTS
@@ -227,7 +288,7 @@ def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size:
             if kind != "good":
                 (tmp / "ground_truth" / kind).mkdir(parents=True)
             for i in range(count):
-                image, mask = render_scene(size, rng, kind)
+                image, mask = render_scene(size, rng, kind, fastener)
                 _save(tmp / "test" / kind / f"{i:03d}.png", image)
                 if kind != "good":
                     _save(tmp / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
@@ -265,10 +326,12 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--category", default="fastener")
+    p.add_argument("--fastener", choices=FASTENER_TYPES, default=None,
+                   help="fastener type (default: from the category name, fastener_bar -> bar, else omega)")
     a = p.parse_args(argv)
     t = time.time()
     path = generate_demo_dataset(a.out, n_train=a.n_train, n_test=a.n_test, size=a.size, seed=a.seed,
-                                 category=a.category)
+                                 category=a.category, fastener=a.fastener)
     print(f"wrote {a.n_train} train + {a.n_test} test SYNTHETIC images to {path} in {time.time() - t:.1f}s")
 
 

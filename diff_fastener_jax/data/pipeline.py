@@ -8,9 +8,11 @@ r"""The training input pipeline (DESIGN.md §6) on Grain, and the fixed validati
       -> map(interleave) -> to_iter_dataset -> mp_prefetch(workers)
 
 Batches are numpy dicts for THIS process: image float32 (B_local, H, W, 3) in [-1, 1], mask float32
-(B_local, H, W, 1), is_synthetic float32 (B_local,) (+ clean (B_local, H, W, 3), the rows before
-synthesis, when loss.anomaly_oriented_noise is on). Row i is synthetic iff i is odd, so every
-contiguous even-sized per-device chunk is half normal, half synthetic.
+(B_local, H, W, 1), is_synthetic float32 (B_local,), class_id int32 (B_local,) (each row's category
+in a unified multi-category run, else 0) (+ clean (B_local, H, W, 3), the rows before synthesis, when
+loss.anomaly_oriented_noise is on). Row i is synthetic iff i is odd, so every contiguous even-sized
+per-device chunk is half normal, half synthetic; the pairs are drawn from the pooled categories, so
+batches mix categories.
 
 Determinism: all randomness is keyed by the global pair index (grain's random_map seeds per element),
 so batches do not depend on the worker count, and the concatenation of the processes' rows (in
@@ -61,9 +63,11 @@ class _LoadPair:
     Decoded, resized images are kept in a per-process cache (up to CACHE_BYTES): training revisits
     every image each epoch, and decoding full-size PNGs is about half the pipeline's CPU time."""
 
-    def __init__(self, paths: list[str], size: int, foreground_paths: list[str | None] | None = None):
+    def __init__(self, paths: list[str], size: int, foreground_paths: list[str | None] | None = None,
+                 class_ids: list[int] | None = None):
         self.paths, self.size = list(paths), int(size)
         self.foreground_paths = list(foreground_paths) if foreground_paths else None
+        self.class_ids = np.asarray(class_ids if class_ids is not None else [0] * len(self.paths), np.int32)
         self._cache: dict = {}
         self._cached_bytes = 0
 
@@ -89,7 +93,8 @@ class _LoadPair:
         return self._cached(("fg", i), lambda: datasets.load_mask(self.foreground_paths[i], self.size)[..., 0] > 0)
 
     def __call__(self, idx: np.ndarray) -> dict:
-        out = {"normal": self._load(int(idx[0])), "source": self._load(int(idx[1]))}
+        out = {"normal": self._load(int(idx[0])), "source": self._load(int(idx[1])),
+               "class_id": self.class_ids[np.asarray(idx, np.int64)]}  # (2,) int32
         if self.foreground_paths is not None and self.foreground_paths[int(idx[1])] is not None:
             out["source_fg"] = self._foreground(int(idx[1]))
         return out
@@ -109,7 +114,8 @@ class _SynthesizePair:
                                                 texture_bank=self.texture_bank, fg_mode=self.fg_mode)
         out = {"image": np.stack([normal, anomalous]),
                "mask": np.stack([np.zeros_like(mask), mask]),
-               "is_synthetic": np.array([0.0, 1.0], np.float32)}
+               "is_synthetic": np.array([0.0, 1.0], np.float32),
+               "class_id": np.asarray(pair["class_id"], np.int32)}  # each row keeps its own image's class
         if self.with_clean:
             out["clean"] = np.stack([normal, source])
         return out
@@ -157,7 +163,8 @@ def build_train_dataset(config, *, seed: int, process_index: int = 0, process_co
           .shuffle()
           .repeat()
           .batch(2, drop_remainder=True)
-          .map(_LoadPair(paths, int(config.data.image_size), foregrounds if any(foregrounds) else None))
+          .map(_LoadPair(paths, int(config.data.image_size), foregrounds if any(foregrounds) else None,
+                         datasets.class_ids_of(config, samples)))
           .random_map(_SynthesizePair(str(config.data.foreground), _texture_bank(config.data), with_clean))
           .batch(b_local // 2, drop_remainder=True))
     return ds[process_index::process_count].map(_interleave)
@@ -271,7 +278,8 @@ def make_val_batches(config, *, seed: int, num_batches: int, samples=None) -> li
     synth = _SynthesizePair(str(config.data.foreground), bank,
                             bool(config.get("loss", {}).get("anomaly_oriented_noise", False)))
     foregrounds = [s.foreground_path for s in samples]
-    load = _LoadPair([s.path for s in samples], size, foregrounds if any(foregrounds) else None)
+    load = _LoadPair([s.path for s in samples], size, foregrounds if any(foregrounds) else None,
+                     datasets.class_ids_of(config, samples))
 
     batches = []
     for k in range(num_batches):

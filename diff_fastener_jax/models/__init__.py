@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from diff_fastener_jax.config import class_names
 from diff_fastener_jax.models.dacm import DACM
 from diff_fastener_jax.models.layers import attention_implementation
 from diff_fastener_jax.models.segmentation import SegmentationUNet
 from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
 
 __all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "build_models", "count_params",
-           "init_params", "kept_skips", "compute_dtype", "resolve_dtype_name"]
+           "init_params", "kept_skips", "tile_rows", "compute_dtype", "resolve_dtype_name"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPE_NAMES = ("auto", *_DTYPES)
@@ -75,8 +76,11 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet,
         dtype=dtype,
         attention_impl=attention_impl,
         remat=remat,
+        num_classes=len(class_names(config)),
     )
-    seg = SegmentationUNet(channels=tuple(m.seg_channels), groups=m.num_groups, dtype=dtype, remat=remat)
+    seg = SegmentationUNet(channels=tuple(m.seg_channels), groups=m.num_groups, dtype=dtype, remat=remat,
+                           num_classes=len(class_names(config)),
+                           class_conditioning=m.get("seg_class_conditioning", "channels"))
     return recon, seg
 
 
@@ -87,9 +91,17 @@ def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: i
     c = config.model.in_channels
     k1, k2 = jax.random.split(key)
     x = jnp.zeros((1, size, size, c), jnp.float32)
-    recon_params = recon.init(k1, x, jnp.zeros((1,), jnp.int32))["params"]
-    seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32))["params"]
+    cls = jnp.zeros((1,), jnp.int32) if recon.num_classes else None
+    recon_params = recon.init(k1, x, jnp.zeros((1,), jnp.int32), class_ids=cls)["params"]
+    seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32), class_ids=cls)["params"]
     return {"recon": recon_params, "seg": seg_params}
+
+
+def tile_rows(class_ids: jax.Array | None, n: int) -> jax.Array | None:
+    """class ids (B,) repeated to n = k*B rows: the fused passes stack k copies of the batch."""
+    if class_ids is None:
+        return None
+    return jnp.tile(class_ids, n // class_ids.shape[0])
 
 
 def count_params(tree) -> int:

@@ -37,9 +37,11 @@ class SegmentationUNet(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     remat: str = "none"  # 'none' | 'blocks' (see models.layers.remat_block)
+    num_classes: int = 0  # > 0: a unified multi-category model; class_ids select the category
+    class_conditioning: str = "channels"  # 'channels' (one-hot input planes) | 'film' (per-level scale, shift)
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_logits: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, return_logits: bool = False, class_ids: jax.Array | None = None) -> jax.Array:
         n = len(self.channels)
         factor = 2 ** (n - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
@@ -51,12 +53,28 @@ class SegmentationUNet(nn.Module):
         conv_norm_act = lambda f: cna(f, self.groups, self.dtype, name=f"ConvNormAct_{next(count)}")  # noqa: E731
         block = lambda f, name: nn.Sequential([conv_norm_act(f), conv_norm_act(f)], name=name)  # noqa: E731
 
+        film = self.num_classes and self.class_conditioning == "film"
+        if self.num_classes:
+            if class_ids is None:
+                raise ValueError(f"this model is conditioned on {self.num_classes} classes: pass class_ids (B,)")
+            if self.class_conditioning == "channels":
+                onehot = jax.nn.one_hot(class_ids, self.num_classes, dtype=x.dtype)  # (B, K)
+                x = jnp.concatenate([x, jnp.broadcast_to(onehot[:, None, None, :], x.shape[:3] + onehot.shape[1:])],
+                                    axis=-1)  # (B, H, W, 2C + K)
+            elif self.class_conditioning != "film":
+                raise ValueError(f"class_conditioning must be 'channels' or 'film', got {self.class_conditioning!r}")
+
         h = x.astype(self.dtype)
         feats = []
         for j, ch in enumerate(self.channels):
             if j:
                 h = nn.max_pool(h, window_shape=(2, 2), strides=(2, 2))
             h = block(ch, f"enc{j}")(h)
+            if film:
+                # (1 + scale) * h + shift per channel, zero-initialised: training starts class-blind.
+                gb = nn.Embed(self.num_classes, 2 * ch, embedding_init=nn.initializers.zeros,
+                              name=f"film{j}")(class_ids).astype(h.dtype)[:, None, None, :]  # (B, 1, 1, 2ch)
+                h = h * (1 + gb[..., :ch]) + gb[..., ch:]
             feats.append(h)
 
         for j in reversed(range(n - 1)):

@@ -61,9 +61,11 @@ class ReconstructionUNet(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # `jax.nn.dot_product_attention(implementation=...)`
     remat: str = "none"  # 'none' | 'blocks' (see models.layers.remat_block)
+    num_classes: int = 0  # > 0: a unified multi-category model; class_ids select the category
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, train: bool = False,
+                 class_ids: jax.Array | None = None) -> jax.Array:
         num_levels = len(self.channel_mults)
         down_factor = 2 ** (num_levels - 1)
         if x.shape[1] % down_factor or x.shape[2] % down_factor:
@@ -83,6 +85,11 @@ class ReconstructionUNet(nn.Module):
         temb = timestep_embedding(t, self.base_channels)  # (B, base)
         temb = Dense(temb_dim, name="temb_dense0")(temb)
         temb = Dense(temb_dim, name="temb_dense1")(act(temb))  # (B, 4*base), float32
+        if self.num_classes:
+            if class_ids is None:
+                raise ValueError(f"this model is conditioned on {self.num_classes} classes: pass class_ids (B,)")
+            # A learned class vector added to the time embedding: every res block sees the category.
+            temb = temb + nn.Embed(self.num_classes, temb_dim, name="class_embed")(class_ids)  # (B, 4*base)
 
         h = Conv(self.base_channels, (3, 3), padding=1, dtype=self.dtype, name="stem")(x.astype(self.dtype))
         skips = [h]
