@@ -95,7 +95,7 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     if unified:
         # Every category on its own (its images, its threshold), then their unweighted mean.
         result["threshold_per_category"] = dict(record.get("per_category", {}))
-        result["per_category"] = {c: ev.compute(detector.threshold_for(record, [c])[0])
+        result["per_category"] = {c: ev.compute(float(np.atleast_1d(detector.threshold_for(record, [c]))[0]))
                                   for c, ev in by_category.items() if ev.num_images}
         keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "precision", "recall", "f1")
         result["per_category_mean"] = {k: float(np.mean([m[k] for m in result["per_category"].values()]))

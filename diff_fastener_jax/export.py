@@ -150,13 +150,21 @@ def export_run(workdir: str, out: str, *, checkpoint: int | None = None, onnx: b
         fh.write(blob)
     log(f"wrote {STABLEHLO_FILE} ({len(blob) / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
     if onnx and class_names(config):
-        log("model.onnx skipped: ONNX export of a unified multi-category model is not supported yet "
-            "(model.stablehlo takes the class ids)")
+        record["onnx"] = {"skipped": "ONNX export of a unified multi-category model is not supported yet "
+                                     "(model.stablehlo takes the class ids)"}
+        log(f"model.onnx skipped: {record['onnx']['skipped']}")
         onnx = False
     if onnx:
         t = time.perf_counter()
-        record["onnx"] = export_onnx(config, params, os.path.join(out, ONNX_FILE), onnx_batch)
-        log(f"wrote {ONNX_FILE} ({time.perf_counter() - t:.1f} s)")
+        try:
+            record["onnx"] = export_onnx(config, params, os.path.join(out, ONNX_FILE), onnx_batch)
+            log(f"wrote {ONNX_FILE} ({time.perf_counter() - t:.1f} s)")
+        except Exception as e:  # noqa: BLE001 - e.g. a loop jax2onnx cannot convert (infer.method=adaptive)
+            if os.path.exists(os.path.join(out, ONNX_FILE)):
+                os.remove(os.path.join(out, ONNX_FILE))
+            record["onnx"] = {"skipped": f"jax2onnx could not convert infer.method={config.infer.method!r}: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            log(f"model.onnx skipped (model.stablehlo is complete): {record['onnx']['skipped']}")
     api.save_params(os.path.join(out, api.PARAMS_FILE), params)
     shutil.copyfile(os.path.join(workdir, api.CONFIG_FILE), os.path.join(out, api.CONFIG_FILE))
     D.write(os.path.join(out, D.DETECTOR_FILE), record)

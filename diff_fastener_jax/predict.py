@@ -116,7 +116,7 @@ def predict(det: Detector, paths: list[str], out_dir: str, *, maps: str = "png16
                 out = det.predict(images, None if cats is None else [cats[i] for i in ok])
                 for j, i in enumerate(ok):
                     write_outputs(out_dir, stems[i], images[j], out.anomaly_maps[j], out.masks[j], maps)
-                    rows.writerow([paths[i], "" if cats is None else cats[i], f"{out.scores[j]:.6f}",
+                    rows.writerow([paths[i], det.config.data.category if cats is None else cats[i], f"{out.scores[j]:.6f}",
                                    int(out.labels[j]), f"{out.thresholds[j]:.6f}", int(out.denoise_steps[j])])
             bar.update(min(i0 + bs, len(paths)) - i0)
     bar.close()

@@ -43,12 +43,13 @@ def model_summary(config, batch: int = 1) -> dict:
     x = jnp.zeros((batch, size, size, c), jnp.float32)
     t = jnp.zeros((batch,), jnp.int32)
     xs = jnp.zeros((batch, size, size, 2 * c), jnp.float32)
-    p_recon = jax.eval_shape(recon.init, jax.random.key(0), x, t)["params"]
-    p_seg = jax.eval_shape(seg.init, jax.random.key(0), xs)["params"]
+    cls = jnp.zeros((batch,), jnp.int32) if recon.num_classes else None  # a unified model's class ids
+    p_recon = jax.eval_shape(lambda k: recon.init(k, x, t, class_ids=cls), jax.random.key(0))["params"]
+    p_seg = jax.eval_shape(lambda k: seg.init(k, xs, class_ids=cls), jax.random.key(0))["params"]
     zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
     p_recon, p_seg = zeros(p_recon), zeros(p_seg)
-    g_recon = forward_gflops(lambda p, x, t: recon.apply({"params": p}, x, t), p_recon, x, t) / batch
-    g_seg = forward_gflops(lambda p, x: seg.apply({"params": p}, x), p_seg, xs) / batch
+    g_recon = forward_gflops(lambda p, x, t: recon.apply({"params": p}, x, t, class_ids=cls), p_recon, x, t) / batch
+    g_seg = forward_gflops(lambda p, x: seg.apply({"params": p}, x, class_ids=cls), p_seg, xs) / batch
     m = config.model
     skips = kept_skips(len(m.channel_mults), m.num_res_blocks, m.skip_every)
     return {

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diff_fastener_jax import parallel
+from diff_fastener_jax.config import class_names
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import init_params
 from diff_fastener_jax.perf.xla_stats import compiled_cost, compiled_memory_bytes, median_seconds
@@ -32,20 +33,26 @@ def _abstract(tree, sharding=None):
 # ----------------------------------------------------------------------------- inference
 
 def _infer_inputs(config, batch: int, mesh, abstract: bool, params=None):
-    """(params, images) for `infer`: abstract ShapeDtypeStructs, or real arrays (random images in [-1, 1])."""
+    """(params, images[, class_ids]) for `infer`: abstract ShapeDtypeStructs, or real arrays (random
+    images in [-1, 1]; class ids cycling over a unified model's classes)."""
     size, c = config.data.image_size, config.model.in_channels
+    num_classes = len(class_names(config))
     if abstract:
         params = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)) if params is None else params
-        images = jax.ShapeDtypeStruct((batch, size, size, c), jnp.float32)
+        sharding = None if mesh is None else parallel.data_sharding(mesh)
+        inputs = [jax.ShapeDtypeStruct((batch, size, size, c), jnp.float32, sharding=sharding)]
+        if num_classes:
+            inputs.append(jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding))
         if mesh is not None:
             params = _abstract(params, parallel.replicated(mesh))
-            images = jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=parallel.data_sharding(mesh))
-        return params, images
-    images = jax.random.uniform(jax.random.key(2), (batch, size, size, c), minval=-1.0, maxval=1.0)
+        return (params, *inputs)
+    inputs = [jax.random.uniform(jax.random.key(2), (batch, size, size, c), minval=-1.0, maxval=1.0)]
+    if num_classes:
+        inputs.append(jnp.arange(batch, dtype=jnp.int32) % num_classes)
     if mesh is not None:
         params = jax.device_put(params, parallel.replicated(mesh))
-        images = jax.device_put(images, parallel.data_sharding(mesh))
-    return params, images
+        inputs = [jax.device_put(x, parallel.data_sharding(mesh)) for x in inputs]
+    return (params, *inputs)
 
 
 def bench_infer(config, params, batch: int, repeats: int, mesh=None) -> tuple[dict, float]:
@@ -75,13 +82,15 @@ def compile_infer(config, batch: int, mesh=None) -> tuple[dict, float]:
 
 # ----------------------------------------------------------------------------- training
 
-def synthetic_train_batch(batch: int, size: int, channels: int, seed: int = 0) -> dict:
-    """A host batch shaped like the data pipeline's: alternating normal / synthetic rows, sparse masks."""
+def synthetic_train_batch(batch: int, size: int, channels: int, seed: int = 0, num_classes: int = 0) -> dict:
+    """A host batch shaped like the data pipeline's: alternating normal / synthetic rows, sparse masks,
+    class ids cycling over `num_classes` (0 for one-category models)."""
     rng = np.random.default_rng(seed)
     image = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
     return {"image": image, "clean": image.copy(),
             "mask": (rng.uniform(size=(batch, size, size, 1)) > 0.9).astype(np.float32),
-            "is_synthetic": np.tile([0.0, 1.0], (batch + 1) // 2)[:batch].astype(np.float32)}
+            "is_synthetic": np.tile([0.0, 1.0], (batch + 1) // 2)[:batch].astype(np.float32),
+            "class_id": np.arange(batch, dtype=np.int32) % max(1, num_classes)}
 
 
 def _train_setup(config, batch: int):
@@ -98,7 +107,8 @@ def bench_train(config, batch: int, repeats: int) -> tuple[dict, float]:
     config, mesh, n_used = _train_setup(config, batch)
     step = make_train_step(config, mesh)
     state = parallel.replicate(create_train_state(config, jax.random.key(0)), mesh)
-    host = synthetic_train_batch(batch, config.data.image_size, config.model.in_channels)
+    host = synthetic_train_batch(batch, config.data.image_size, config.model.in_channels,
+                                 num_classes=len(class_names(config)))
     data = parallel.shard_batch(host, mesh)
     key = jax.random.key(3)
     t0 = time.perf_counter()
@@ -122,7 +132,8 @@ def compile_train(config, batch: int) -> tuple[dict, float]:
     state = _abstract(jax.eval_shape(lambda k: create_train_state(config, k), jax.random.key(0)),
                       parallel.replicated(mesh))
     size, c = config.data.image_size, config.model.in_channels
-    data = _abstract(jax.eval_shape(lambda: synthetic_train_batch(batch, size, c)), parallel.data_sharding(mesh))
+    data = _abstract(jax.eval_shape(lambda: synthetic_train_batch(batch, size, c, num_classes=len(class_names(config)))),
+                     parallel.data_sharding(mesh))
     key = jax.eval_shape(lambda: jax.random.key(3))
     t0 = time.perf_counter()
     compiled = step.lower(state, data, key).compile()
