@@ -27,6 +27,7 @@ def test_unknown_override_key_is_one_error_line_with_a_hint_and_writes_nothing(t
     assert not workdir.exists()
 
 
+@pytest.mark.slow  # a subprocess; the other CLI tests cover the wrapper in the inner loop
 def test_missing_config_file(tmp_path):
     proc = run_cli("train", "--config", "configs/nope.py", "--workdir", tmp_path / "run")
     _assert_user_error(proc, "configs/nope.py", "demo.py")

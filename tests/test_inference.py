@@ -85,6 +85,7 @@ def test_fixed_noise_comes_from_infer_seed():
     assert abs(a.mean()) < 0.05 and abs(a.std() - 1) < 0.05
 
 
+@pytest.mark.slow  # a second inference compile
 def test_infer_seed_changes_scores(smoke):
     config, params, infer = smoke
     images = _images(2)

@@ -99,6 +99,7 @@ def test_training_batches_mix_categories_and_stay_half_synthetic(two_category_ro
     assert seen == {0, 1}
 
 
+@pytest.mark.slow  # compiles the unified inference program
 def test_the_infer_program_takes_class_ids_exactly_when_unified():
     from diff_fastener_jax.inference import make_infer_fn
 
