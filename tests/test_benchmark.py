@@ -41,8 +41,8 @@ def test_bfloat16_inference_close_to_float32():
     c16 = tiny_config(**{"model.dtype": "bfloat16"})
     params = perturbed_params(c32)
     images = jax.random.uniform(jax.random.key(2), (8, 32, 32, 3), minval=-1.0, maxval=1.0)
-    r32, m32, s32 = make_infer_fn(c32)(params, images)
-    r16, m16, s16 = make_infer_fn(c16)(params, images)
+    r32, m32, s32, _ = make_infer_fn(c32)(params, images)
+    r16, m16, s16, _ = make_infer_fn(c16)(params, images)
     # Outputs stay float32 (params float32, map and score computed from float32 logits).
     assert r16.dtype == m16.dtype == s16.dtype == jnp.float32
     # The maps must not be saturated, or the comparison would say nothing.
