@@ -69,6 +69,14 @@ def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(img, np.float32)
 
 
+def _per_image(categories, n: int) -> list[str]:
+    """One category name for all n images, or a list of n names, as a list of n names."""
+    names = [categories] * n if isinstance(categories, str) else list(categories)
+    if len(names) != n:
+        raise UserError(f"{len(names)} categories for {n} images")
+    return names
+
+
 class Detector:
     """A trained Diff-Fastener model with its threshold, ready to score images."""
 
@@ -163,9 +171,7 @@ class Detector:
         if categories is None:
             raise UserError(f"this model covers several categories ({', '.join(self.categories)}): "
                             "give each image's category", hint="e.g. --category " + self.categories[0])
-        names = [categories] * n if isinstance(categories, str) else list(categories)
-        if len(names) != n:
-            raise UserError(f"{len(names)} categories for {n} images")
+        names = _per_image(categories, n)
         unknown = sorted(set(names) - set(self.categories))
         if unknown:
             raise UserError(f"unknown category {unknown[0]!r}", hint=f"this model knows {', '.join(self.categories)}")
@@ -196,8 +202,8 @@ class Detector:
         models), else the model's one threshold."""
         if self._threshold_override or not self.categories:
             return np.full(n, self.threshold, np.float64)
-        names = [categories] * n if isinstance(categories, str) else list(categories)
-        return np.asarray(D.threshold_for({**self.record["threshold"], "value": self.threshold}, names), np.float64)
+        per_image = D.threshold_for(self.record["threshold"], _per_image(categories, n), self.threshold)
+        return np.broadcast_to(np.asarray(per_image, np.float64), (n,)).copy()  # one value when none per category
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, categories=None) -> Prediction:
         """Scores, labels (score > its threshold), anomaly maps resized back to each input's size, binary

@@ -93,13 +93,18 @@ def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=
     return record
 
 
-def threshold_for(record: dict, categories) -> np.ndarray | float:
+def category_threshold(record: dict, category: str, default: float | None = None) -> float:
+    """`category`'s own calibrated threshold (unified models), else `default` (the record's value)."""
+    fallback = record["value"] if default is None else default
+    return float((record.get("per_category") or {}).get(category, fallback))
+
+
+def threshold_for(record: dict, categories, default: float | None = None) -> np.ndarray | float:
     """The threshold of each image: its category's own (unified models) where one was calibrated, else
-    the record's single value. `categories`: a name per image (or None for one-category models)."""
-    per = record.get("per_category") or {}
-    if categories is None or not per:
-        return float(record["value"])
-    return np.asarray([per.get(c, record["value"]) for c in categories], np.float64)
+    `default` (the record's single value). `categories`: a name per image (None for one-category models)."""
+    if categories is None or not record.get("per_category"):
+        return float(record["value"] if default is None else default)
+    return np.asarray([category_threshold(record, c, default) for c in categories], np.float64)
 
 
 def resolve_threshold(config, params, infer, mesh, stored: dict | None = None, *, recalibrate: bool = False,

@@ -70,10 +70,11 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
         n = images.shape[0]
         steps[i0:i0 + n] = out.denoise_step
         rows = slice(i0, i0 + n)
+        batch_categories = np.asarray(categories[rows])
         evaluation.update(out.score, labels[rows], defects[rows], out.anomaly_map if has_masks else None,
                           masks if has_masks else None)
         for c, ev in by_category.items():
-            sel = np.flatnonzero(np.asarray(categories[rows]) == c)
+            sel = np.flatnonzero(batch_categories == c)
             if sel.size:
                 ev.update(out.score[sel], labels[rows][sel], [defects[i0 + j] for j in sel],
                           out.anomaly_map[sel] if has_masks else None, masks[sel] if has_masks else None)
@@ -95,7 +96,7 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     if unified:
         # Every category on its own (its images, its threshold), then their unweighted mean.
         result["threshold_per_category"] = dict(record.get("per_category", {}))
-        result["per_category"] = {c: ev.compute(float(np.atleast_1d(detector.threshold_for(record, [c]))[0]))
+        result["per_category"] = {c: ev.compute(detector.category_threshold(record, c))
                                   for c, ev in by_category.items() if ev.num_images}
         keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "precision", "recall", "f1")
         result["per_category_mean"] = {k: float(np.mean([m[k] for m in result["per_category"].values()]))
