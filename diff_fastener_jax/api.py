@@ -95,7 +95,7 @@ class Detector:
     @classmethod
     def load(cls, path: str, *, checkpoint: int | None = None, threshold: float | None = None) -> Detector:
         """From an export folder (detector.json, config.json, params.npz) or a training workdir (its
-        checkpoint `checkpoint`, default the latest, and detector.json). `threshold` overrides the stored one."""
+        checkpoint `checkpoint`, default the selected step, else the latest, and detector.json). `threshold` overrides the stored one."""
         from diff_fastener_jax.config import config_from_json
 
         path = os.fspath(path)

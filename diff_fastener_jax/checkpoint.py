@@ -15,6 +15,7 @@ read back (a damaged disk, a truncated copy) is moved to `checkpoints/unreadable
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -38,13 +39,24 @@ def param_shapes(params) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(path, simple=True, separator="/"): list(np.shape(leaf)) for path, leaf in flat}
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Writes `obj` as JSON to `path` via a temporary file and os.replace: never half a file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class _KeepSteps:
+    """orbax preservation policy: keep the checkpoints whose step is in `steps` (a live, mutable set)."""
+
+    steps: set
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [info.step in self.steps for info in checkpoints]
 
 
 class Checkpointer:
@@ -55,10 +67,19 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         if not read_only:
             os.makedirs(os.path.join(self.directory, "data"), exist_ok=True)
+        self.protected: set[int] = set()  # steps kept whatever their age (the selected step)
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [ocp.checkpoint_managers.LatestN(n=keep), _KeepSteps(self.protected)])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save and not read_only,
+            preservation_policy=policy, create=not read_only, enable_async_checkpointing=async_save and not read_only,
             cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def protect(self, steps) -> None:
+        """From now on keep exactly `steps` (besides the last `keep`): an unprotected older step is
+        removed at the next save."""
+        self.protected.clear()
+        self.protected.update(int(s) for s in steps)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -72,7 +93,7 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict | None, meta: dict) -> None:
         """Saves `state` (a pytree of jax arrays) at `step`; returns before the write finishes."""
-        _atomic_write_json(self._data_path(step), data_state)
+        atomic_write_json(self._data_path(step), data_state)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         self._prune_data_states()

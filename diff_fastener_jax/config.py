@@ -39,6 +39,10 @@ LR_SCHEDULES = ("constant", "warmup_cosine")
 INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm", "adaptive")
 SEG_CLASS_CONDITIONINGS = ("channels", "film")
 ANOMALY_MAPS = ("segmentation", "recon_error")
+# train.select_on: validation metric -> 'min' (lower is better) or 'max'; 'last' keeps the final step
+SELECT_METRICS = {"val_recon_error": "min", "val_image_auroc": "max", "val_pixel_auroc": "max",
+                  "val_pixel_aupro": "max"}
+SELECT_ON = ("last", *SELECT_METRICS)
 
 __all__ = [
     "ACTIVATIONS", "ANOMALY_MAPS", "ATTENTION_IMPLS", "DATA_FORMATS", "DATA_PRESETS", "DTYPES", "FOREGROUNDS",
@@ -280,5 +284,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
     need(t.num_steps > 0 or t.num_epochs > 0, "train.num_steps/num_epochs", "one of them must be > 0")
     for key in ("checkpoint_every", "log_every", "keep_checkpoints"):
         need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
+    one_of("train.select_on", t.select_on, SELECT_ON)
+    need(t.select_on == "last" or (t.eval_every >= 1 and t.val_batches >= 1 and d.val_fraction > 0),
+         "train.select_on", f"{t.select_on!r} selects on validation, which this run does not run",
+         hint="needs train.eval_every >= 1, train.val_batches >= 1 and data.val_fraction > 0; or use 'last'")
     need(-1 <= d.fold < d.num_folds, "data.fold", f"must be -1 (off) or in [0, {d.num_folds}), got {d.fold}")
     need(0.0 < config.eval.fpr_target < 1.0, "eval.fpr_target", f"must be in (0, 1), got {config.eval.fpr_target}")

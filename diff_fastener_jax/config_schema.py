@@ -132,6 +132,10 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.eval_every = 5000
     c.train.val_batches = 4
+    # which checkpoint the run keeps (calibrated, evaluated, exported): 'last', or the best validation
+    # step by 'val_recon_error' (lowest) | 'val_image_auroc' | 'val_pixel_auroc' | 'val_pixel_aupro'
+    # (highest); validation = held-out normals + synthetic anomalies, never the test set
+    c.train.select_on = "last"
     c.train.tensorboard = False
 
     c.eval = ml_collections.ConfigDict()

@@ -121,8 +121,10 @@ def resolve_threshold(config, params, infer, mesh, stored: dict | None = None, *
     return record, record["source"]
 
 
-def detector_record(config: ml_collections.ConfigDict, threshold: dict, step: int | None) -> dict:
-    """The contents of detector.json for a model trained with `config` (see the module docstring)."""
+def detector_record(config: ml_collections.ConfigDict, threshold: dict, step: int | None,
+                    selection: dict | None = None) -> dict:
+    """The contents of detector.json for a model trained with `config` (see the module docstring);
+    `selection`: how `step` was chosen (`selection.Selection.record`)."""
     h, w, c = model_image_shape(config)
     d = config.diffusion
     return {
@@ -141,6 +143,7 @@ def detector_record(config: ml_collections.ConfigDict, threshold: dict, step: in
         "pixel_threshold": PIXEL_THRESHOLD,
         "params": "ema" if config.optim.ema_decay > 0 else "raw",
         "checkpoint_step": step,
+        **({"selection": selection} if selection else {}),
         "versions": versions(),
         "config_digest": config_digest(config),
         "config": json.loads(config.to_json_best_effort()),
@@ -193,12 +196,14 @@ def host_params(params):
     return jax.tree_util.tree_map(one, params)
 
 
-def calibrate_and_save(config: ml_collections.ConfigDict, params, workdir: str, step: int) -> dict:
-    """Calibrates the threshold for the final `params` (EMA when on) and writes <workdir>/detector.json.
+def calibrate_and_save(config: ml_collections.ConfigDict, params, workdir: str, step: int,
+                       selection: dict | None = None) -> dict:
+    """Calibrates the threshold for the kept `params` (EMA when on) of checkpoint `step` and writes
+    <workdir>/detector.json.
 
     Called once at the end of training; only process 0 writes. Returns the record.
     """
-    record = detector_record(config, calibrate(config, host_params(params)), step)
+    record = detector_record(config, calibrate(config, host_params(params)), step, selection)
     if jax.process_index() == 0:
         write(os.path.join(workdir, DETECTOR_FILE), record)
     return record

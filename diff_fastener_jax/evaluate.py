@@ -159,7 +159,7 @@ def define_flags() -> None:
     """This command's flags (defined only when it runs, so importing the module defines none)."""
     cli.define_config("run")
     flags.DEFINE_string("workdir", None, "training run folder (holds config.json and checkpoints/)")
-    flags.DEFINE_integer("checkpoint", None, "step to evaluate (default: latest)")
+    flags.DEFINE_integer("checkpoint", None, "step to evaluate (default: the step selected on validation, else the latest)")
     flags.DEFINE_string("out", None, "output folder (default: <workdir>/eval)")
     flags.DEFINE_boolean("recalibrate", False,
                          "calibrate the threshold again on the held-out normals instead of using detector.json's")

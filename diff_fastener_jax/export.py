@@ -177,7 +177,7 @@ def define_flags() -> None:
     commands define --workdir too)."""
     flags.DEFINE_string("workdir", None, "training run folder")
     flags.DEFINE_string("out", None, "export folder to write")
-    flags.DEFINE_integer("checkpoint", None, "step to export (default: the latest)")
+    flags.DEFINE_integer("checkpoint", None, "step to export (default: the step selected on validation, else the latest)")
     flags.DEFINE_boolean("onnx", True, "also write model.onnx (jax2onnx)")
     flags.DEFINE_integer("onnx_batch", 1, "the fixed batch size of model.onnx")
 

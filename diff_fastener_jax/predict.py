@@ -132,7 +132,7 @@ def define_flags() -> None:
     """This command's flags (defined only when it runs: absl flags are process-global)."""
     flags.DEFINE_string("model", None, "an export folder (python -m diff_fastener_jax.export)")
     flags.DEFINE_string("workdir", None, "or a training run folder")
-    flags.DEFINE_integer("checkpoint", None, "with --workdir: the step (default: the latest)")
+    flags.DEFINE_integer("checkpoint", None, "with --workdir: the step (default: the selected step, else the latest)")
     flags.DEFINE_string("images", None, "a folder or a glob pattern (quote it)")
     flags.DEFINE_string("out", None, "output folder")
     flags.DEFINE_float("threshold", None, "override the stored image-score threshold")

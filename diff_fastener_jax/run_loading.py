@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -19,8 +20,25 @@ def load_run_config(workdir: str, overrides: dict | None = None) -> ml_collectio
     return apply_overrides(config, overrides or {})
 
 
+def default_step(workdir: str, steps: list[int]) -> int:
+    """The step a run stands for: the one selected on validation (`train.select_on`, recorded in
+    detector.json at the end of training) when there is one and it is on disk, else the latest."""
+    path = os.path.join(workdir, "detector.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = {}
+        selected = (record.get("selection") or {}).get("select_on", "last") != "last"
+        if selected and record.get("checkpoint_step") in steps:
+            return int(record["checkpoint_step"])
+    return max(steps)
+
+
 def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int | None = None):
-    """(params, step): the checkpoint's EMA params when EMA was on, else its raw params."""
+    """(params, step): the checkpoint's EMA params when EMA was on, else its raw params. `step` defaults
+    to `default_step` (the selected checkpoint of a finished run)."""
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise UserError(f"no checkpoints in {directory}", hint="train first: python -m diff_fastener_jax.train")
@@ -29,7 +47,7 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int |
     if not steps:
         ckpt.close()
         raise UserError(f"no checkpoints in {directory}", hint="train first: python -m diff_fastener_jax.train")
-    step = ckpt.latest_step() if step is None else step
+    step = default_step(workdir, steps) if step is None else step
     if step not in steps:
         ckpt.close()
         raise UserError(f"--checkpoint {step}: no such step in {directory}",

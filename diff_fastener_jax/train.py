@@ -34,6 +34,7 @@ from diff_fastener_jax.data import datasets, pipeline
 from diff_fastener_jax.data.demo import resolve_data_root
 from diff_fastener_jax.inference import make_infer_fn, run_infer
 from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
+from diff_fastener_jax.selection import Selection
 from diff_fastener_jax.train_step import create_train_state, make_train_step
 
 FLAGS = flags.FLAGS
@@ -181,6 +182,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
     else:
         state = parallel.replicate(create_train_state(config, init_key), mesh)
     start = start or 0
+    # The checkpoint selected on validation so far (train.select_on); kept from pruning.
+    selection = Selection.load(workdir, config.train.select_on, upto=start)
+    if selection.best_step is not None:
+        ckpt.protect([selection.best_step])
 
     train_iter = pipeline.make_train_iterator(
         config, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -226,17 +231,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
             # Evaluate scores the EMA params when EMA is on: validate what will be evaluated.
             val_params = state.ema_params if config.optim.ema_decay > 0 else state.params
             val = _validation_scores(infer, val_params, val_batches, mesh, unified=bool(class_names(config)))
-            writer.write({"step": done, "event": "validation", **val},
-                         "validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            selected = selection.offer(done, val)
+            writer.write({"step": done, "event": "validation", **val, **({"selected": True} if selected else {})},
+                         "validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items())
+                         + (f" (best {selection.metric} so far: selected)" if selected else ""))
             last.update(val)
-        if done % config.train.checkpoint_every == 0 or done == total_steps:
+            if selected:
+                ckpt.protect([done])
+        else:
+            selected = False
+        if done % config.train.checkpoint_every == 0 or done == total_steps or selected:
             ckpt.save(done, state, train_iter.get_state(), meta)
+            if selection.enabled and jax.process_index() == 0:
+                # Written after the save is issued; a crash in between is harmless (see selection.py).
+                selection.save(workdir)
     if pending is not None:
         _check_finite(*pending)
     train_iter.close()
+    chosen_step = selection.best_step or total_steps
+    if chosen_step != total_steps:
+        ckpt.wait()
+        state, _ = ckpt.restore(chosen_step, _abstract_state(config, init_key, rep), expected_shapes=shapes)
+        writer.write({"event": "selected", "step": chosen_step, "select_on": selection.metric,
+                      "value": selection.best["value"]},
+                     f"selected step {chosen_step} ({selection.metric} {selection.best['value']:.4f} on validation)")
     ckpt.close()
     final_params = state.ema_params if config.optim.ema_decay > 0 else state.params
-    detector.calibrate_and_save(config, final_params, workdir, total_steps)
+    detector.calibrate_and_save(config, final_params, workdir, chosen_step, selection=selection.record(total_steps))
     wall = time.time() - t_start
     done_record = {"event": "done", "step": total_steps, "wall_s": wall}
     if not quiet:
