@@ -248,7 +248,7 @@ def main(argv) -> int:
     batch_sizes = parse_batch_sizes(FLAGS.batch_sizes)
     if FLAGS.dtype:
         FLAGS.config.model.dtype = FLAGS.dtype
-    config = cli.get_config()
+    config = cli.get_config(check_data=False)  # synthetic inputs: no dataset is read
     train_batch = config.train.batch_size if FLAGS.train_batch is None else FLAGS.train_batch
     result = measure(config, batch_sizes, train_batch, compile_only=FLAGS.compile_only, repeats=FLAGS.repeats,
                      profile_batch=FLAGS.profile)

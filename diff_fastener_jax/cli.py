@@ -94,12 +94,13 @@ def define_config(source: str = "file", name: str = "config"):
         lock_config=True)
 
 
-def get_config(workdir: str | None = None, *, name: str = "config", validate: bool = True):
+def get_config(workdir: str | None = None, *, name: str = "config", validate: bool = True, check_data: bool = True):
     """The command's resolved config: the --config file (or `<workdir>/config.json` for "run" commands)
     with the command line's overrides applied, validated (`config.validate_config`).
 
     With `--print_config` it prints that config as JSON and exits 0. Raises ConfigError (a UserError)
-    for a missing run, unknown keys or invalid values.
+    for a missing run, unknown keys or invalid values. `check_data=False` skips the checks of the data
+    location (data.root, data.category): for commands that read no dataset (benchmark).
     """
     if _SOURCE.get(name, "file") == "run":
         if not workdir:
@@ -111,7 +112,7 @@ def get_config(workdir: str | None = None, *, name: str = "config", validate: bo
         if cfg is None:
             raise app.UsageError(f"--{name} is required (e.g. --{name} configs/demo.py)")
     if validate:
-        config_lib.validate_config(cfg)
+        config_lib.validate_config(cfg, check_data=check_data)
     if FLAGS["print_config"].present and FLAGS.print_config:
         try:
             print(cfg.to_json_best_effort(indent=2), flush=True)

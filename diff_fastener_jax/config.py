@@ -208,8 +208,10 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     return apply_overrides(base_config(), values)
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ConfigError for unknown keys or invalid values; returns None when the config is usable."""
+def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, *, check_data: bool = True) -> None:
+    """Raises ConfigError for unknown keys or invalid values; returns None when the config is usable.
+    `check_data=False` leaves out the data location (data.root, data.category, data.texture_dir), for
+    programs that read no dataset (the benchmark feeds synthetic arrays)."""
     check_keys(list(flatten(config)), where="config")
     missing = sorted(set(known_keys()) - set(flatten(config)))
     if missing:
@@ -226,13 +228,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> 
 
     d, m, diff, t = config.data, config.model, config.diffusion, config.train
     one_of("data.format", d.format, DATA_FORMATS)
-    need(d.format == "demo" or bool(d.root), "data.root", f"is required for data.format={d.format!r}",
-         hint="e.g. --config.data.root=/data/mvtec")
-    need(d.format == "demo" or os.path.isdir(d.root), "data.root", f"folder {d.root!r} does not exist")
-    need(d.format not in ("mvtec", "folder") or bool(d.category), "data.category",
-         f"is required for data.format={d.format!r}", hint="e.g. --config.data.category=bottle")
+    if check_data:
+        need(d.format == "demo" or bool(d.root), "data.root", f"is required for data.format={d.format!r}",
+             hint="e.g. --config.data.root=/data/mvtec")
+        need(d.format == "demo" or os.path.isdir(d.root), "data.root", f"folder {d.root!r} does not exist")
+        need(d.format not in ("mvtec", "folder") or bool(d.category), "data.category",
+             f"is required for data.format={d.format!r}", hint="e.g. --config.data.category=bottle")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
-    need(not d.texture_dir or os.path.isdir(d.texture_dir), "data.texture_dir",
+    need(not check_data or not d.texture_dir or os.path.isdir(d.texture_dir), "data.texture_dir",
          f"folder {d.texture_dir!r} does not exist")
     one_of("data.foreground", d.foreground, FOREGROUNDS)
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")

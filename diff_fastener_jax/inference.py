@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from diff_fastener_jax import diffusion, parallel
+from diff_fastener_jax import diffusion, parallel, xla_options
 from diff_fastener_jax.config import ANOMALY_MAPS, INFER_METHODS
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.logging_utils import ProgressBar
@@ -228,4 +228,4 @@ def make_infer_fn(config: ml_collections.ConfigDict) -> Callable:
     Everything stays on device between the passes: one XLA program. Shard `images` over a mesh to run
     it data-parallel.
     """
-    return jax.jit(make_infer_program(config))
+    return jax.jit(make_infer_program(config), compiler_options=xla_options.compiler_options())

@@ -222,3 +222,16 @@ def test_set_alias_runs_like_a_config_override(tmp_path):
     smoke_params = jax.eval_shape(lambda k: init_params(tiny_config(), k), jax.random.key(0))
     assert ra["params_recon"] == rb["params_recon"] < count_params(smoke_params["recon"])  # 8 < 16 channels
     assert ra["infer"][0]["gflops_per_image"] == pytest.approx(rb["infer"][0]["gflops_per_image"])
+
+
+def test_peer_script_command_needs_no_dataset(tmp_path):
+    """../shared/bench/speed_vs_peer.sh benchmarks an MVTec-preset config with no data.root: the
+    benchmark feeds synthetic arrays, so the data location is not checked (it once was: exit 2)."""
+    out = tmp_path / "ref.json"
+    proc = run_cli("benchmark", "--config", "configs/dense_reference.py", "--set", "data.image_size=32",
+                   "--set", "model.base_channels=8", "--set", "model.channel_mults=(1,2)",
+                   "--set", "model.attention_resolutions=(16,)", "--set", "model.num_groups=4",
+                   "--set", "model.seg_channels=(8,16)", "--batch-sizes", "2", "--train-batch", "0",
+                   "--dtype", "float32", "--compile-only", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["infer"][0]["batch"] == 2
