@@ -284,6 +284,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, *, 
     need(b % (2 * num_devices) == 0, "train.batch_size",
          f"{b} is not divisible by 2 x {num_devices} devices: each device needs an even, equal share",
          hint=f"e.g. --config.train.batch_size={2 * num_devices * max(1, b // (2 * num_devices))}")
+    per_device = b // num_devices if b % num_devices == 0 else 0
+    need(t.microbatch == 0 or (t.microbatch > 0 and t.microbatch % 2 == 0 and per_device % t.microbatch == 0),
+         "train.microbatch", f"{t.microbatch} must be 0 or an even divisor of the {per_device} rows per device "
+         f"(train.batch_size {b} over {num_devices} device(s))", hint="e.g. --config.train.microbatch=2")
     need(t.num_steps > 0 or t.num_epochs > 0, "train.num_steps/num_epochs", "one of them must be > 0")
     for key in ("checkpoint_every", "log_every", "keep_checkpoints"):
         need(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")

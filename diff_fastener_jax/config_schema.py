@@ -125,6 +125,10 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 4  # GLOBAL; even and divisible by 2 x devices (half normal, half synthetic)
+    # rows per device per forward/backward pass: 0 = the device's whole share at once; an even divisor
+    # of it accumulates gradients over microbatches (lax.scan) in the same step: the same update, a
+    # fraction of the activation memory (fits the paper's batch where it does not fit whole)
+    c.train.microbatch = 0
     c.train.num_steps = -1  # -1: derive from num_epochs
     c.train.num_epochs = 1500
     c.train.checkpoint_every = 2000

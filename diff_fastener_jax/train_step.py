@@ -148,6 +148,31 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
     lr_recon = learning_rate_schedule(config, config.optim.lr_recon)
     lr_seg = learning_rate_schedule(config, config.optim.lr_seg)
 
+    micro = int(config.train.get("microbatch", 0))
+
+    def accumulated_grads(local_params, params, b: int, batch: dict, noises: tuple, dropout_key):
+        """Loss and gradients of this device's rows taken `micro` rows at a time (lax.scan: one
+        microbatch's activations alive at once) and averaged. Rows alternate normal / synthetic, so
+        every even-sized slice is half and half, each loss term is a mean over equal counts, and the
+        average equals the whole-batch value up to float summation order."""
+        n_micro = b // micro
+        split = lambda x: x.reshape((n_micro, micro) + x.shape[1:])  # noqa: E731
+        slices = jax.tree_util.tree_map(split, (dict(batch), noises))
+        varying_zeros = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+            lambda x: lax.pcast(jnp.zeros(jnp.shape(x), x.dtype), DATA_AXIS, to="varying"), tree)
+        zero_terms = {k: jnp.zeros((), jnp.float32) for k in ("noise", "focal", "smoothl1")}
+        init = (varying_zeros(jnp.zeros((), jnp.float32)), varying_zeros(zero_terms), varying_zeros(params))
+
+        def body(carry, inputs):
+            (mb, (ts, tb, a, c)), i = inputs
+            (tot, terms), g = grad_fn(local_params, mb, ts, tb, a, c, jax.random.fold_in(dropout_key, i))
+            add = lambda x, y: jax.tree_util.tree_map(jnp.add, x, y)  # noqa: E731
+            return (carry[0] + tot, add(carry[1], terms), add(carry[2], g)), None
+
+        (total, terms, grads), _ = lax.scan(body, init, (slices, jnp.arange(n_micro)))
+        scale = lambda tree: jax.tree_util.tree_map(lambda x: x / n_micro, tree)  # noqa: E731
+        return (scale(total), scale(terms)), scale(grads)
+
     def per_device_step(state: TrainState, batch: dict, key: jax.Array):
         b = batch["image"].shape[0]
         device = lax.axis_index(DATA_AXIS)
@@ -159,7 +184,11 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         # Mark the replicated params as device-varying so each device differentiates its own loss
         # (the pmap picture); without it shard_map would already sum the gradients over devices.
         local_params = lax.pcast(state.params, DATA_AXIS, to="varying")
-        (total, terms), grads = grad_fn(local_params, batch, t_s, t_b, n1, n2, dropout_key)
+        if micro and micro < b:
+            (total, terms), grads = accumulated_grads(local_params, state.params, b, batch, (t_s, t_b, n1, n2),
+                                                      dropout_key)
+        else:
+            (total, terms), grads = grad_fn(local_params, batch, t_s, t_b, n1, n2, dropout_key)
         grads = lax.pmean(grads, DATA_AXIS)
         total = lax.pmean(total, DATA_AXIS)
         terms = lax.pmean(terms, DATA_AXIS)

@@ -84,3 +84,30 @@ def test_non_finite_loss_skips_update():
 def test_batch_not_divisible_by_devices_is_refused():
     with pytest.raises(ValueError, match="train.batch_size=6"):
         parallel.check_global_batch(6, parallel.make_mesh(jax.devices()[:4]))
+
+
+@pytest.mark.slow  # compiles whole train steps
+def test_microbatches_give_the_whole_batch_update():
+    """train.microbatch=2 accumulates 4 (1 device) or 2 (2 devices) microbatches per step: the same
+    losses, gradient norm and parameters as the whole per-device batch at once."""
+    config = tiny_config()
+    config.train.batch_size = 8
+    batch = _batch(8)
+    one = parallel.make_mesh(jax.devices()[:1])
+    whole, m_whole, _ = _run_steps(config, one, batch, 2)
+    config.train.microbatch = 2
+    for mesh in (one, parallel.make_mesh(jax.devices()[:2])):
+        micro, m_micro, _ = _run_steps(config, mesh, batch, 2)
+        for key in ("total", "noise", "focal", "smoothl1", "grad_norm"):
+            np.testing.assert_allclose(m_micro[-1][key], m_whole[-1][key], rtol=1e-4, err_msg=key)
+        assert_same_training_result(whole.params, micro.params, config.optim.lr_recon, 2)
+
+
+def test_microbatch_must_split_each_devices_rows_evenly():
+    from diff_fastener_jax.config import validate_config
+    from diff_fastener_jax.errors import UserError
+
+    for bad in (3, 6, -2):  # odd; not a divisor of 4 rows per device; negative
+        with pytest.raises(UserError, match="train.microbatch"):
+            validate_config(tiny_config(**{"train.batch_size": 8, "train.microbatch": bad}), num_devices=2)
+    validate_config(tiny_config(**{"train.batch_size": 8, "train.microbatch": 2}), num_devices=2)
