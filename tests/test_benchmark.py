@@ -235,3 +235,12 @@ def test_peer_script_command_needs_no_dataset(tmp_path):
                    "--dtype", "float32", "--compile-only", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["infer"][0]["batch"] == 2
+
+
+@pytest.mark.slow  # compiles two train steps
+def test_microbatched_train_step_costs_the_same_flops_per_image():
+    """XLA counts a loop body once; the benchmark scales the microbatch loop by its trip count, so the
+    FLOPs per image of an accumulated step match the whole-batch step's."""
+    whole = benchmark.measure(tiny_config(), [], 16, compile_only=True)["train"]
+    micro = benchmark.measure(tiny_config(**{"train.microbatch": 2}), [], 16, compile_only=True)["train"]
+    assert micro["gflops_per_image"] == pytest.approx(whole["gflops_per_image"], rel=0.05)
