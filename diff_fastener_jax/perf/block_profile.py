@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax.inference import make_infer_fn
+from diff_fastener_jax import xla_options
+from diff_fastener_jax.inference import make_infer_program
 from diff_fastener_jax.models import build_models
 from diff_fastener_jax.perf.xla_stats import compiled_cost, median_seconds
 
@@ -50,8 +51,9 @@ def top_level_calls(module: nn.Module, params, *args, **kwargs) -> list[tuple[st
 
 
 def time_program(fn: Callable, args: tuple, repeats: int) -> dict:
-    """ms, GFLOP, GB accessed and FLOP/byte of `jax.jit(fn)(*args)` on the default device."""
-    compiled = jax.jit(fn).lower(*args).compile()
+    """ms, GFLOP, GB accessed and FLOP/byte of `jax.jit(fn)(*args)` on the default device, compiled with
+    the same XLA options as the real programs (`xla_options`). `fn` must not be jitted already."""
+    compiled = jax.jit(fn, compiler_options=xla_options.compiler_options()).lower(*args).compile()
     flops, nbytes = compiled_cost(compiled)
     sec = median_seconds(lambda: compiled(*args), repeats)
     return {"ms": 1000 * sec, "gflops": flops / 1e9, "gbytes": nbytes / 1e9,
@@ -88,7 +90,7 @@ def profile_components(config, params, batch: int, repeats: int) -> dict:
     t2 = jnp.concatenate([jnp.full((batch,), config.diffusion.eval_t_small, jnp.int32),
                           jnp.full((batch,), config.diffusion.eval_t_big, jnp.int32)])
     xs = jax.random.uniform(jax.random.key(5), (batch, size, size, 2 * c), minval=-1.0, maxval=1.0)
-    infer = make_infer_fn(config)
+    infer = make_infer_program(config)  # unjitted: time_program compiles it like make_infer_fn does
     args = (params, x2[:batch])
     out = {"batch": batch}
     out["infer"] = time_program(infer, args, repeats)
