@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -23,16 +22,15 @@ def load_run_config(workdir: str, overrides: dict | None = None) -> ml_collectio
 def default_step(workdir: str, steps: list[int]) -> int:
     """The step a run stands for: the one selected on validation (`train.select_on`, recorded in
     detector.json at the end of training) when there is one and it is on disk, else the latest."""
-    path = os.path.join(workdir, "detector.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            record = {}
-        selected = (record.get("selection") or {}).get("select_on", "last") != "last"
-        if selected and record.get("checkpoint_step") in steps:
-            return int(record["checkpoint_step"])
+    from diff_fastener_jax import detector  # the one reader of detector.json
+
+    try:
+        record = detector.read(workdir)
+    except UserError:  # none yet (a running run) or unreadable: the latest step
+        record = {}
+    selected = (record.get("selection") or {}).get("select_on", "last") != "last"
+    if selected and record.get("checkpoint_step") in steps:
+        return int(record["checkpoint_step"])
     return max(steps)
 
 
