@@ -30,6 +30,7 @@ from diff_fastener_jax.errors import UserError
 # Allowed values of the enumerated keys (the first entry of each is the paper's choice where it has one).
 DATA_FORMATS = ("mvtec", "visa", "folder", "demo")
 FOREGROUNDS = ("otsu", "full")
+DEMO_FRAMINGS = ("fastener", "track")  # data/demo.py FRAMINGS
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # 'auto': bfloat16 on GPUs/TPUs, float32 on CPUs
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -45,7 +46,8 @@ SELECT_METRICS = {"val_recon_error": "min", "val_image_auroc": "max", "val_pixel
 SELECT_ON = ("last", *SELECT_METRICS)
 
 __all__ = [
-    "ACTIVATIONS", "ANOMALY_MAPS", "ATTENTION_IMPLS", "DATA_FORMATS", "DATA_PRESETS", "DTYPES", "FOREGROUNDS",
+    "ACTIVATIONS", "ANOMALY_MAPS", "ATTENTION_IMPLS", "DATA_FORMATS", "DATA_PRESETS", "DEMO_FRAMINGS", "DTYPES",
+    "FOREGROUNDS",
     "INFER_METHODS", "LR_SCHEDULES", "REMAT_MODES", "SCHEDULES", "SEG_CLASS_CONDITIONINGS",
     "category_names", "class_names", "ConfigError", "apply_overrides", "base_config", "check_keys", "config_from_json", "flatten",
     "known_keys", "load_config", "suggest_key", "unknown_keys", "validate_config",
@@ -238,6 +240,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, *, 
     need(not check_data or not d.texture_dir or os.path.isdir(d.texture_dir), "data.texture_dir",
          f"folder {d.texture_dir!r} does not exist")
     one_of("data.foreground", d.foreground, FOREGROUNDS)
+    one_of("data.demo_framing", d.demo_framing, DEMO_FRAMINGS)
+    need(0.0 <= d.cutpaste_prob <= 1.0, "data.cutpaste_prob", f"must be in [0, 1], got {d.cutpaste_prob}")
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     down = 2 ** (len(m.channel_mults) - 1)
     seg_down = 2 ** (len(m.seg_channels) - 1)

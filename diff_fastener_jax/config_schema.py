@@ -58,6 +58,10 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.1  # held-out slice of train/good for validation and threshold calibration
     c.data.texture_dir = ""  # optional folder of anomaly source textures (e.g. DTD); never downloaded
     c.data.foreground = "otsu"  # 'otsu' (objects) | 'full' (textures); used when no masks are supplied
+    # share of synthetic anomalies that are cut-paste (a Perlin-masked, opaque, shifted copy of the image
+    # itself: normal-looking pixels in the wrong place, like a missing or displaced part) instead of a
+    # blended texture; 0 = the paper's synthesis only
+    c.data.cutpaste_prob = 0.0
     c.data.foreground_dir = "foreground"  # <category>/<this>/<stem>.png: supplied foreground masks, if present
     c.data.num_workers = 2  # grain worker processes (0 = in-process)
     c.data.prefetch = 2  # per-worker buffer (batches)
@@ -69,6 +73,7 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # demo generator (format 'demo')
     c.data.demo_n_train = 64
     c.data.demo_n_test = 48
+    c.data.demo_framing = "fastener"  # 'fastener': one fastener per image (a crop) | 'track': both, small
     # k-fold protocol (crossval.py sets these): fold -1 = no fold split
     c.data.num_folds = 5
     c.data.fold = -1

@@ -85,3 +85,9 @@ def test_allowed_values_match_what_the_code_implements():
     assert set(C.ACTIVATIONS) == set(ACTIVATIONS)
     assert set(C.DTYPES) == set(DTYPE_NAMES)
     assert set(C.ATTENTION_IMPLS) == set(ATTENTION_IMPLEMENTATIONS)
+
+
+def test_cutpaste_prob_must_be_a_probability():
+    C.validate_config(tiny_config(**{"data.cutpaste_prob": 0.5}))
+    with pytest.raises(C.ConfigError, match=r"data.cutpaste_prob: must be in \[0, 1\], got 1.5"):
+        C.validate_config(tiny_config(**{"data.cutpaste_prob": 1.5}))

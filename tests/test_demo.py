@@ -83,3 +83,21 @@ def test_the_two_fastener_types_look_different():
     assert demo.fastener_type_of("fastener_bar") == "bar" and demo.fastener_type_of("fastener") == "omega"
     with pytest.raises(ValueError, match="fastener type"):
         demo.render_scene(32, np.random.default_rng(0), fastener="spike")
+
+
+@pytest.mark.parametrize("defect", demo.DEFECTS)
+def test_fastener_framing_crops_the_defective_clip_whole(defect):
+    """A fastener crop (the default framing) is the half of a twice-as-large track scene that holds the
+    defective clip: all of the defect's mask lies inside the crop, and the clip is about 4x the area of
+    a clip in the track framing at the same image size."""
+    from diff_fastener_jax.data.demo import _render_track
+
+    for seed in range(4):
+        _, mask = demo.render_scene(64, np.random.default_rng(seed), defect)
+        _, full_mask, _, _ = _render_track(128, np.random.default_rng(seed), defect, "omega")
+        assert mask.shape == (64, 64) and mask.sum() == full_mask.sum() > 0
+        _, track_mask = demo.render_scene(64, np.random.default_rng(seed), defect, framing="track")
+        if defect == "missing_clip":  # the mask is the whole clip
+            assert 3.0 < mask.sum() / track_mask.sum() < 5.0
+    with pytest.raises(ValueError, match="framing"):
+        demo.render_scene(32, np.random.default_rng(0), framing="closeup")

@@ -66,10 +66,13 @@ def test_missing_foreground_mask_is_named(tmp_path):
         datasets.list_samples(_config(tmp_path).data, "train", seed=0)
 
 
-def test_demo_data_supplies_the_fastening_zone(tmp_path):
+@pytest.mark.parametrize("framing,band", [("track", (0.3, 0.6)), ("fastener", (0.7, 0.97))])
+def test_demo_data_supplies_the_fastening_zone(tmp_path, framing, band):
+    """The sleeper band: about 40% of the height of a track scene, most of a fastener crop (ballast
+    showing above and below)."""
     from diff_fastener_jax.data.demo import generate_demo_dataset
 
-    generate_demo_dataset(tmp_path, n_train=3, n_test=4, size=SIZE, seed=0)
+    generate_demo_dataset(tmp_path, n_train=3, n_test=4, size=SIZE, seed=0, framing=framing)
     c = base_config("demo")
     c.data.root, c.data.image_size, c.data.val_fraction = str(tmp_path), SIZE, 0.0
     train = datasets.list_samples(c.data, "train", seed=0)
@@ -78,7 +81,7 @@ def test_demo_data_supplies_the_fastening_zone(tmp_path):
         zone = datasets.load_mask(s.foreground_path, SIZE)[..., 0] > 0
         rows = zone.any(axis=1)
         assert zone[rows].all()  # a full-width band (the sleeper) ...
-        assert 0.3 < rows.mean() < 0.6  # ... about 40% of the height, around the middle
+        assert band[0] < rows.mean() < band[1]  # ... around the middle
         assert rows[SIZE // 2]
 
 
@@ -115,8 +118,9 @@ def test_empty_foreground_means_anywhere_and_empty_supplied_mask_uses_the_config
 
 
 def test_demo_fastening_zone_puts_synthetic_anomalies_on_the_clips(capsys):
-    """Otsu's foreground on the demo scenes is the bright concrete and rail head: the dark clips, where
-    every test defect is, fall outside it. The supplied fastening zone contains them."""
+    """Otsu's foreground on the track scenes is the bright concrete and rail head: the dark clips, where
+    every test defect is, fall outside it. The supplied fastening zone contains them. (In a fastener crop
+    the clip is large enough for Otsu to hold most of it; the zone still holds all of it.)"""
     import copy
 
     from diff_fastener_jax.data import demo
@@ -125,10 +129,10 @@ def test_demo_fastening_zone_puts_synthetic_anomalies_on_the_clips(capsys):
     inside, touched = {"otsu": [], "zone": []}, {"otsu": [], "zone": []}
     for i in range(30):
         state = copy.deepcopy(rng.bit_generator.state)
-        image, _, zone = demo.render_scene_with_zone(64, rng)
+        image, _, zone = demo.render_scene_with_zone(64, rng, framing="track")
         twin = np.random.default_rng()
         twin.bit_generator.state = state  # the same scene with one clip removed: its mask is the clip
-        _, clip = demo.render_scene(64, twin, "missing_clip")
+        _, clip = demo.render_scene(64, twin, "missing_clip", framing="track")
         fgs = {"otsu": synthesis.foreground_mask(datasets.image_to_float(image), "otsu"), "zone": zone}
         for name, fg in fgs.items():
             inside[name].append((fg & clip).sum() / clip.sum())
@@ -136,5 +140,6 @@ def test_demo_fastening_zone_puts_synthetic_anomalies_on_the_clips(capsys):
             touched[name] += [(synthesis.anomaly_mask((64, 64), srng, fg) & clip).any() for _ in range(10)]
     summary = {k: (float(np.mean(inside[k])), float(np.mean(touched[k]))) for k in inside}
     print("clip pixels inside the foreground, synthetic masks touching the clip:", summary)
-    assert summary["zone"][0] == 1.0 and summary["zone"][1] > 0.4
+    # Blobs (cells >= 8 px) touch a clip less often than the old speckle did (0.40 vs 0.47), but cover it.
+    assert summary["zone"][0] == 1.0 and summary["zone"][1] > 0.3
     assert summary["otsu"][0] < 0.2 and summary["otsu"][1] < 0.2

@@ -24,8 +24,37 @@ def test_perlin_noise_range_shape_and_determinism():
     assert n.shape == (H, W + 8) and n.dtype == np.float32
     assert np.abs(n).max() <= 1.0 and n.std() > 0.05
     assert np.array_equal(n, perlin.perlin_noise((H, W + 8), (4, 2), np.random.default_rng(0), 30.0))
-    assert perlin.max_scale_exponent(256) == 5 and perlin.max_scale_exponent(16) == 4
-    assert perlin.max_scale_exponent(1) == 0
+    # The paper's range 2^0..2^5 at 256 px; smaller images keep lattice cells >= 8 px.
+    assert [perlin.max_scale_exponent(s) for s in (512, 256, 128, 64, 32, 16, 8, 1)] == [5, 5, 4, 3, 2, 1, 0, 0]
+
+
+def _component_sizes(mask):
+    """Pixel counts of the 4-connected components of a bool mask (plain BFS, no scipy needed)."""
+    seen, sizes = np.zeros_like(mask), []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, n = [(y0, x0)], 0
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            n += 1
+            for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+        sizes.append(n)
+    return sizes
+
+
+def test_perlin_masks_at_64px_are_blobs_not_speckle():
+    """At 64 px the paper's finest scale (2^5 cells) would make 2-px cells: masks of specks and slivers.
+    With cells >= 8 px, most anomaly pixels belong to blobs of >= 20 px (a demo clip covers about 60)."""
+    rng = np.random.default_rng(0)
+    sizes = [s for _ in range(200) for s in _component_sizes(perlin.perlin_mask((64, 64), rng))]
+    sizes = np.asarray(sizes)
+    assert sizes.size > 50
+    assert sizes[sizes >= 20].sum() / sizes.sum() > 0.9
 
 
 def test_perlin_mask_reproducible():
@@ -127,3 +156,28 @@ def test_texture_bank_source(tmp_path):
         synthesis.TextureBank(str(tmp_path / "empty"))
     with pytest.raises(DatasetError, match="does not exist"):
         synthesis.TextureBank(str(tmp_path / "nope"))
+
+
+def test_cutpaste_pastes_a_shifted_copy_of_the_image_opaquely():
+    """data.cutpaste_prob=1: inside the mask the pixels are the image's own, rolled by >= 1/8 of its size
+    along some axis (beta 0); outside, unchanged."""
+    x = np.random.default_rng(0).uniform(-1, 1, (H, W, 3)).astype(np.float32)  # every pixel unique
+    for seed in range(8):
+        out, m, beta = synthesis.synthesize_anomaly(x, np.random.default_rng(seed), fg_mode="full", cutpaste_prob=1.0)
+        inside = m[..., 0] > 0
+        assert beta == 0.0 and inside.any()
+        assert np.array_equal(out[~inside], x[~inside])
+        offsets = [(dy, dx) for dy in range(-H // 2 + 1, H // 2 + 1) for dx in range(-W // 2 + 1, W // 2 + 1)
+                   if np.array_equal(out[inside], np.roll(x, (dy, dx), axis=(0, 1))[inside])]
+        assert len(offsets) == 1
+        dy, dx = offsets[0]
+        assert max(abs(dy) / H, abs(dx) / W) >= 1 / 8
+
+
+def test_cutpaste_off_draws_exactly_the_papers_synthesis():
+    x = _object_image()
+    a = synthesis.synthesize_anomaly(x, np.random.default_rng(5))
+    b = synthesis.synthesize_anomaly(x, np.random.default_rng(5), cutpaste_prob=0.0)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    betas = [synthesis.synthesize_anomaly(x, np.random.default_rng(s), cutpaste_prob=0.5)[2] for s in range(40)]
+    assert 10 <= sum(b == 0.0 for b in betas) <= 30  # about half cut-paste, the rest blended textures

@@ -595,7 +595,7 @@ def ensure_demo_data(config_data, default_root: str) -> str:
         try:
             generate_demo_dataset(root, n_train=int(config_data.get("demo_n_train", 64)),
                                   n_test=int(config_data.get("demo_n_test", 48)), size=size, seed=seed,
-                                  category=category)
+                                  category=category, framing=str(config_data.get("demo_framing", "fastener")))
         except FileExistsError:
             pass  # another process (multi-host launch) generated it first
     return os.path.abspath(root)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_SCALE_EXPONENT = 5  # scales 2^0 .. 2^5 lattice cells per axis (the paper's range)
+MAX_SCALE_EXPONENT = 5  # scales 2^0 .. 2^5 lattice cells per axis (the paper's range, at 256 px)
+# The paper's finest lattice cell is 256 / 2^5 = 8 px. At smaller images the scale range is cut so no
+# cell gets smaller than that: at 64 px 2^5 cells would be 2 px wide and the thresholded masks become
+# speckle and one-pixel slivers that look like no real defect (issue 11).
+MIN_CELL_PX = 8
 
 
 def _fade(t: np.ndarray) -> np.ndarray:
@@ -65,12 +69,13 @@ def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.
 
 
 def max_scale_exponent(size: int) -> int:
-    """Largest k with 2^k <= size, capped at MAX_SCALE_EXPONENT (the lattice never exceeds the image)."""
-    return int(min(MAX_SCALE_EXPONENT, max(0, np.floor(np.log2(max(1, size))))))
+    """Largest k with size / 2^k >= MIN_CELL_PX (cells at least 8 px, as at the paper's 256 px), capped at
+    MAX_SCALE_EXPONENT; 0 for images smaller than two cells."""
+    return int(min(MAX_SCALE_EXPONENT, max(0, np.floor(np.log2(max(1, size) / MIN_CELL_PX)))))
 
 
 def random_perlin_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Perlin noise with scale 2^k per axis (k ~ U{0..5} independently, bounded by the image size) and a
+    """Perlin noise with scale 2^k per axis (k ~ U{0..5} independently, cut so cells stay >= 8 px) and a
     random rotation in [-90, 90) degrees. Returns float32 (H, W)."""
     h, w = shape
     ky = rng.integers(0, max_scale_exponent(h) + 1)

@@ -104,14 +104,16 @@ class _SynthesizePair:
     """Pair -> {'image' (2, H, W, 3), 'mask' (2, H, W, 1), 'is_synthetic' (2,) [, 'clean']}: row 0 is
     the normal image as is, row 1 the source image with a synthetic anomaly."""
 
-    def __init__(self, fg_mode: str, texture_bank: TextureBank | None, with_clean: bool):
+    def __init__(self, fg_mode: str, texture_bank: TextureBank | None, with_clean: bool, cutpaste_prob: float = 0.0):
         self.fg_mode, self.texture_bank, self.with_clean = fg_mode, texture_bank, with_clean
+        self.cutpaste_prob = cutpaste_prob
 
     def __call__(self, pair: dict, rng: np.random.Generator) -> dict:
         normal = datasets.image_to_float(pair["normal"])
         source = datasets.image_to_float(pair["source"])
         anomalous, mask, _ = synthesize_anomaly(source, rng, foreground=pair.get("source_fg"),
-                                                texture_bank=self.texture_bank, fg_mode=self.fg_mode)
+                                                texture_bank=self.texture_bank, fg_mode=self.fg_mode,
+                                                cutpaste_prob=self.cutpaste_prob)
         out = {"image": np.stack([normal, anomalous]),
                "mask": np.stack([np.zeros_like(mask), mask]),
                "is_synthetic": np.array([0.0, 1.0], np.float32),
@@ -119,6 +121,13 @@ class _SynthesizePair:
         if self.with_clean:
             out["clean"] = np.stack([normal, source])
         return out
+
+
+def _synthesizer(config, bank: TextureBank | None) -> _SynthesizePair:
+    """The synthesis step of a config (training and validation draw from the same distribution)."""
+    return _SynthesizePair(str(config.data.foreground), bank,
+                           bool(config.get("loss", {}).get("anomaly_oriented_noise", False)),
+                           float(config.data.get("cutpaste_prob", 0.0)))
 
 
 def _interleave(chunk: dict) -> dict:
@@ -157,7 +166,6 @@ def build_train_dataset(config, *, seed: int, process_index: int = 0, process_co
         samples = datasets.list_samples(config.data, "train", seed=seed)
     paths = [s.path for s in samples]
     foregrounds = [s.foreground_path for s in samples]
-    with_clean = bool(config.get("loss", {}).get("anomaly_oriented_noise", False))
     ds = (grain.MapDataset.range(len(paths))
           .seed(seed)
           .shuffle()
@@ -165,7 +173,7 @@ def build_train_dataset(config, *, seed: int, process_index: int = 0, process_co
           .batch(2, drop_remainder=True)
           .map(_LoadPair(paths, int(config.data.image_size), foregrounds if any(foregrounds) else None,
                          datasets.class_ids_of(config, samples)))
-          .random_map(_SynthesizePair(str(config.data.foreground), _texture_bank(config.data), with_clean))
+          .random_map(_synthesizer(config, _texture_bank(config.data)))
           .batch(b_local // 2, drop_remainder=True))
     return ds[process_index::process_count].map(_interleave)
 
@@ -275,8 +283,7 @@ def make_val_batches(config, *, seed: int, num_batches: int, samples=None) -> li
     b = local_batch_size(int(config.train.batch_size), 1)
     size, n = int(config.data.image_size), len(samples)
     bank = _texture_bank(config.data)
-    synth = _SynthesizePair(str(config.data.foreground), bank,
-                            bool(config.get("loss", {}).get("anomaly_oriented_noise", False)))
+    synth = _synthesizer(config, bank)
     foregrounds = [s.foreground_path for s in samples]
     load = _LoadPair([s.path for s in samples], size, foregrounds if any(foregrounds) else None,
                      datasets.class_ids_of(config, samples))

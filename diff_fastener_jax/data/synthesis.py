@@ -255,20 +255,35 @@ def anomaly_source(x01: np.ndarray, rng: np.random.Generator, texture_bank: Text
     return augment(procedural_texture(shape, rng), rng, num_ops=1)
 
 
+def shifted_copy(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image itself, rolled by a random offset of at least 1/8 of its size along some axis: pasted
+    through a mask (cut-paste), it puts real parts of the scene where they do not belong (a clip piece on
+    bare concrete, concrete over a clip), the kind of anomaly whose pixels all look normal."""
+    h, w = x.shape[:2]
+    along = int(rng.integers(3))  # 0: vertical shift, 1: horizontal, 2: both (one-axis shifts keep bands aligned)
+    while True:
+        dy, dx = int(rng.integers(-(h // 2), h // 2 + 1)), int(rng.integers(-(w // 2), w // 2 + 1))
+        dy, dx = (0 if along == 1 else dy), (0 if along == 0 else dx)
+        if max(abs(dy) / h, abs(dx) / w) >= 1 / 8:
+            return np.roll(x, (dy, dx), axis=(0, 1))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public entry point
 
 
 def synthesize_anomaly(image_float: np.ndarray, rng: np.random.Generator, *,
                        foreground: np.ndarray | None = None, texture_bank: TextureBank | None = None,
-                       fg_mode: str = "otsu") -> tuple[np.ndarray, np.ndarray, float]:
+                       fg_mode: str = "otsu", cutpaste_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
     """Pastes a synthetic anomaly into a normal image.
 
     image_float: float32 (H, W, 3) in [-1, 1]. foreground: optional bool (H, W) or (H, W, 1) region
     where anomalies may appear, e.g. supplied by the dataset (`data.foreground_dir`); when None, or
-    when a supplied mask is empty, it comes from `fg_mode` ('otsu' | 'full').
+    when a supplied mask is empty, it comes from `fg_mode` ('otsu' | 'full'). With probability
+    `cutpaste_prob` the mask is filled opaquely with a shifted copy of the image (`shifted_copy`, beta 0)
+    instead of a blended texture; 0 (the paper) draws nothing extra, so seeds reproduce the paper's path.
     Returns (out float32 (H, W, 3) in [-1, 1], mask float32 (H, W, 1) in {0, 1} and never empty,
-    beta in [0.2, 0.8)). Pixels outside the mask are returned unchanged.
+    beta: in [0.2, 0.8), or 0.0 for a cut-paste). Pixels outside the mask are returned unchanged.
     """
     x = np.asarray(image_float, np.float32)
     if x.ndim != 3 or x.shape[-1] != 3:
@@ -281,6 +296,8 @@ def synthesize_anomaly(image_float: np.ndarray, rng: np.random.Generator, *,
     else:
         fg = foreground_mask(x, fg_mode)
     m = anomaly_mask((h, w), rng, fg).astype(np.float32)[..., None]  # (H, W, 1)
+    if cutpaste_prob > 0 and rng.random() < cutpaste_prob:
+        return (x * (1.0 - m) + shifted_copy(x, rng) * m).astype(np.float32), m, 0.0
     src = anomaly_source((x + 1.0) / 2.0, rng, texture_bank) * 2.0 - 1.0  # [-1, 1]
     beta = float(rng.uniform(*BETA_RANGE))
     out = x * (1.0 - m) + (1.0 - beta) * src * m + beta * x * m
