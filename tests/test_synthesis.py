@@ -162,6 +162,7 @@ def test_cutpaste_pastes_a_shifted_copy_of_the_image_opaquely():
     """data.cutpaste_prob=1: inside the mask the pixels are the image's own, rolled by >= 1/8 of its size
     along some axis (beta 0); outside, unchanged."""
     x = np.random.default_rng(0).uniform(-1, 1, (H, W, 3)).astype(np.float32)  # every pixel unique
+    x[0, 0] = x[0, 1] + 0.01  # two near-equal pixels: wherever one is pasted on the other, no change
     for seed in range(8):
         out, m, beta = synthesis.synthesize_anomaly(x, np.random.default_rng(seed), fg_mode="full", cutpaste_prob=1.0)
         inside = m[..., 0] > 0
@@ -172,6 +173,28 @@ def test_cutpaste_pastes_a_shifted_copy_of_the_image_opaquely():
         assert len(offsets) == 1
         dy, dx = offsets[0]
         assert max(abs(dy) / H, abs(dx) / W) >= 1 / 8
+        # The mask holds exactly the pixels that changed by more than the threshold.
+        moved = np.roll(x, (dy, dx), axis=(0, 1))
+        assert (np.abs(moved - x).mean(-1)[inside] > synthesis.CUTPASTE_MIN_CHANGE).all()
+
+
+def test_cutpaste_labels_only_visible_changes():
+    """A flat image pasted on itself changes nothing: no cut-paste label, the blended texture instead."""
+    x = np.full((H, W, 3), 0.3, np.float32)
+    for seed in range(6):
+        out, m, beta = synthesis.synthesize_anomaly(x, np.random.default_rng(seed), fg_mode="full", cutpaste_prob=1.0)
+        assert 0.2 <= beta < 0.8 and m.sum() > 0  # fell back to the paper's synthesis
+    stripes = np.zeros((H, W, 3), np.float32)
+    stripes[:, : W // 2] = 0.8  # left half bright: only pastes across the edge are labelled
+    cut = 0
+    for seed in range(6):
+        out, m, beta = synthesis.synthesize_anomaly(stripes, np.random.default_rng(seed), fg_mode="full",
+                                                    cutpaste_prob=1.0)
+        if beta == 0.0:
+            cut += 1
+            assert np.abs(out - stripes).mean(-1)[m[..., 0] > 0].min() > 0.5
+            assert np.array_equal(out[m[..., 0] == 0], stripes[m[..., 0] == 0])
+    assert cut >= 2
 
 
 def test_cutpaste_off_draws_exactly_the_papers_synthesis():

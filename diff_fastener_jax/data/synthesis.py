@@ -20,6 +20,11 @@ from diff_fastener_jax.data import perlin
 BETA_RANGE = (0.2, 0.8)
 MAX_MASK_TRIES = 10  # Perlin draws before falling back to a rectangle
 FG_MODES = ("otsu", "full")
+# Cut-paste: a pixel counts as changed when the pasted copy differs from it by more than this (mean
+# |difference| over channels, images in [-1, 1]; sensor noise and concrete grain stay below ~0.1), and
+# a cut-paste needs this many changed pixels, else the paper's blended texture is drawn instead.
+CUTPASTE_MIN_CHANGE = 0.15
+CUTPASTE_MIN_PIXELS = 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,7 +286,8 @@ def synthesize_anomaly(image_float: np.ndarray, rng: np.random.Generator, *,
     where anomalies may appear, e.g. supplied by the dataset (`data.foreground_dir`); when None, or
     when a supplied mask is empty, it comes from `fg_mode` ('otsu' | 'full'). With probability
     `cutpaste_prob` the mask is filled opaquely with a shifted copy of the image (`shifted_copy`, beta 0)
-    instead of a blended texture; 0 (the paper) draws nothing extra, so seeds reproduce the paper's path.
+    and cut back to the pixels that visibly changed (a copy that changes fewer than CUTPASTE_MIN_PIXELS
+    falls back to a blended texture); 0 (the paper) draws nothing extra, so seeds reproduce the paper's path.
     Returns (out float32 (H, W, 3) in [-1, 1], mask float32 (H, W, 1) in {0, 1} and never empty,
     beta: in [0.2, 0.8), or 0.0 for a cut-paste). Pixels outside the mask are returned unchanged.
     """
@@ -297,7 +303,12 @@ def synthesize_anomaly(image_float: np.ndarray, rng: np.random.Generator, *,
         fg = foreground_mask(x, fg_mode)
     m = anomaly_mask((h, w), rng, fg).astype(np.float32)[..., None]  # (H, W, 1)
     if cutpaste_prob > 0 and rng.random() < cutpaste_prob:
-        return (x * (1.0 - m) + shifted_copy(x, rng) * m).astype(np.float32), m, 0.0
+        src = shifted_copy(x, rng)
+        # Only what visibly changed is an anomaly: concrete pasted on concrete is not one, and a label
+        # there would teach the segmentation net to flag plain surfaces.
+        changed = m * (np.abs(src - x).mean(axis=-1, keepdims=True) > CUTPASTE_MIN_CHANGE)
+        if changed.sum() >= CUTPASTE_MIN_PIXELS:
+            return (x * (1.0 - changed) + src * changed).astype(np.float32), changed, 0.0
     src = anomaly_source((x + 1.0) / 2.0, rng, texture_bank) * 2.0 - 1.0  # [-1, 1]
     beta = float(rng.uniform(*BETA_RANGE))
     out = x * (1.0 - m) + (1.0 - beta) * src * m + beta * x * m
