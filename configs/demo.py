@@ -91,8 +91,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.num_groups = 4
         c.model.dacm_reduction = 4
         c.model.seg_channels = (8, 16)
-        # The tests pin behaviour of the plain paper optimizer (constant rate, raw params).
+        # The tests pin behaviour of the plain paper optimizer (constant rate, raw params) and the paper's
+        # synthesis and noise loss (hand-made test batches carry no 'clean' rows); the demo recipe's
+        # cut-paste + anomaly-oriented noise have tests of their own.
         c.optim.schedule, c.optim.warmup_steps, c.optim.ema_decay, c.optim.clip = "constant", 0, 0.0, 0.0
+        c.data.cutpaste_prob, c.loss.anomaly_oriented_noise = 0.0, False
         c.optim.lr_recon = c.optim.lr_seg = 3e-4
         c.train.batch_size = 8  # 2 per device on the 4 simulated test devices
         c.train.num_steps = 6
