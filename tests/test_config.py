@@ -85,6 +85,9 @@ def test_allowed_values_match_what_the_code_implements():
     assert set(C.ACTIVATIONS) == set(ACTIVATIONS)
     assert set(C.DTYPES) == set(DTYPE_NAMES)
     assert set(C.ATTENTION_IMPLS) == set(ATTENTION_IMPLEMENTATIONS)
+    from diff_fastener_jax.data.demo import FRAMINGS
+
+    assert set(C.DEMO_FRAMINGS) == set(FRAMINGS)
 
 
 def test_cutpaste_prob_must_be_a_probability():

@@ -291,8 +291,6 @@ def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size:
     type drawn (default: `fastener_type_of(category)`). Written to a temporary folder first and moved
     into place, so concurrent callers never see half a dataset."""
     fastener = fastener or fastener_type_of(category)
-    if framing not in FRAMINGS:
-        raise ValueError(f"unknown demo framing {framing!r}; choose one of {FRAMINGS}")
     if n_train < 1 or n_test < 4 or size < 32:
         raise ValueError(f"demo needs n_train >= 1, n_test >= 4, size >= 32 (got {n_train}, {n_test}, {size})")
     out_dir = Path(out_dir)
