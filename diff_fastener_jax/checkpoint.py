@@ -127,14 +127,25 @@ class Checkpointer:
         """Returns (state, data_state) at `step`; refuses a checkpoint with other parameter shapes."""
         if expected_shapes is not None:
             self.check_shapes(step, expected_shapes)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        try:
+            state = self._restore_state(step, abstract_state)
+        except ValueError as e:
+            # Checkpoints of earlier versions carry a copy of the parameters as `ema_params`
+            # even with EMA off; read them with that layout and drop the copy.
+            if "do not match" not in str(e) or getattr(abstract_state, "ema_params", None) != {}:
+                raise
+            state = self._restore_state(step, abstract_state.replace(ema_params=abstract_state.params))
+            state = state.replace(ema_params={})
         path = self._data_path(step)
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint step {step}: input-pipeline state {path} is missing")
         with open(path) as f:
             data_state = json.load(f)
-        return restored["state"], data_state
+        return state, data_state
+
+    def _restore_state(self, step: int, abstract_state):
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
 
     def restore_latest(self, abstract_state, expected_shapes: dict | None = None):
         """(step, state, data_state) of the newest checkpoint that reads back, or (None, None, None).

@@ -252,6 +252,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, *, 
     one_of("model.attention", m.attention, ATTENTION_IMPLS)
     one_of("model.remat", m.remat, REMAT_MODES)
     need(m.skip_every >= 1, "model.skip_every", f"must be >= 1, got {m.skip_every}")
+    need(0.0 < m.seg_head_prior < 1.0, "model.seg_head_prior", f"must be in (0, 1), got {m.seg_head_prior}")
     need(m.base_channels % m.num_heads == 0, "model.num_heads",
          f"{m.num_heads} heads must divide model.base_channels={m.base_channels}")
     for r in m.attention_resolutions:

@@ -57,5 +57,5 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int |
         jax.eval_shape(lambda: create_train_state(config, jax.random.key(0))))
     state, _ = ckpt.restore(step, abstract, expected_shapes=param_shapes(abstract.params))
     ckpt.close()
-    params = state.ema_params if config.optim.ema_decay > 0 else state.params
+    params = state.inference_params
     return params, step

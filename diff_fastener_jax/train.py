@@ -229,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
                                f"smoothl1 {m['smoothl1']:.4f}) | ETA {format_seconds(eta)}")
         if val_batches and config.train.eval_every > 0 and (done % config.train.eval_every == 0 or done == total_steps):
             # Evaluate scores the EMA params when EMA is on: validate what will be evaluated.
-            val_params = state.ema_params if config.optim.ema_decay > 0 else state.params
+            val_params = state.inference_params
             val = _validation_scores(infer, val_params, val_batches, mesh, unified=bool(class_names(config)))
             selected = selection.offer(done, val)
             writer.write({"step": done, "event": "validation", **val, **({"selected": True} if selected else {})},
@@ -256,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
                       "value": selection.best["value"]},
                      f"selected step {chosen_step} ({selection.metric} {selection.best['value']:.4f} on validation)")
     ckpt.close()
-    final_params = state.ema_params if config.optim.ema_decay > 0 else state.params
+    final_params = state.inference_params
     detector.calibrate_and_save(config, final_params, workdir, chosen_step, selection=selection.record(total_steps))
     wall = time.time() - t_start
     done_record = {"event": "done", "step": total_steps, "wall_s": wall}

@@ -34,7 +34,14 @@ class TrainState:
     step: jax.Array  # () int32
     params: Params  # {'recon': ..., 'seg': ...}, float32
     opt_state: optax.OptState
-    ema_params: Params  # same structure as params; equals params when EMA is off
+    # Same structure as params with EMA on; an empty dict with EMA off (optim.ema_decay = 0), so the
+    # paper config does not carry (and checkpoint) a second copy of its 149 M parameters.
+    ema_params: Params
+
+    @property
+    def inference_params(self) -> Params:
+        """The weights to validate, evaluate and deploy: the EMA copy when EMA is on, else params."""
+        return self.ema_params if self.ema_params else self.params
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, peak: float) -> float | optax.Schedule:
@@ -77,8 +84,8 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> Tra
     """Fresh float32 params for both networks and the optimizer state."""
     params = init_params(config, key)
     tx = make_optimizer(config)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=jax.tree_util.tree_map(jnp.copy, params))
+    ema = jax.tree_util.tree_map(jnp.copy, params) if float(config.optim.ema_decay) > 0 else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema)
 
 
 def example_noise(keys: jax.Array, shape: tuple[int, ...], tau: int, T: int):
@@ -202,7 +209,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
             new_ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
                                              state.ema_params, new_params)
         else:
-            new_ema = new_params
+            new_ema = state.ema_params  # {}: nothing carried
         finite = jnp.isfinite(total)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b_: jnp.where(finite, a, b_), new, old)  # noqa: E731
         new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),

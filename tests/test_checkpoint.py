@@ -6,8 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMOKE_CONFIG
 
 from diff_fastener_jax.checkpoint import Checkpointer, IncompatibleCheckpointError, param_shapes
+from diff_fastener_jax.config import load_config
+from diff_fastener_jax.train_step import create_train_state
 
 
 def _state(v: float):
@@ -71,3 +74,28 @@ def test_read_only_checkpointer_creates_nothing(tmp_path):
     directory = tmp_path / "checkpoints"
     Checkpointer(str(directory), read_only=True).close()
     assert not directory.exists()
+
+
+def test_ema_off_carries_no_copy_and_reads_checkpoints_that_did(tmp_path):
+    """With EMA off the state holds no second copy of the parameters (the paper config's 0.56 GiB),
+    and a checkpoint of the earlier layout (a copy saved as ema_params) still restores."""
+    config = load_config(SMOKE_CONFIG)
+    assert config.optim.ema_decay == 0
+    state = create_train_state(config, jax.random.key(0))
+    assert state.ema_params == {} and state.inference_params is state.params
+
+    old_layout = state.replace(ema_params=jax.tree_util.tree_map(jnp.copy, state.params))
+    directory = str(tmp_path / "checkpoints")
+    ckpt = Checkpointer(directory, async_save=False)
+    ckpt.save(3, old_layout, {"pos": 3}, {"param_shapes": param_shapes(state.params)})
+    ckpt.close()
+    abstract = jax.eval_shape(lambda: state)
+    step, restored, _ = Checkpointer(directory, read_only=True).restore_latest(
+        abstract, expected_shapes=param_shapes(state.params))
+    assert step == 3 and restored.ema_params == {}
+    for a, b in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    config.optim.ema_decay = 0.99
+    with_ema = create_train_state(config, jax.random.key(0))
+    assert jax.tree_util.tree_structure(with_ema.ema_params) == jax.tree_util.tree_structure(with_ema.params)

@@ -94,3 +94,10 @@ def test_cutpaste_prob_must_be_a_probability():
     C.validate_config(tiny_config(**{"data.cutpaste_prob": 0.5}))
     with pytest.raises(C.ConfigError, match=r"data.cutpaste_prob: must be in \[0, 1\], got 1.5"):
         C.validate_config(tiny_config(**{"data.cutpaste_prob": 1.5}))
+
+
+def test_seg_head_prior_must_be_an_open_probability():
+    C.validate_config(tiny_config(**{"model.seg_head_prior": 0.01}))
+    for bad in (0.0, 1.0):
+        with pytest.raises(C.ConfigError, match=r"model.seg_head_prior: must be in \(0, 1\)"):
+            C.validate_config(tiny_config(**{"model.seg_head_prior": bad}))

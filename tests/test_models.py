@@ -80,6 +80,24 @@ def test_fresh_unet_predicts_exactly_zero():
     assert float(jnp.max(jnp.abs(eps))) == 0.0
 
 
+def test_seg_head_prior_sets_the_initial_probability():
+    """model.seg_head_prior: the fresh segmentation net's per-pixel probability, same parameters."""
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 6))
+
+    def fresh(prior):
+        config = tiny_config(**{"model.seg_head_prior": prior})
+        params = init_params(config, jax.random.key(0))["seg"]
+        return params, np.asarray(build_models(config)[1].apply({"params": params}, x))
+
+    p_half, prob_half = fresh(0.5)
+    p_low, prob_low = fresh(0.01)
+    np.testing.assert_allclose(p_low["head"]["bias"], np.log(0.01 / 0.99), rtol=1e-6)
+    assert float(np.max(np.abs(p_half["head"]["bias"]))) == 0.0  # the paper's zero bias
+    assert jax.tree_util.tree_structure(p_half) == jax.tree_util.tree_structure(p_low)
+    assert 0.3 < float(np.median(prob_half)) < 0.7
+    assert 0.002 < float(np.median(prob_low)) < 0.05
+
+
 @pytest.mark.slow  # compiles the U-Nets forward and backward: outside the 2-minute inner loop
 def test_bf16_compute_float32_params():
     config = tiny_config(**{"model.dtype": "bfloat16"})
@@ -136,7 +154,8 @@ def test_bad_sizes_raise_clear_errors():
 
 @pytest.mark.slow  # compiles the U-Nets forward and backward: outside the 2-minute inner loop
 def test_remat_blocks_keeps_params_and_gradients():
-    """model.remat='blocks' recomputes inside blocks: same parameter tree, same loss, same gradients."""
+    """model.remat='blocks' recomputes inside blocks: same parameter tree, same loss, same gradients,
+    much less planned memory."""
     from diff_fastener_jax.train_step import make_loss_fn
 
     plain, remat = tiny_config(), tiny_config(**{"model.remat": "blocks"})
@@ -157,13 +176,17 @@ def test_remat_blocks_keeps_params_and_gradients():
 
     def grads(config):
         loss_fn = make_loss_fn(config)
-        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, t, t + 300, n1, n2, jax.random.key(0))[0]))(
-            params)
+        compiled = jax.jit(jax.value_and_grad(
+            lambda p: loss_fn(p, batch, t, t + 300, n1, n2, jax.random.key(0))[0])).lower(params).compile()
+        return compiled(params), compiled.memory_analysis().temp_size_in_bytes
 
-    (l_plain, g_plain), (l_remat, g_remat) = grads(plain), grads(remat)
+    ((l_plain, g_plain), temp_plain), ((l_remat, g_remat), temp_remat) = grads(plain), grads(remat)
     np.testing.assert_allclose(l_remat, l_plain, rtol=1e-5)
     for a, r in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_remat)):
         np.testing.assert_allclose(r, a, rtol=1e-4, atol=1e-6)
+    # And XLA plans less memory for it: every block's recomputation waits for that block's output
+    # gradient. (Plain nn.remat planned 47.7 MiB against 45.7 MiB here; this planned 20.4 MiB.)
+    assert temp_remat < 0.6 * temp_plain, (temp_remat, temp_plain)
 
 
 def test_attention_implementation_choice():
@@ -190,3 +213,23 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_gpu():
     assert resolve_dtype_name("float32", backend="gpu") == "float32"
     with pytest.raises(ValueError, match="model.dtype"):
         resolve_dtype_name("int8")
+
+
+def test_composed_attention_matches_float64_softmax_attention():
+    """The XLA attention path (`layers.composed_attention`) against numpy float64, and its gradients
+    against jax's own `dot_product_attention`."""
+    from diff_fastener_jax.models.layers import composed_attention
+
+    q, k, v = (jax.random.normal(key, (2, 24, 3, 8)) * 2.0 for key in jax.random.split(jax.random.key(0), 3))
+    qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(8.0)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", w, vn)
+    np.testing.assert_allclose(np.asarray(composed_attention(q, k, v)), expected, rtol=1e-5, atol=1e-5)
+
+    cot = jax.random.normal(jax.random.key(1), q.shape)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+             for f in (composed_attention, jax.nn.dot_product_attention)]
+    for ours, theirs in zip(*grads):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-5)

@@ -79,7 +79,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet,
         num_classes=len(class_names(config)),
     )
     seg = SegmentationUNet(channels=tuple(m.seg_channels), groups=m.num_groups, dtype=dtype, remat=remat,
-                           num_classes=len(class_names(config)),
+                           num_classes=len(class_names(config)), head_prior=float(m.get("seg_head_prior", 0.5)),
                            class_conditioning=m.get("seg_class_conditioning", "channels"))
     return recon, seg
 

@@ -8,6 +8,8 @@ The decoder width at level j is channels[max(j - 1, 0)], which reproduces the re
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import flax.linen as nn
@@ -38,6 +40,7 @@ class SegmentationUNet(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"  # 'none' | 'blocks' (see models.layers.remat_block)
     num_classes: int = 0  # > 0: a unified multi-category model; class_ids select the category
+    head_prior: float = 0.5  # every pixel's anomaly probability at initialisation (model.seg_head_prior)
     class_conditioning: str = "channels"  # 'channels' (one-hot input planes) | 'film' (per-level scale, shift)
 
     @nn.compact
@@ -85,5 +88,10 @@ class SegmentationUNet(nn.Module):
             h = jnp.concatenate([h, feats[j]], axis=-1)
             h = block(ch, f"dec{j}")(h)
 
-        logits = Conv(1, (3, 3), padding=1, dtype=self.dtype, name="head")(h).astype(jnp.float32)
+        # The head's bias starts at logit(head_prior): 0 for the paper's 0.5; a small prior (as in
+        # RetinaNet) starts every pixel "normal", where the focal loss's (p)^gamma factor barely moves
+        # a 0.5 start at gamma = 4.
+        prior_logit = math.log(self.head_prior / (1.0 - self.head_prior))
+        logits = Conv(1, (3, 3), padding=1, dtype=self.dtype, name="head",
+                      bias_init=nn.initializers.constant(prior_logit))(h).astype(jnp.float32)
         return logits if return_logits else jax.nn.sigmoid(logits)
