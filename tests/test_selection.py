@@ -71,7 +71,7 @@ def test_checkpointer_keeps_a_protected_step_beyond_keep(tmp_path):
     for step in (1, 2, 3):
         if step == 2:
             ckpt.protect([2])
-        ckpt.save(step, jax.tree_util.tree_map(lambda x: x + step, state), {"i": step}, {"m": step})
+        ckpt.save(step, jax.tree_util.tree_map(lambda x, s=step: x + s, state), {"i": step}, {"m": step})
     assert ckpt.all_steps() == [2, 3]
     ckpt.protect([])  # no longer selected: removed at the next save
     ckpt.save(4, state, {"i": 4}, {"m": 4})

@@ -9,7 +9,6 @@ The decoder width at level j is channels[max(j - 1, 0)], which reproduces the re
 from __future__ import annotations
 
 import math
-
 from typing import Sequence
 
 import flax.linen as nn
