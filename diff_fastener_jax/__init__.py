@@ -13,3 +13,13 @@ def __getattr__(name):
 
 
 __all__ = ["Detector", "__version__"]
+
+
+def _reexec_with_hugepages():
+    # Before JAX is imported, and only for `python -m diff_fastener_jax.<cmd>` (see hostenv).
+    from diff_fastener_jax import hostenv
+
+    hostenv.reexec_with_hugepages()
+
+
+_reexec_with_hugepages()

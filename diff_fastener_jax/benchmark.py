@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from diff_fastener_jax import cli, parallel
+from diff_fastener_jax import cli, hostenv, parallel
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.models import count_params, init_params, resolve_dtype_name
 from diff_fastener_jax.perf.block_profile import print_profile, profile_components
@@ -153,6 +153,9 @@ def print_table(r: dict) -> None:
     """Human-readable summary of a `run_benchmark` / `run_compile_only` record."""
     print(f"device {r['device']} | dtype {r['dtype']} | attention {r['attention']} | remat {r['remat']} | "
           f"{r['image_size']}² | params recon {r['params_recon'] / 1e6:.2f} M, seg {r['params_seg'] / 1e6:.2f} M")
+    if r.get("host_setup"):
+        on = hostenv.TUNABLE in (r["host_setup"]["glibc_tunables"] or "")
+        print(f"malloc huge pages {'on' if on else 'off'} (THP '{r['host_setup']['thp_mode']}'; see hostenv.py)")
     if "peak_tflops_per_device" in r:
         print(f"peak {r['peak_tflops_per_device']:.3f} TFLOP/s, {r['bandwidth_gbs_per_device']:.0f} GB/s per device "
               f"({r['peak_source']})")
@@ -254,6 +257,7 @@ def main(argv) -> int:
                      profile_batch=FLAGS.profile)
     result["config"] = config_flags.get_config_filename(FLAGS["config"])
     result["command"] = "python -m diff_fastener_jax.benchmark " + " ".join(sys.argv[1:])
+    result["host_setup"] = hostenv.host_setup()  # malloc huge pages on or off (see hostenv)
     print_table(result)
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

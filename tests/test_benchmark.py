@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMOKE_CONFIG, run_cli, tiny_config
+from conftest import SMOKE_CONFIG, run_cli, subprocess_env, tiny_config
 
-from diff_fastener_jax import benchmark
+from diff_fastener_jax import benchmark, hostenv
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import count_params, init_params
@@ -133,6 +133,12 @@ def test_benchmark_command_writes_record(tmp_path):
     assert set(r["compile_s"]) == {"infer_b1", "infer_b4", "train"}
     assert all(v > 0 for v in r["compile_s"].values())
     assert r["params_recon"] > r["params_seg"] > 0
+    # What the process ran with: the malloc tunable the command set for itself, or none (see hostenv).
+    env = subprocess_env()
+    reexec = hostenv.hugepage_environ(env, hostenv.thp_mode(), hostenv.libc_version())
+    tunables = (reexec or env).get("GLIBC_TUNABLES")
+    assert r["host_setup"]["glibc_tunables"] == tunables
+    assert ("malloc huge pages on" in proc.stdout) == (hostenv.TUNABLE in (tunables or ""))
 
 
 @pytest.mark.slow  # runs the whole benchmark command: end to end

@@ -1,0 +1,67 @@
+"""Huge pages for XLA:CPU's buffers (hostenv): when a command re-executes itself, and that it does."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, subprocess_env
+
+from diff_fastener_jax import hostenv
+
+
+@pytest.mark.parametrize("environ,thp,libc,expected", [
+    ({}, "madvise", "glibc 2.36", "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise", "glibc 2.39",
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", "glibc 2.36", None),  # the user's choice stays
+    ({"DFJ_HUGEPAGES": "0"}, "madvise", "glibc 2.36", None),
+    ({"DFJ_HUGEPAGES": "off"}, "madvise", "glibc 2.36", None),
+    ({}, "always", "glibc 2.36", None),  # every mapping gets huge pages already
+    ({}, "never", "glibc 2.36", None),
+    ({}, None, "glibc 2.36", None),  # no THP (not Linux, or no sysfs)
+    ({}, "madvise", "glibc 2.34", None),  # before the tunable existed
+    ({}, "madvise", None, None),  # musl, macOS
+])
+def test_hugepage_environ_decides_when_a_reexec_changes_something(environ, thp, libc, expected):
+    env = hostenv.hugepage_environ({"PATH": "/bin", **environ}, thp, libc)
+    if expected is None:
+        assert env is None
+    else:
+        assert env["GLIBC_TUNABLES"] == expected
+        assert env["PATH"] == "/bin"  # the rest of the environment is kept
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["python", "-m", "diff_fastener_jax.train", "--config", "c.py"], True),
+    (["python", "-u", "-X", "dev", "-m", "diff_fastener_jax.benchmark"], True),
+    (["python", "-m", "diff_fastener_jax"], True),
+    (["python", "-m", "pytest", "tests"], False),
+    (["python", "-c", "import diff_fastener_jax"], False),
+    (["python", "script.py", "-m", "diff_fastener_jax.train"], False),
+    (["python"], False),
+])
+def test_only_our_commands_reexecute(argv, expected):
+    assert hostenv.launched_as_command(argv) is expected
+
+
+def _host_of(env) -> dict:
+    out = subprocess.run([sys.executable, "-m", "diff_fastener_jax", "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)["host"]
+
+
+def test_a_command_runs_with_the_tunable_and_can_opt_out():
+    env = subprocess_env()
+    env.pop("GLIBC_TUNABLES", None)
+    env.pop(hostenv.OPT_OUT, None)
+    wanted = hostenv.hugepage_environ(env, hostenv.thp_mode(), hostenv.libc_version())
+    if wanted is None:
+        pytest.skip(f"this host gains nothing from the tunable (THP {hostenv.thp_mode()!r}, {hostenv.libc_version()})")
+    assert _host_of(env)["glibc_tunables"] == hostenv.TUNABLE
+    assert _host_of({**env, hostenv.OPT_OUT: "0"})["glibc_tunables"] is None
+    # Importing the package as a library never re-executes.
+    code = "import os, diff_fastener_jax; print(os.environ.get('GLIBC_TUNABLES'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "None"
