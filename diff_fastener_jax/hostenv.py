@@ -95,7 +95,9 @@ def reexec_with_hugepages() -> None:
         return
 
 
-
 def host_setup() -> dict:
-    """What this process runs with: the tunables, the THP mode and the C library (for records and `python -m diff_fastener_jax`)."""
+    """What this process runs with: its glibc tunables, the THP mode and the C library.
+
+    For benchmark records and `python -m diff_fastener_jax`.
+    """
     return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "thp_mode": thp_mode(), "libc": libc_version()}
