@@ -26,9 +26,8 @@ def main(argv: list[str]) -> int:
     print("commands (python -m diff_fastener_jax.<command> --help for each):")
     for name, what in COMMANDS.items():
         print(f"  {name:<10} {what}")
-    hugepages = hostenv.TUNABLE in (host["glibc_tunables"] or "")
     print(f"\nhost: {host['libc'] or 'not glibc'}, transparent huge pages '{host['thp_mode']}', "
-          f"malloc huge pages {'on' if hugepages else 'off'} (DFJ_HUGEPAGES=0 turns them off)")
+          f"malloc huge pages {'on' if host['malloc_hugepages'] else 'off'} (DFJ_HUGEPAGES=0 turns them off)")
     return 0
 
 

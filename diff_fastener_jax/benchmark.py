@@ -154,8 +154,8 @@ def print_table(r: dict) -> None:
     print(f"device {r['device']} | dtype {r['dtype']} | attention {r['attention']} | remat {r['remat']} | "
           f"{r['image_size']}² | params recon {r['params_recon'] / 1e6:.2f} M, seg {r['params_seg'] / 1e6:.2f} M")
     if r.get("host_setup"):
-        on = hostenv.TUNABLE in (r["host_setup"]["glibc_tunables"] or "")
-        print(f"malloc huge pages {'on' if on else 'off'} (THP '{r['host_setup']['thp_mode']}'; see hostenv.py)")
+        host = r["host_setup"]
+        print(f"malloc huge pages {'on' if host['malloc_hugepages'] else 'off'} (THP '{host['thp_mode']}'; see hostenv.py)")
     if "peak_tflops_per_device" in r:
         print(f"peak {r['peak_tflops_per_device']:.3f} TFLOP/s, {r['bandwidth_gbs_per_device']:.0f} GB/s per device "
               f"({r['peak_source']})")

@@ -100,4 +100,6 @@ def host_setup() -> dict:
 
     For benchmark records and `python -m diff_fastener_jax`.
     """
-    return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "thp_mode": thp_mode(), "libc": libc_version()}
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return {"glibc_tunables": tunables, "malloc_hugepages": TUNABLE in (tunables or ""), "thp_mode": thp_mode(),
+            "libc": libc_version()}

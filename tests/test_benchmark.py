@@ -138,6 +138,7 @@ def test_benchmark_command_writes_record(tmp_path):
     reexec = hostenv.hugepage_environ(env, hostenv.thp_mode(), hostenv.libc_version())
     tunables = (reexec or env).get("GLIBC_TUNABLES")
     assert r["host_setup"]["glibc_tunables"] == tunables
+    assert r["host_setup"]["malloc_hugepages"] == (hostenv.TUNABLE in (tunables or ""))
     assert ("malloc huge pages on" in proc.stdout) == (hostenv.TUNABLE in (tunables or ""))
 
 
