@@ -14,7 +14,8 @@
 # Needs: python3 with jax[cuda] (0.10+), flax, optax, ml_collections, absl on PYTHONPATH. No installs.
 # Knobs (env): CONFIG (default configs/default.py), INFER_BATCHES, TRAIN_BATCH, REMAT_BATCH (0 skips),
 # REPEATS (default 3), BUDGET_S (default 345: no step runs past it), LIMIT_X (multiplies every step's
-# time limit; default 1), EXTRA (more --config.a.b=v overrides). CPU check of the script itself:
+# time limit; default 1), AUTOTUNE (XLA:GPU autotune level; see below), EXTRA (more --config.a.b=v
+# overrides). Each benchmark prints its stages with a clock on stderr. CPU check of the script itself:
 #   CONFIG=configs/demo.py:smoke INFER_BATCHES=2,4 TRAIN_BATCH=4 REMAT_BATCH=4 LIMIT_X=8 BUDGET_S=3000 \
 #     bash benchmarks/gpu.sh
 set -uo pipefail
@@ -23,6 +24,11 @@ cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Let XLA take most of the GPU (default preallocation is 75%): the train steps are memory-bound.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# XLA:GPU times candidate kernels for every convolution while compiling. AUTOTUNE=0 picks cuDNN's
+# heuristic choice instead (shorter compiles, possibly slower kernels); unset keeps XLA's default.
+# The record's compile_s says what it cost (RESULTS.md: on an H200 neither setting compiled the
+# paper's programs within these limits while parameter init still ran eagerly, 2026-11-28).
+if [[ -n "${AUTOTUNE:-}" ]]; then export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=$AUTOTUNE"; fi
 PY=${PY:-python3}
 DEST=${OUT:-benchmarks}
 mkdir -p "$DEST"

@@ -68,14 +68,22 @@ def _record_head(config, devices) -> dict:
     }
 
 
+def _progress(message: str) -> None:
+    # Compiles can take minutes (XLA:GPU autotunes every convolution): say what is running, on stderr
+    # so that stdout keeps only the summary.
+    print(f"[benchmark {datetime.datetime.now().strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5,
                   profile_batch: int | None = None) -> dict:
     """Measures inference per batch size and one training configuration; returns the JSON record."""
     devices = jax.devices()
     device = devices[0]
     n_dev = len(devices)
+    _progress("initialising parameters")
     params = init_params(config, jax.random.key(0))  # float32 whatever the compute dtype
     result = _record_head(config, devices)
+    _progress("measuring the device's matmul peak and bandwidth")
     limits = device_limits(device, result["dtype"])
     # A CPU's simulated devices share the cores the roofline was measured on; GPUs add up.
     scale = (lambda k: k) if device.platform == "gpu" else (lambda k: 1)  # noqa: E731
@@ -85,7 +93,9 @@ def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5
     compile_s = {}
     mesh = parallel.make_mesh()
     for b in batch_sizes:
+        _progress(f"inference, batch {b}: compiling, then {repeats} timed repeats")
         row, compile_s[f"infer_b{b}"] = bench_infer(config, params, b, repeats, mesh if b % n_dev == 0 else None)
+        _progress(f"inference, batch {b}: {row['images_per_s']:.2f} img/s (compiled in {compile_s[f'infer_b{b}']:.1f} s)")
         row["fraction_of_peak"] = row["tflops"] / (limits["peak_tflops"] * scale(row["devices"]))
         result["infer"].append(row)
     best = max(result["infer"], key=lambda r: r["images_per_s"], default={})
@@ -95,7 +105,9 @@ def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5
 
     if train_batch:
         del params  # the train step makes its own state; free the inference copy first
+        _progress(f"train step, batch {train_batch}: compiling, then {repeats} timed repeats")
         row, compile_s["train"] = bench_train(config, train_batch, repeats)
+        _progress(f"train step, batch {train_batch}: {row['images_per_s']:.2f} img/s (compiled in {compile_s['train']:.1f} s)")
         row["fraction_of_peak"] = row["tflops"] / (limits["peak_tflops"] * scale(row["devices"]))
         result["train"] = row
     result["compile_s"] = compile_s

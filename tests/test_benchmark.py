@@ -113,6 +113,11 @@ def test_benchmark_command_writes_record(tmp_path):
                    "--repeats", "1", "--dtype", "float32", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "infer" in proc.stdout and f"wrote {out}" in proc.stdout
+    # Progress on stderr, one line per stage, so a killed GPU run still shows where the time went.
+    stages = [line.split("] ", 1)[1] for line in proc.stderr.splitlines() if line.startswith("[benchmark ")]
+    assert stages[0] == "initialising parameters", proc.stderr[-2000:]
+    assert any(s.startswith("inference, batch 4: compiling") for s in stages)
+    assert any(s.startswith("train step, batch 4: ") and "img/s (compiled in" in s for s in stages)
     r = json.loads(out.read_text())
     for key in benchmark.REQUIRED_KEYS:
         assert key in r, key

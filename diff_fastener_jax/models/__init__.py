@@ -84,17 +84,32 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet,
     return recon, seg
 
 
-def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: int | None = None):
-    """Initialises {'recon': ..., 'seg': ...} float32 params for one image of `image_size`."""
+def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: int | None = None,
+                compiled: bool | None = None):
+    """Initialises {'recon': ..., 'seg': ...} float32 params for one image of `image_size`.
+
+    `compiled` (default: on GPUs/TPUs, off on CPU) runs the initialisation as one jitted program. Flax's
+    `init` traces a forward pass; run eagerly on a GPU, each of its operations is compiled and dispatched on
+    its own (59-64 s for the paper config on an H200, benchmarks/RESULTS.md), while under `jit` the forward
+    pass is dead code and only the random draws remain. On CPU eager is cheaper: its kernels are cached
+    per process, and XLA:CPU needs 20-40 s to compile the per-parameter random number generation. Both
+    paths give bit-identical parameters.
+    """
     recon, seg = build_models(config)
     size = image_size or config.data.image_size
     c = config.model.in_channels
-    k1, k2 = jax.random.split(key)
-    x = jnp.zeros((1, size, size, c), jnp.float32)
-    cls = jnp.zeros((1,), jnp.int32) if recon.num_classes else None
-    recon_params = recon.init(k1, x, jnp.zeros((1,), jnp.int32), class_ids=cls)["params"]
-    seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32), class_ids=cls)["params"]
-    return {"recon": recon_params, "seg": seg_params}
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        x = jnp.zeros((1, size, size, c), jnp.float32)
+        cls = jnp.zeros((1,), jnp.int32) if recon.num_classes else None
+        recon_params = recon.init(k1, x, jnp.zeros((1,), jnp.int32), class_ids=cls)["params"]
+        seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32), class_ids=cls)["params"]
+        return {"recon": recon_params, "seg": seg_params}
+
+    if compiled is None:
+        compiled = jax.default_backend() != "cpu"
+    return jax.jit(init)(key) if compiled else init(key)
 
 
 def tile_rows(class_ids: jax.Array | None, n: int) -> jax.Array | None:
