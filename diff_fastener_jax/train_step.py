@@ -80,12 +80,23 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return tx
 
 
-def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
-    """Fresh float32 params for both networks and the optimizer state."""
-    params = init_params(config, key)
-    tx = make_optimizer(config)
-    ema = jax.tree_util.tree_map(jnp.copy, params) if float(config.optim.ema_decay) > 0 else {}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema)
+def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
+                       compiled: bool | None = None) -> TrainState:
+    """Fresh float32 params for both networks and the optimizer state.
+
+    `compiled` (default: on GPUs/TPUs) makes this one jitted program, as in `init_params` (see there):
+    eagerly, every parameter's optimizer moments would also be a separately compiled `zeros_like`.
+    """
+
+    def create(key):
+        params = init_params(config, key, compiled=False)  # traced: the jit below compiles it
+        tx = make_optimizer(config)
+        ema = jax.tree_util.tree_map(jnp.copy, params) if float(config.optim.ema_decay) > 0 else {}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema)
+
+    if compiled is None:
+        compiled = jax.default_backend() != "cpu"
+    return jax.jit(create)(key) if compiled else create(key)
 
 
 def example_noise(keys: jax.Array, shape: tuple[int, ...], tau: int, T: int):

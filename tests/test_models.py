@@ -72,17 +72,22 @@ def test_output_shapes_and_resolution_independent_params(size):
 
 
 def test_compiled_init_matches_eager_init_bit_for_bit():
-    # GPUs initialise through one jitted program (models.init_params); it must draw the same parameters.
-    # One level and no attention keep XLA:CPU's compile of the random draws short.
+    # GPUs initialise through one jitted program (init_params, create_train_state); it must draw the same
+    # parameters. One level and no attention keep XLA:CPU's compile of the random draws short.
+    from diff_fastener_jax.train_step import create_train_state
+
     config = tiny_config(**{"model.channel_mults": (1,), "model.attention_resolutions": (),
-                            "model.seg_channels": (8,)})
-    eager = init_params(config, jax.random.key(3), compiled=False)
-    compiled = init_params(config, jax.random.key(3), compiled=True)
+                            "model.seg_channels": (8,), "optim.ema_decay": 0.99})
+    eager = create_train_state(config, jax.random.key(3), compiled=False)
+    compiled = create_train_state(config, jax.random.key(3), compiled=True)
+    params = init_params(config, jax.random.key(3), compiled=True)
     assert jax.tree_util.tree_structure(eager) == jax.tree_util.tree_structure(compiled)
-    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(compiled)):
-        assert a.dtype == b.dtype == jnp.float32 and a.shape == b.shape
+    pairs = list(zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(compiled)))
+    pairs += list(zip(jax.tree_util.tree_leaves(eager.params), jax.tree_util.tree_leaves(params)))
+    for a, b in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert count_params(eager) > 0
+    assert count_params(eager.params) > 0 and count_params(eager.ema_params) == count_params(eager.params)
 
 
 def test_fresh_unet_predicts_exactly_zero():
