@@ -101,3 +101,23 @@ def test_fastener_framing_crops_the_defective_clip_whole(defect):
             assert 3.0 < mask.sum() / track_mask.sum() < 5.0
     with pytest.raises(ValueError, match="framing"):
         demo.render_scene(32, np.random.default_rng(0), framing="closeup")
+
+
+def test_fastener_crops_are_mirrored_to_one_orientation():
+    """A right-hand fastener's crop is the mirror image of its window of the track scene, so every crop
+    shows the rail on the same side (the right), as inspection systems normalise their crops."""
+    from diff_fastener_jax.data.demo import _render_track
+
+    sides = set()
+    for seed in range(6):
+        image, mask, zone = demo.render_scene_with_zone(64, np.random.default_rng(seed), "broken_clip")
+        full, full_mask, full_zone, side = _render_track(128, np.random.default_rng(seed), "broken_clip", "omega")
+        sides.add(side)
+        window = (slice(32, 96), slice(0, 64)) if side == 0 else (slice(32, 96), slice(127, 63, -1))
+        np.testing.assert_array_equal(image, full[window])
+        np.testing.assert_array_equal(mask, full_mask[window])
+        np.testing.assert_array_equal(zone, full_zone[window])
+        # the rail's polished head (the brightest band) lies in the right quarter of every crop
+        column_brightness = image.astype(np.float32).mean(axis=(0, 2))
+        assert int(np.argmax(column_brightness)) >= 48, column_brightness.round()
+    assert sides == {0, 1}

@@ -176,7 +176,8 @@ def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "g
     'fastener' (default): one fastener and the rail foot beside it, as inspection systems crop each
     fastener from the track image before judging it (the paper's data are such crops): the track scene
     is drawn at twice the size and the half holding the chosen clip (the defective one in a test image)
-    is cut out, so a clip spans about a third of the image."""
+    is cut out, so a clip spans about a third of the image. A right-hand fastener's crop is mirrored,
+    as inspection systems normalise each crop's orientation: every crop shows the rail on its right."""
     if framing not in FRAMINGS:
         raise ValueError(f"unknown demo framing {framing!r}; choose one of {FRAMINGS}")
     if framing == "track":
@@ -185,8 +186,8 @@ def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "g
     # The chosen clip sits at about x = S/2 (left) or 3S/2 (right) of the 2S scene; keep the S x S
     # window on its side, vertically centred on the sleeper.
     y0, x0 = size // 2, (0 if side == 0 else size)
-    window = (slice(y0, y0 + size), slice(x0, x0 + size))
-    return image[window], mask[window], zone[window]
+    window = (slice(y0, y0 + size), slice(x0, x0 + size, 1) if side == 0 else slice(x0 + size - 1, x0 - 1, -1))
+    return (np.ascontiguousarray(a[window]) for a in (image, mask, zone))
 
 
 def _render_track(size: int, rng: np.random.Generator, defect: str, fastener: str
