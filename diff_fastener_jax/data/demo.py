@@ -186,8 +186,11 @@ def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "g
     # The chosen clip sits at about x = S/2 (left) or 3S/2 (right) of the 2S scene; keep the S x S
     # window on its side, vertically centred on the sleeper.
     y0, x0 = size // 2, (0 if side == 0 else size)
-    window = (slice(y0, y0 + size), slice(x0, x0 + size, 1) if side == 0 else slice(x0 + size - 1, x0 - 1, -1))
-    return (np.ascontiguousarray(a[window]) for a in (image, mask, zone))
+    window = (slice(y0, y0 + size), slice(x0, x0 + size))
+    crops = tuple(a[window] for a in (image, mask, zone))
+    if side == 1:  # mirrored: the rail (left of a right-hand clip) ends up on the right, as for side 0
+        crops = tuple(np.ascontiguousarray(a[:, ::-1]) for a in crops)
+    return crops
 
 
 def _render_track(size: int, rng: np.random.Generator, defect: str, fastener: str

@@ -12,7 +12,7 @@ from diff_fastener_jax.models.layers import attention_implementation
 from diff_fastener_jax.models.segmentation import SegmentationUNet
 from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
 
-__all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "build_models", "count_params",
+__all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "build_models", "compile_init", "count_params",
            "init_params", "kept_skips", "tile_rows", "compute_dtype", "resolve_dtype_name"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -107,9 +107,12 @@ def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: i
         seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32), class_ids=cls)["params"]
         return {"recon": recon_params, "seg": seg_params}
 
-    if compiled is None:
-        compiled = jax.default_backend() != "cpu"
-    return jax.jit(init)(key) if compiled else init(key)
+    return jax.jit(init)(key) if compile_init(compiled) else init(key)
+
+
+def compile_init(compiled: bool | None = None) -> bool:
+    """Whether initialisation runs as one jitted program: `compiled`, or by default off CPU (see init_params)."""
+    return jax.default_backend() != "cpu" if compiled is None else compiled
 
 
 def tile_rows(class_ids: jax.Array | None, n: int) -> jax.Array | None:
