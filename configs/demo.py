@@ -17,9 +17,9 @@ Recipe (issue 11):
   as 450 steps of 8, twice the updates. Peak rate 1e-3 with 40 warm-up steps and cosine decay, EMA
   0.99 (warmed up), gradients clipped at 1.0.
 
-Measured 2026-11-28 on the shared 2-core VM (one seed): image AUROC 1.000 (every defect type 1.000),
-pixel AUROC 0.920, AUPRO 0.776; training 19 min 5 s at a measured 0.12 TFLOP/s (about 5.7 min at the
-0.40 TFLOP/s of the issue-11 goal). Image goals met, pixel goals (0.95 / 0.85) not yet. The README's
+Measured 2026-11-28 on the shared 2-core VM, seeds 0 / 1: image AUROC 1.000 / 1.000 (every defect type
+1.000 in both), pixel AUROC 0.920 / 0.893, AUPRO 0.776 / 0.721; training 19 min 5 s / 18 min 24 s at a
+measured 0.12 / 0.13 TFLOP/s (5.7 / 6.0 min at the 0.40 TFLOP/s of the issue-11 goal). Image goals met, pixel goals (0.95 / 0.85) not yet. The README's
 *Detection quality* section has the table of every step.
 
 `configs/demo.py:smoke` is a seconds-long version (32 px, tiny widths) used by the test suite.
