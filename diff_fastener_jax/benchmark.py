@@ -81,7 +81,10 @@ def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5
     device = devices[0]
     n_dev = len(devices)
     _progress("initialising parameters")
-    params = init_params(config, jax.random.key(0))  # float32 whatever the compute dtype
+    # float32 whatever the compute dtype. A train-only run needs just their shapes (for the counts):
+    # the train step initialises its own state.
+    init = lambda k: init_params(config, k)  # noqa: E731
+    params = init(jax.random.key(0)) if batch_sizes else jax.eval_shape(init, jax.random.key(0))
     result = _record_head(config, devices)
     _progress("measuring the device's matmul peak and bandwidth")
     limits = device_limits(device, result["dtype"])
