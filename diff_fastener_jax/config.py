@@ -275,6 +275,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, *, 
          f"must be >= 0 grid steps, got {config.infer.adaptive_margin}")
     need(config.infer.adaptive_delta >= 0, "infer.adaptive_delta", f"must be >= 0, got {config.infer.adaptive_delta}")
     need(config.infer.top_k >= 1, "infer.top_k", f"must be >= 1, got {config.infer.top_k}")
+    need(config.infer.map_sigma >= 0, "infer.map_sigma", f"must be >= 0 (pixels at 256²), got {config.infer.map_sigma}")
     need(config.infer.batch_size >= 1, "infer.batch_size", f"must be >= 1, got {config.infer.batch_size}")
     need(config.optim.lr_recon > 0 and config.optim.lr_seg > 0, "optim.lr_recon/lr_seg", "must be > 0")
     one_of("optim.schedule", config.optim.schedule, LR_SCHEDULES)

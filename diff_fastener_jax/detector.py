@@ -25,6 +25,7 @@ from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import (
+    map_smoothing,
     model_image_shape,
     prepare_inference,
     sample_batches,
@@ -138,6 +139,7 @@ def detector_record(config: ml_collections.ConfigDict, threshold: dict, step: in
                       "t_small": int(d.eval_t_small), "t_big": int(d.eval_t_big), "guidance_w": float(d.guidance_w),
                       "ddim_steps": int(config.infer.ddim_steps), "noise_seed": int(config.infer.seed),
                       "noise": "fixed per model: drawn once from noise_seed for the model's image shape",
+                      "map_sigma_px": list(map_smoothing(config, h, w)),
                       "top_k": top_k_count(config, h, w), "score": "mean of the top_k anomaly-map values"},
         "threshold": threshold,
         "pixel_threshold": PIXEL_THRESHOLD,

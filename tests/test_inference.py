@@ -12,6 +12,7 @@ from diff_fastener_jax.inference import (
     make_infer_fn,
     run_infer,
     score_in_batches,
+    smoothing_matrix,
     top_k_count,
 )
 from diff_fastener_jax.models import init_params
@@ -95,7 +96,7 @@ def test_infer_seed_changes_scores(smoke):
 
 
 def test_infer_recon_error_map_and_sharded():
-    config = tiny_config(**{"infer.map": "recon_error"})
+    config = tiny_config(**{"infer.map": "recon_error", "infer.map_sigma": 0.0})
     params = _trained_params(config)
     infer = make_infer_fn(config)
     images = _images(8)
@@ -121,6 +122,42 @@ def test_infer_ablation_methods_are_batch_independent(method):
     assert r1.shape == images.shape and a1.shape == (2, 32, 32)
     np.testing.assert_allclose(np.asarray(s2)[::-1], np.asarray(s1), rtol=1e-6, atol=1e-7)
     assert float(jnp.max(jnp.abs(r1))) <= 1.0
+
+
+@pytest.mark.parametrize("n,sigma", [(32, 0.7), (64, 4.0), (16, 6.5), (5, 3.0)])  # 6.5 and 3: multiple reflections
+def test_smoothing_matrix_is_scipy_gaussian_filter(n, sigma):
+    from scipy.ndimage import gaussian_filter1d
+
+    v = np.random.default_rng(n).random((n, 3))
+    ref = gaussian_filter1d(v, sigma, axis=0, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(smoothing_matrix(n, sigma) @ v, ref, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(smoothing_matrix(n, 0.0), np.eye(n))
+
+
+def test_map_sigma_smooths_the_map_and_scores_the_smoothed_map(smoke):
+    """infer.map_sigma (pixels at 256², scaled to the image side) = scipy's Gaussian filter of the raw map."""
+    from scipy.ndimage import gaussian_filter
+
+    config, params, _ = smoke
+    images = jnp.asarray(_images(4, seed=2))
+    raw = make_infer_fn(tiny_config(**{"infer.map_sigma": 0.0}))(params, images).anomaly_map
+    raw = np.asarray(raw, np.float64)  # (4, 32, 32)
+    sigma = 16.0  # at 256²: 2 px at 32 px
+    smoothed = make_infer_fn(tiny_config(**{"infer.map_sigma": sigma}))(params, images)
+    ref = gaussian_filter(raw, (0, 2.0, 2.0), mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(np.asarray(smoothed.anomaly_map), ref, atol=2e-6)
+    k = top_k_count(config, 32, 32)
+    np.testing.assert_allclose(np.asarray(smoothed.score), np.sort(ref.reshape(4, -1), 1)[:, -k:].mean(1), atol=2e-6)
+    assert np.ptp(ref) < np.ptp(raw)  # it did smooth
+
+
+def test_negative_map_sigma_is_refused():
+    from diff_fastener_jax.config import ConfigError, validate_config
+
+    with pytest.raises(ValueError, match="infer.map_sigma"):
+        make_infer_fn(tiny_config(**{"infer.map_sigma": -1.0}))
+    with pytest.raises(ConfigError, match="infer.map_sigma"):
+        validate_config(tiny_config(**{"infer.map_sigma": -1.0}), check_data=False)
 
 
 def test_wrong_image_shape_is_refused(smoke):
