@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import io
 import os
+import sys
 import zlib
 from collections.abc import Sequence
 
@@ -580,8 +581,13 @@ def _list_one_category_untagged(data_cfg, seed: int) -> dict[str, list[Sample]]:
 def ensure_demo_data(config_data, default_root: str) -> str:
     """Returns the demo dataset root (`config_data.root` or `default_root`), generating the synthetic
     rail-fastener scenes there first for every category of data.category ('all': every built-in
-    fastener type) whose `<root>/<category>` does not exist yet."""
-    from diff_fastener_jax.data.demo import DEMO_TYPES, generate_demo_dataset
+    fastener type) whose `<root>/<category>` does not exist yet; a folder from an older generator version is
+    reused with a warning on stderr."""
+    from diff_fastener_jax.data.demo import (
+        DEMO_TYPES,
+        generate_demo_dataset,
+        stale_generator_message,
+    )
 
     root = str(config_data.get("root", "") or "") or default_root
     names = category_names(config_data.get("category", "")) or ["fastener"]
@@ -590,6 +596,9 @@ def ensure_demo_data(config_data, default_root: str) -> str:
     for category in names:
         seed = 0 if category == "fastener" else zlib.crc32(category.encode()) & 0xFFFF  # distinct scenes per name
         if os.path.isdir(os.path.join(root, category)):
+            stale = stale_generator_message(os.path.join(root, category))
+            if stale:
+                print(f"warning: {stale}", file=sys.stderr, flush=True)
             continue
         size = int(min(256, max(32, int(config_data.get("image_size", 128)))))
         try:

@@ -11,6 +11,10 @@ jitter. Test defects (one clip affected per image):
   broken_clip     a large piece of the clip (and its toe) gone  mask: the missing piece
   displaced_clip  the clip is shifted outwards and rotated      mask: old and new clip positions
 
+Each mask also holds the drop shadow of what it marks: the defect changes those pixels as visibly as
+the clip's own (before 2026-11-28 the shadows were left out, so 20-30% of the changed pixels counted
+as normal in the pixel metrics).
+
 Layout written: DIR/<category>/train/good, test/{good,missing_clip,broken_clip,displaced_clip},
 ground_truth/<defect>/<stem>_mask.png, foreground/<stem>.png (the fastening zone of each training
 image: where synthetic anomalies are placed, as `data.foreground_dir` reads it), plus DIR/README.txt
@@ -32,6 +36,11 @@ from PIL import Image
 from diff_fastener_jax.data import perlin
 
 DEFECTS = ("missing_clip", "broken_clip", "displaced_clip")
+# Written to <category>/GENERATOR.txt; bumped whenever the same seed would give different files, so a
+# dataset made by an older version is reported instead of being evaluated against stale masks.
+# v2 (2026-11-28): masks include the clips' drop shadows.
+GENERATOR_VERSION = "diff_fastener_jax demo generator v2"
+GENERATOR_FILE = "GENERATOR.txt"
 # Fastener types: 'omega' (elastic omega clip, hexagonal nut, concrete sleeper) and 'bar' (a rigid clamp
 # plate held by a round bolt head on a timber sleeper). The category name picks the type (DEMO_TYPES);
 # any other name gets the omega type.
@@ -246,23 +255,30 @@ def _render_track(size: int, rng: np.random.Generator, defect: str, fastener: st
     # defective branch (and a fastener crop of a good scene frames the same side as its twin's).
     side_drawn = int(rng.integers(2))
     bad = side_drawn if defect != "good" else -1
+    shadow_shift = (max(1, s // 64), max(1, s // 64))  # the clip's drop shadow falls down and right
+
+    def shadow_of(coverage):
+        return np.roll(coverage, shadow_shift, axis=(0, 1))
+
+    # A mask holds every pixel the defect visibly changes: the clip's coverage AND its drop shadow (a
+    # missing clip takes its shadow with it; a 45% darkening of the sleeper is as visible as the clip).
     mask = np.zeros((s, s), bool)
     for i, clip in enumerate(clips):
         normal_cov = clip.coverage(yy, xx)
         cov = normal_cov
         if i == bad and defect == "missing_clip":
             cov = np.zeros_like(normal_cov)
-            mask |= normal_cov > 0.25
+            mask |= (normal_cov > 0.25) | (shadow_of(normal_cov) > 0.25)
         elif i == bad and defect == "broken_clip":
             cov = clip.broken_coverage(yy, xx, drng) if bar else _omega_broken_coverage(clip, yy, xx, drng)
-            mask |= (normal_cov - cov) > 0.25
+            mask |= ((normal_cov - cov) > 0.25) | ((shadow_of(normal_cov) - shadow_of(cov)) > 0.25)
         elif i == bad and defect == "displaced_clip":
             ang = drng.choice([-1, 1]) * drng.uniform(0.45, 0.8)
             cov = clip.coverage(yy, xx, angle=ang, dy=drng.uniform(-0.06, 0.06) * s,
                                 dx=clip.side * drng.uniform(0.07, 0.10) * s)  # outwards
-            mask |= (normal_cov > 0.25) | (cov > 0.25)
+            mask |= (normal_cov > 0.25) | (cov > 0.25) | (shadow_of(normal_cov) > 0.25) | (shadow_of(cov) > 0.25)
         # Drop shadow under the clip, then the clip with a soft highlight along its top.
-        shadow = np.roll(cov, (max(1, s // 64), max(1, s // 64)), axis=(0, 1))
+        shadow = shadow_of(cov)
         img = img * (1 - 0.45 * shadow[..., None])
         shade = 1.0 + 0.3 * np.clip(-(yy - clip.cy) / (clip.r * 2), -1, 1)
         img = img * (1 - cov[..., None]) + clip_color * shade[..., None] * cov[..., None]
@@ -311,6 +327,7 @@ def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size:
             image, _, zone = render_scene_with_zone(size, rng, fastener=fastener, framing=framing)
             _save(tmp / "train" / "good" / f"{i:03d}.png", image)
             _save(tmp / "foreground" / f"{i:03d}.png", zone.astype(np.uint8) * 255)
+        (tmp / GENERATOR_FILE).write_text(GENERATOR_VERSION + "\n")
         kinds = ("good",) + DEFECTS
         for k, kind in enumerate(kinds):
             count = n_test // len(kinds) + (1 if k < n_test % len(kinds) else 0)
@@ -333,6 +350,17 @@ def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size:
         seed=seed, size=size, category=category, n_train=n_train, defects=", ".join(DEFECTS),
         framing=_FRAMING_TEXT[framing]))
     return final
+
+
+def stale_generator_message(category_dir) -> str | None:
+    """None when `category_dir` was written by this generator version; else a sentence saying what to do."""
+    stamp = Path(category_dir) / GENERATOR_FILE
+    found = stamp.read_text().strip() if stamp.is_file() else "an older generator (no GENERATOR.txt)"
+    if found == GENERATOR_VERSION:
+        return None
+    return (f"demo data in {category_dir} were made by {found}, not {GENERATOR_VERSION}: their masks "
+            f"leave out the clips' drop shadows, so pixel metrics are lower than today's generator gives. "
+            f"Delete the folder to regenerate it (same images, corrected masks).")
 
 
 def resolve_data_root(config, workdir: str):
