@@ -359,7 +359,7 @@ def stale_generator_message(category_dir) -> str | None:
     if found == GENERATOR_VERSION:
         return None
     return (f"demo data in {category_dir} were made by {found}, not {GENERATOR_VERSION}: their masks "
-            f"leave out the clips' drop shadows, so pixel metrics are lower than today's generator gives. "
+            f"leave out the clips' drop shadows, so pixel metrics on them are not comparable with today's. "
             f"Delete the folder to regenerate it (same images, corrected masks).")
 
 
