@@ -18,6 +18,7 @@ device count). Achieved TFLOP/s over the device's peak (a datasheet table for GP
 roofline on CPUs) is the fraction of peak. `--profile B` adds per-component timings
 (`perf/block_profile.py`). `--compile_only` compiles every requested program from abstract inputs
 and records compile time, FLOPs and `xla_peak_memory_bytes` without allocating or running anything.
+`--init_only` only initialises (and times) the parameters and the train state.
 Config overrides: `--config.a.b=v`, as in every command. The older spellings `--batch-sizes`,
 `--train-batch`, `--compile-only` are still understood, and `--set a.b=v` as a deprecated alias.
 """
@@ -28,6 +29,7 @@ import datetime
 import json
 import os
 import sys
+import time
 import warnings
 
 import jax
@@ -42,6 +44,7 @@ from diff_fastener_jax.perf.block_profile import print_profile, profile_componen
 from diff_fastener_jax.perf.hardware import device_limits
 from diff_fastener_jax.perf.programs import bench_infer, bench_train, compile_infer, compile_train
 from diff_fastener_jax.perf.xla_stats import peak_memory_bytes
+from diff_fastener_jax.train_step import create_train_state
 
 FLAGS = flags.FLAGS
 
@@ -84,8 +87,11 @@ def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5
     # float32 whatever the compute dtype. A train-only run needs just their shapes (for the counts):
     # the train step initialises its own state.
     init = lambda k: init_params(config, k)  # noqa: E731
-    params = init(jax.random.key(0)) if batch_sizes else jax.eval_shape(init, jax.random.key(0))
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(init(jax.random.key(0))) if batch_sizes else jax.eval_shape(init, jax.random.key(0))
     result = _record_head(config, devices)
+    if batch_sizes:  # compile (off CPU) + run: what every inference process pays before its first image
+        result["init_s"] = {"params": time.perf_counter() - t0}
     _progress("measuring the device's matmul peak and bandwidth")
     limits = device_limits(device, result["dtype"])
     # A CPU's simulated devices share the cores the roofline was measured on; GPUs add up.
@@ -121,6 +127,26 @@ def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5
     return result
 
 
+
+
+def run_init_only(config) -> dict:
+    """Initialises the parameters and the train state as a real run does (one jitted program each off
+    CPU) and times both. With a persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`) this stores
+    both programs for later processes: `benchmarks/gpu.sh` runs it next to the `--compile_only` runs."""
+    devices = jax.devices()
+    result = _record_head(config, devices)
+    result["init_only"] = True
+    init_s = {}
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(init_params(config, jax.random.key(0)))
+    init_s["params"] = time.perf_counter() - t0
+    result.update({"params_recon": count_params(params["recon"]), "params_seg": count_params(params["seg"])})
+    del params
+    t0 = time.perf_counter()
+    jax.block_until_ready(create_train_state(config, jax.random.key(0)))
+    init_s["train_state"] = time.perf_counter() - t0
+    result.update({"init_s": init_s, "compile_s": {}})
+    return result
 
 
 def run_compile_only(config, batch_sizes, train_batch: int | None) -> dict:
@@ -184,6 +210,8 @@ def print_table(r: dict) -> None:
               f"{_num(row, 'tflops', '8.4f'):>8} {_num(row, 'fraction_of_peak', '8.1%'):>8} "
               f"{_gib(row['xla_peak_memory_bytes']):>11}")
     print("compile s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["compile_s"].items()))
+    if r.get("init_s"):
+        print("init s (compile + run): " + ", ".join(f"{k} {v:.1f}" for k, v in r["init_s"].items()))
     if r.get("peak_memory_bytes") is not None:
         print(f"peak device memory (runtime): {r['peak_memory_bytes'] / 2**30:.2f} GiB")
     if "profile" in r:
@@ -233,6 +261,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("profile", 0, "also time the components (U-Net pass, seg net, each block) at this batch")
     flags.DEFINE_bool("compile_only", False,
                       "only compile the programs: compile seconds, FLOPs, XLA's planned memory; runs nothing")
+    flags.DEFINE_bool("init_only", False,
+                      "only initialise the parameters and train state (timed): fills a persistent compilation cache")
     flags.DEFINE_string("out", None, "write the JSON record here")
 
 
@@ -248,8 +278,12 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def measure(config, batch_sizes: list[int], train_batch: int | None, *, compile_only: bool = False,
-            repeats: int = 5, profile_batch: int | None = None) -> dict:
+            repeats: int = 5, profile_batch: int | None = None, init_only: bool = False) -> dict:
     """The benchmark record for `config` (what the command prints and writes)."""
+    if init_only:
+        if compile_only:
+            raise UserError("--init_only and --compile_only exclude each other: init_only runs the init programs")
+        return run_init_only(config)
     if repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {repeats}")
     if train_batch is not None and train_batch < 0:
@@ -269,7 +303,7 @@ def main(argv) -> int:
     config = cli.get_config(check_data=False)  # synthetic inputs: no dataset is read
     train_batch = config.train.batch_size if FLAGS.train_batch is None else FLAGS.train_batch
     result = measure(config, batch_sizes, train_batch, compile_only=FLAGS.compile_only, repeats=FLAGS.repeats,
-                     profile_batch=FLAGS.profile)
+                     profile_batch=FLAGS.profile, init_only=FLAGS.init_only)
     result["config"] = config_flags.get_config_filename(FLAGS["config"])
     result["command"] = "python -m diff_fastener_jax.benchmark " + " ".join(sys.argv[1:])
     result["host_setup"] = hostenv.host_setup()  # malloc huge pages on or off (see hostenv)

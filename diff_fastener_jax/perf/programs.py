@@ -13,12 +13,18 @@ from diff_fastener_jax import parallel
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import init_params
+from diff_fastener_jax.perf.flop_count import jaxpr_flops
 from diff_fastener_jax.perf.xla_stats import compiled_cost, compiled_memory_bytes, median_seconds
 from diff_fastener_jax.train_step import create_train_state, make_train_step
 
 
-def _row(batch: int, devices: int, flops: float, nbytes: float, compiled, sec: float | None) -> dict:
+def _row(batch: int, devices: int, flops: float, nbytes: float, compiled, sec: float | None,
+         xla_flops: float) -> dict:
+    """One record row. `flops`: matrix-unit FLOPs counted from the jaxpr (perf/flop_count.py), the
+    numerator of every rate; `xla_flops`, `nbytes`: XLA's cost analysis of the compiled program (on
+    GPUs it leaves cuDNN's convolutions out, so it is kept for reference only)."""
     row = {"batch": batch, "devices": devices, "gflops_per_image": flops / batch / 1e9,
+           "xla_gflops_per_image": xla_flops / batch / 1e9,
            "gbytes_per_image": nbytes / batch / 1e9, "xla_peak_memory_bytes": compiled_memory_bytes(compiled)}
     if sec is not None:
         row.update({"images_per_s": batch / sec, "ms_per_image": 1000 * sec / batch, "tflops": flops / sec / 1e12})
@@ -28,6 +34,15 @@ def _row(batch: int, devices: int, flops: float, nbytes: float, compiled, sec: f
 def _abstract(tree, sharding=None):
     """ShapeDtypeStructs (optionally carrying `sharding`) for every array leaf of `tree`."""
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _compile(jitted, args) -> tuple:
+    """(compiled program, seconds to trace + lower + compile it, its matrix-unit FLOPs from the jaxpr)."""
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    compiled = traced.lower().compile()
+    compile_s = time.perf_counter() - t0
+    return compiled, compile_s, jaxpr_flops(traced.jaxpr)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -60,12 +75,10 @@ def bench_infer(config, params, batch: int, repeats: int, mesh=None) -> tuple[di
     partitions = 1 if mesh is None else mesh.devices.size
     infer = make_infer_fn(config)
     args = _infer_inputs(config, batch, mesh, abstract=False, params=params)
-    t0 = time.perf_counter()
-    compiled = infer.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    flops, nbytes = compiled_cost(compiled, partitions)
+    compiled, compile_s, flops = _compile(infer, args)
+    xla_flops, nbytes = compiled_cost(compiled, partitions)
     sec = median_seconds(lambda: compiled(*args), repeats)
-    return _row(batch, partitions, flops, nbytes, compiled, sec), compile_s
+    return _row(batch, partitions, flops, nbytes, compiled, sec, xla_flops), compile_s
 
 
 def compile_infer(config, batch: int, mesh=None) -> tuple[dict, float]:
@@ -73,11 +86,9 @@ def compile_infer(config, batch: int, mesh=None) -> tuple[dict, float]:
     partitions = 1 if mesh is None else mesh.devices.size
     infer = make_infer_fn(config)
     args = _infer_inputs(config, batch, mesh, abstract=True)
-    t0 = time.perf_counter()
-    compiled = infer.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    flops, nbytes = compiled_cost(compiled, partitions)
-    return _row(batch, partitions, flops, nbytes, compiled, None), compile_s
+    compiled, compile_s, flops = _compile(infer, args)
+    xla_flops, nbytes = compiled_cost(compiled, partitions)
+    return _row(batch, partitions, flops, nbytes, compiled, None, xla_flops), compile_s
 
 
 # ----------------------------------------------------------------------------- training
@@ -106,15 +117,15 @@ def bench_train(config, batch: int, repeats: int) -> tuple[dict, float]:
     """The full train step at global `batch` (over every device when it divides, else one) and its compile s."""
     config, mesh, n_used = _train_setup(config, batch)
     step = make_train_step(config, mesh)
-    state = parallel.replicate(create_train_state(config, jax.random.key(0)), mesh)
+    t0 = time.perf_counter()
+    state = parallel.replicate(jax.block_until_ready(create_train_state(config, jax.random.key(0))), mesh)
+    init_s = time.perf_counter() - t0  # compile (off CPU) + run of the state initialisation
     host = synthetic_train_batch(batch, config.data.image_size, config.model.in_channels,
                                  num_classes=len(class_names(config)))
     data = parallel.shard_batch(host, mesh)
     key = jax.random.key(3)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data, key).compile()
-    compile_s = time.perf_counter() - t0
-    flops, nbytes = _train_cost(compiled, config, batch, n_used)
+    compiled, compile_s, flops = _compile(step, (state, data, key))
+    xla_flops, nbytes = _train_cost(compiled, config, batch, n_used)
     holder = {"state": state}
 
     def one():
@@ -122,13 +133,15 @@ def bench_train(config, batch: int, repeats: int) -> tuple[dict, float]:
         return holder["state"], metrics
 
     sec = median_seconds(one, repeats)
-    return _row(batch, n_used, flops, nbytes, compiled, sec), compile_s
+    row = _row(batch, n_used, flops, nbytes, compiled, sec, xla_flops)
+    row["init_s"] = init_s
+    return row, compile_s
 
 
 def _train_cost(compiled, config, batch: int, n_used: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of one train step. XLA's cost analysis counts a loop body once, so with
+    """XLA's (FLOPs, bytes) of one train step. XLA's cost analysis counts a loop body once, so with
     `train.microbatch` the microbatch loop's cost is scaled by its trip count (the Adam update outside
-    the loop, under 0.1% of the step, gets scaled too)."""
+    the loop, under 0.1% of the step, gets scaled too). The jaxpr count needs no such scaling."""
     flops, nbytes = compiled_cost(compiled, n_used)
     micro = int(config.train.get("microbatch", 0))
     per_device = batch // n_used
@@ -146,8 +159,6 @@ def compile_train(config, batch: int) -> tuple[dict, float]:
     data = _abstract(jax.eval_shape(lambda: synthetic_train_batch(batch, size, c, num_classes=len(class_names(config)))),
                      parallel.data_sharding(mesh))
     key = jax.eval_shape(lambda: jax.random.key(3))
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data, key).compile()
-    compile_s = time.perf_counter() - t0
-    flops, nbytes = _train_cost(compiled, config, batch, n_used)
-    return _row(batch, n_used, flops, nbytes, compiled, None), compile_s
+    compiled, compile_s, flops = _compile(step, (state, data, key))
+    xla_flops, nbytes = _train_cost(compiled, config, batch, n_used)
+    return _row(batch, n_used, flops, nbytes, compiled, None, xla_flops), compile_s
