@@ -19,7 +19,8 @@
 # remat), and at REMAT_BATCH with model.remat=blocks (default 32; 0 skips it).
 # If the fused cuDNN attention fails to compile, the inference is retried with model.attention=xla.
 #
-# Needs: python3 with jax[cuda] (0.10+), flax, optax, ml_collections, absl on PYTHONPATH. No installs.
+# Needs: python3 with jax[cuda] (0.10+), flax, optax, ml_collections, grain, absl on PYTHONPATH. No
+# installs (on this workplace's H200 image ml_collections, grain, array_record, portpicker travel as wheels).
 # Knobs (env): CONFIG (default configs/default.py), INFER_BATCHES, TRAIN_BATCH, REMAT_BATCH, REPEATS
 # (default 3), BUDGET_S (default 540: nothing runs past it), AUTOTUNE (XLA:GPU autotune level; unset keeps
 # XLA's default), CACHE, EXTRA (more --config.a.b=v overrides). Each benchmark prints its stages with a
