@@ -12,9 +12,11 @@ Example:
 Inference = the whole one-step norm-guided pipeline (two U-Net passes fused into one batched call,
 segmentation net, top-K score) as one XLA program; training = the whole data-parallel train step
 (forward, losses, backward, Adam). Timings: compile first (timed separately), one warm-up call, then
-the median of `--repeats` calls, each ended by `block_until_ready`. FLOPs and bytes come from XLA's
-cost analysis of the compiled program (per device for a sharded program, so they are multiplied by the
-device count). Achieved TFLOP/s over the device's peak (a datasheet table for GPUs, a measured matmul
+the median of `--repeats` calls, each ended by `block_until_ready`. FLOPs are the matrix-unit FLOPs
+counted from the program's jaxpr (`perf/flop_count.py`: XLA:GPU's own count leaves out the convolutions
+it hands to cuDNN); bytes come from XLA's cost analysis of the compiled program (per device for a
+sharded program, so they are multiplied by the device count), which also gives `xla_gflops_per_image`.
+Achieved TFLOP/s over the device's peak (a datasheet table for GPUs, a measured matmul
 roofline on CPUs) is the fraction of peak. `--profile B` adds per-component timings
 (`perf/block_profile.py`). `--compile_only` compiles every requested program from abstract inputs
 and records compile time, FLOPs and `xla_peak_memory_bytes` without allocating or running anything.

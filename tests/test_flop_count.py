@@ -66,6 +66,26 @@ def test_nested_jit_scan_and_cond():
     assert two == 2 * one
 
 
+def test_custom_derivatives_count_once():
+    """custom_vjp / custom_jvp hold the primal program once; their gradients add the rules' products."""
+    @jax.custom_vjp
+    def f(a, b):
+        return a @ b
+
+    f.defvjp(lambda a, b: (a @ b, (a, b)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+
+    @jax.custom_jvp
+    def h(a, b):
+        return a @ b
+
+    h.defjvp(lambda p, t: (p[0] @ p[1], t[0] @ p[1] + p[0] @ t[1]))
+    a, b = jax.ShapeDtypeStruct((3, 4), jnp.float32), jax.ShapeDtypeStruct((4, 5), jnp.float32)
+    one = 2 * 3 * 4 * 5
+    for fn in (f, h):
+        assert program_flops(fn, a, b) == one
+        assert program_flops(jax.grad(lambda a, b, fn=fn: fn(a, b).sum(), argnums=(0, 1)), a, b) == 3 * one
+
+
 def test_shard_map_counts_every_device():
     """A program split over 4 devices does the same total work as on one."""
     devices = jax.devices()

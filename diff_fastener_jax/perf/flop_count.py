@@ -2,13 +2,14 @@
 
 XLA's cost analysis cannot be the numerator of a GPU's fraction of peak: XLA:GPU turns convolutions
 into cuDNN custom calls and does not count them. On an H200 it reported 30.6 GFLOP per image for the
-paper config's inference, whose convolutions alone do 1067 (benchmarks/RESULTS.md, 2026-11-28). The
+paper config's inference, whose convolutions and matmuls do 1057 (benchmarks/RESULTS.md, 2026-11-28). The
 jaxpr is what the program computes before any backend rewrites it. Counted here: every convolution,
 every dot_general and the fused attention primitives (as the matmuls they replace), 2 FLOPs per
 multiply-add, through nested programs (jit, remat, custom derivatives), `scan` times its length,
 `shard_map` times its mesh size, the larger branch of a `cond`, and one iteration of a `while`.
 Element-wise work (norms, activations, the optimizer) is not counted: it does not run on the matrix
-units, and it is under 2% of XLA:CPU's count for our networks (tests/test_flop_count.py).
+units. It is 1% of XLA:CPU's count at the paper config and 8% at the 8-channel smoke config
+(tests/test_flop_count.py).
 """
 
 from __future__ import annotations
