@@ -133,6 +133,18 @@ def test_models_summary_takes_config_overrides(tmp_path):
     assert run_cli("models", "--config", SMOKE_CONFIG, "--set", "model.dtype=bfloat16").returncode == 2
 
 
+@pytest.mark.slow
+def test_models_summary_of_the_paper_config_needs_no_dataset(tmp_path):
+    """The summary only counts: configs/default.py (MVTec layout, no data.root) works, and the pinned
+    parameter counts and the jaxpr FLOP count of the paper config come out."""
+    out = tmp_path / "summary.json"
+    proc = run_cli("models", "--config", "configs/default.py", "--json", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.load(open(out))
+    assert summary["params_recon"] == 120_537_701 and summary["params_seg"] == 28_373_569
+    assert summary["gflops_infer_per_image"] == pytest.approx(1056.8, abs=0.1)
+
+
 def test_commands_define_no_flags_on_import():
     """Commands import each other (crossval -> train, evaluate); absl flags are process-global."""
     from absl import flags

@@ -1,4 +1,5 @@
-r"""Model summary: parameter counts and forward GFLOPs per image (XLA cost analysis).
+r"""Model summary: parameter counts and forward GFLOPs per image (convolutions and matmuls, 2 FLOPs
+per multiply-add, counted from the jaxpr: `perf/flop_count.py`).
 
   python -m diff_fastener_jax.models --config configs/<x>.py[:preset] [--json FILE] [--config.KEY=VALUE ...]
 
@@ -16,6 +17,7 @@ from absl import flags
 
 from diff_fastener_jax import cli
 from diff_fastener_jax.models import build_models, count_params, kept_skips
+from diff_fastener_jax.perf.flop_count import program_flops
 
 FLAGS = flags.FLAGS
 
@@ -27,12 +29,10 @@ def define_flags() -> None:
 
 
 def forward_gflops(fn, *args) -> float:
-    """GFLOPs of one call of `fn(*args)` from XLA's cost analysis of the compiled computation."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX returns one dict per device
-        cost = cost[0]
-    return float(cost.get("flops", float("nan"))) / 1e9
+    """GFLOPs of one call of `fn(*args)`: its convolutions and matmuls, counted from the jaxpr
+    (`perf/flop_count.py`). Nothing is compiled, and the count is the same on every backend (XLA:GPU's
+    cost analysis would leave out the convolutions it hands to cuDNN)."""
+    return program_flops(fn, *args) / 1e9
 
 
 def model_summary(config, batch: int = 1) -> dict:
@@ -46,8 +46,6 @@ def model_summary(config, batch: int = 1) -> dict:
     cls = jnp.zeros((batch,), jnp.int32) if recon.num_classes else None  # a unified model's class ids
     p_recon = jax.eval_shape(lambda k: recon.init(k, x, t, class_ids=cls), jax.random.key(0))["params"]
     p_seg = jax.eval_shape(lambda k: seg.init(k, xs, class_ids=cls), jax.random.key(0))["params"]
-    zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
-    p_recon, p_seg = zeros(p_recon), zeros(p_seg)
     g_recon = forward_gflops(lambda p, x, t: recon.apply({"params": p}, x, t, class_ids=cls), p_recon, x, t) / batch
     g_seg = forward_gflops(lambda p, x: seg.apply({"params": p}, x, class_ids=cls), p_seg, xs) / batch
     m = config.model
@@ -67,7 +65,7 @@ def model_summary(config, batch: int = 1) -> dict:
 
 
 def main(argv) -> int:
-    summary = model_summary(cli.get_config())
+    summary = model_summary(cli.get_config(check_data=False))  # counts only: no dataset is read
     width = max(len(k) for k in summary)
     for k, v in summary.items():
         print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
