@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import sys
-import time
 import warnings
 
 import jax
@@ -45,7 +44,7 @@ from diff_fastener_jax.models import count_params, init_params, resolve_dtype_na
 from diff_fastener_jax.perf.block_profile import print_profile, profile_components
 from diff_fastener_jax.perf.hardware import device_limits
 from diff_fastener_jax.perf.programs import bench_infer, bench_train, compile_infer, compile_train
-from diff_fastener_jax.perf.xla_stats import peak_memory_bytes
+from diff_fastener_jax.perf.xla_stats import blocked_seconds, peak_memory_bytes
 from diff_fastener_jax.train_step import create_train_state
 
 FLAGS = flags.FLAGS
@@ -89,11 +88,12 @@ def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5
     # float32 whatever the compute dtype. A train-only run needs just their shapes (for the counts):
     # the train step initialises its own state.
     init = lambda k: init_params(config, k)  # noqa: E731
-    t0 = time.perf_counter()
-    params = jax.block_until_ready(init(jax.random.key(0))) if batch_sizes else jax.eval_shape(init, jax.random.key(0))
     result = _record_head(config, devices)
     if batch_sizes:  # compile (off CPU) + run: what every inference process pays before its first image
-        result["init_s"] = {"params": time.perf_counter() - t0}
+        params, seconds = blocked_seconds(lambda: init(jax.random.key(0)))
+        result["init_s"] = {"params": seconds}
+    else:
+        params = jax.eval_shape(init, jax.random.key(0))
     _progress("measuring the device's matmul peak and bandwidth")
     limits = device_limits(device, result["dtype"])
     # A CPU's simulated devices share the cores the roofline was measured on; GPUs add up.
@@ -138,16 +138,11 @@ def run_init_only(config) -> dict:
     devices = jax.devices()
     result = _record_head(config, devices)
     result["init_only"] = True
-    init_s = {}
-    t0 = time.perf_counter()
-    params = jax.block_until_ready(init_params(config, jax.random.key(0)))
-    init_s["params"] = time.perf_counter() - t0
+    params, params_s = blocked_seconds(lambda: init_params(config, jax.random.key(0)))
     result.update({"params_recon": count_params(params["recon"]), "params_seg": count_params(params["seg"])})
     del params
-    t0 = time.perf_counter()
-    jax.block_until_ready(create_train_state(config, jax.random.key(0)))
-    init_s["train_state"] = time.perf_counter() - t0
-    result.update({"init_s": init_s, "compile_s": {}})
+    _, state_s = blocked_seconds(lambda: create_train_state(config, jax.random.key(0)))
+    result.update({"init_s": {"params": params_s, "train_state": state_s}, "compile_s": {}})
     return result
 
 

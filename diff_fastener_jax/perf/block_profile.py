@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from diff_fastener_jax import xla_options
 from diff_fastener_jax.inference import make_infer_program
 from diff_fastener_jax.models import build_models
-from diff_fastener_jax.perf.flop_count import jaxpr_flops
+from diff_fastener_jax.perf.flop_count import compile_counted
 from diff_fastener_jax.perf.xla_stats import compiled_cost, median_seconds
 
 
@@ -54,9 +54,8 @@ def top_level_calls(module: nn.Module, params, *args, **kwargs) -> list[tuple[st
 def time_program(fn: Callable, args: tuple, repeats: int) -> dict:
     """ms, GFLOP, GB accessed and FLOP/byte of `jax.jit(fn)(*args)` on the default device, compiled with
     the same XLA options as the real programs (`xla_options`). `fn` must not be jitted already."""
-    traced = jax.jit(fn, compiler_options=xla_options.compiler_options()).trace(*args)
-    compiled = traced.lower().compile()
-    flops = jaxpr_flops(traced.jaxpr)  # XLA:GPU leaves its cuDNN convolutions out of its own count
+    # FLOPs from the jaxpr: XLA:GPU leaves its cuDNN convolutions out of its own count
+    compiled, _, flops = compile_counted(jax.jit(fn, compiler_options=xla_options.compiler_options()), args)
     nbytes = compiled_cost(compiled)[1]
     sec = median_seconds(lambda: compiled(*args), repeats)
     return {"ms": 1000 * sec, "gflops": flops / 1e9, "gbytes": nbytes / 1e9,

@@ -17,6 +17,7 @@ config (1056.8 against 1067.3 GFLOP per inferred image) and 8% below at the 8-ch
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable
 
 import jax
@@ -101,3 +102,12 @@ def program_flops(fn: Callable, *args: Any) -> float:
     if hasattr(fn, "trace"):
         return jaxpr_flops(fn.trace(*args).jaxpr)
     return jaxpr_flops(jax.make_jaxpr(fn)(*args))
+
+
+def compile_counted(jitted, args) -> tuple[Any, float, float]:
+    """Compiles `jitted` for `args` from one trace: (compiled program, seconds to trace + lower +
+    compile, its matrix-unit FLOPs from that trace's jaxpr)."""
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    compiled = traced.lower().compile()
+    return compiled, time.perf_counter() - t0, jaxpr_flops(traced.jaxpr)

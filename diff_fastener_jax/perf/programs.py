@@ -3,8 +3,6 @@ only compiled (`compile_*`: abstract inputs, nothing allocated or run, for sizin
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +11,13 @@ from diff_fastener_jax import parallel
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import init_params
-from diff_fastener_jax.perf.flop_count import jaxpr_flops
-from diff_fastener_jax.perf.xla_stats import compiled_cost, compiled_memory_bytes, median_seconds
+from diff_fastener_jax.perf.flop_count import compile_counted
+from diff_fastener_jax.perf.xla_stats import (
+    blocked_seconds,
+    compiled_cost,
+    compiled_memory_bytes,
+    median_seconds,
+)
 from diff_fastener_jax.train_step import create_train_state, make_train_step
 
 
@@ -34,15 +37,6 @@ def _row(batch: int, devices: int, flops: float, nbytes: float, compiled, sec: f
 def _abstract(tree, sharding=None):
     """ShapeDtypeStructs (optionally carrying `sharding`) for every array leaf of `tree`."""
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-
-def _compile(jitted, args) -> tuple:
-    """(compiled program, seconds to trace + lower + compile it, its matrix-unit FLOPs from the jaxpr)."""
-    t0 = time.perf_counter()
-    traced = jitted.trace(*args)
-    compiled = traced.lower().compile()
-    compile_s = time.perf_counter() - t0
-    return compiled, compile_s, jaxpr_flops(traced.jaxpr)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -75,7 +69,7 @@ def bench_infer(config, params, batch: int, repeats: int, mesh=None) -> tuple[di
     partitions = 1 if mesh is None else mesh.devices.size
     infer = make_infer_fn(config)
     args = _infer_inputs(config, batch, mesh, abstract=False, params=params)
-    compiled, compile_s, flops = _compile(infer, args)
+    compiled, compile_s, flops = compile_counted(infer, args)
     xla_flops, nbytes = compiled_cost(compiled, partitions)
     sec = median_seconds(lambda: compiled(*args), repeats)
     return _row(batch, partitions, flops, nbytes, compiled, sec, xla_flops), compile_s
@@ -86,7 +80,7 @@ def compile_infer(config, batch: int, mesh=None) -> tuple[dict, float]:
     partitions = 1 if mesh is None else mesh.devices.size
     infer = make_infer_fn(config)
     args = _infer_inputs(config, batch, mesh, abstract=True)
-    compiled, compile_s, flops = _compile(infer, args)
+    compiled, compile_s, flops = compile_counted(infer, args)
     xla_flops, nbytes = compiled_cost(compiled, partitions)
     return _row(batch, partitions, flops, nbytes, compiled, None, xla_flops), compile_s
 
@@ -117,14 +111,13 @@ def bench_train(config, batch: int, repeats: int) -> tuple[dict, float]:
     """The full train step at global `batch` (over every device when it divides, else one) and its compile s."""
     config, mesh, n_used = _train_setup(config, batch)
     step = make_train_step(config, mesh)
-    t0 = time.perf_counter()
-    state = parallel.replicate(jax.block_until_ready(create_train_state(config, jax.random.key(0))), mesh)
-    init_s = time.perf_counter() - t0  # compile (off CPU) + run of the state initialisation
+    state, init_s = blocked_seconds(lambda: create_train_state(config, jax.random.key(0)))  # compile + run
+    state = parallel.replicate(state, mesh)
     host = synthetic_train_batch(batch, config.data.image_size, config.model.in_channels,
                                  num_classes=len(class_names(config)))
     data = parallel.shard_batch(host, mesh)
     key = jax.random.key(3)
-    compiled, compile_s, flops = _compile(step, (state, data, key))
+    compiled, compile_s, flops = compile_counted(step, (state, data, key))
     xla_flops, nbytes = _train_cost(compiled, config, batch, n_used)
     holder = {"state": state}
 
@@ -159,6 +152,6 @@ def compile_train(config, batch: int) -> tuple[dict, float]:
     data = _abstract(jax.eval_shape(lambda: synthetic_train_batch(batch, size, c, num_classes=len(class_names(config)))),
                      parallel.data_sharding(mesh))
     key = jax.eval_shape(lambda: jax.random.key(3))
-    compiled, compile_s, flops = _compile(step, (state, data, key))
+    compiled, compile_s, flops = compile_counted(step, (state, data, key))
     xla_flops, nbytes = _train_cost(compiled, config, batch, n_used)
     return _row(batch, n_used, flops, nbytes, compiled, None, xla_flops), compile_s

@@ -9,6 +9,13 @@ from typing import Any, Callable
 import jax
 
 
+def blocked_seconds(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), wall seconds until its result is ready): one call, compile included if it compiles."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median wall time of `fn()` over `repeats` calls after `warmup` calls; each call is blocked on."""
     for _ in range(warmup):
