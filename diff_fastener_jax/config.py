@@ -262,6 +262,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int = 1, *, 
     need(0 < diff.tau < diff.T, "diffusion.tau", f"must be in (0, T={diff.T}), got {diff.tau}")
     need(0 <= diff.eval_t_small < diff.eval_t_big < diff.T, "diffusion.eval_t_small/eval_t_big",
          f"need 0 <= t_s < t_b < T, got t_s={diff.eval_t_small}, t_b={diff.eval_t_big}, T={diff.T}")
+    window = diff.get("train_t_window", 0)
+    need(isinstance(window, int) and window >= 0, "diffusion.train_t_window",
+         f"must be an integer >= 0 (0 = the paper's ranges), got {window!r}")
+    if window:
+        need(diff.eval_t_small < diff.tau <= diff.eval_t_big, "diffusion.train_t_window",
+             f"a window around the inference steps needs eval_t_small < tau <= eval_t_big, got "
+             f"{diff.eval_t_small}, {diff.tau}, {diff.eval_t_big}")
+        need(config.infer.method in ("norm_guided", "one_step"), "diffusion.train_t_window",
+             f"trains only the steps that norm_guided / one_step inference use; infer.method="
+             f"{config.infer.method!r} denoises through steps it never trains (set the window to 0)")
     one_of("infer.map", config.infer.map, ANOMALY_MAPS)
     one_of("infer.method", config.infer.method, INFER_METHODS)
     one_of("model.seg_class_conditioning", config.model.seg_class_conditioning, SEG_CLASS_CONDITIONINGS)

@@ -92,6 +92,9 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.diffusion.eval_t_small = 200
     c.diffusion.eval_t_big = 400
     c.diffusion.guidance_w = 1.0
+    # > 0: training draws t_s within this many steps of eval_t_small and t_b of eval_t_big (inside the
+    # ranges above) instead of over the whole ranges; 0 = the paper (see train_step.training_timestep_ranges)
+    c.diffusion.train_t_window = 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.noise_weight = 1.0

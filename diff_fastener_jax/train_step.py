@@ -97,13 +97,30 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
     return jax.jit(create)(key) if compile_init(compiled) else create(key)
 
 
-def example_noise(keys: jax.Array, shape: tuple[int, ...], tau: int, T: int):
-    """Per-example (t_small, t_big, noise_small, noise_big) from per-example keys (B,)."""
+def training_timestep_ranges(diffusion_cfg) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Half-open [lo, hi) ranges that training draws t_small and t_big from.
+
+    The paper's: t_s in [0, tau), t_b in [tau, T). With `diffusion.train_t_window` W > 0, each range is
+    narrowed to the W steps either side of the step that one-step inference queries
+    (`eval_t_small`, `eval_t_big`), clipped to the paper's range: norm-guided and one-step inference
+    ask the noise predictor about exactly two steps, so a short run spends all its updates there.
+    """
+    d = diffusion_cfg
+    tau, T, w = int(d.tau), int(d.T), int(d.get("train_t_window", 0))
+    if w <= 0:
+        return (0, tau), (tau, T)
+    ts, tb = int(d.eval_t_small), int(d.eval_t_big)
+    return (max(0, ts - w), min(tau, ts + w + 1)), (max(tau, tb - w), min(T, tb + w + 1))
+
+
+def example_noise(keys: jax.Array, shape: tuple[int, ...], small: tuple[int, int], big: tuple[int, int]):
+    """Per-example (t_small, t_big, noise_small, noise_big) from per-example keys (B,); t_small is
+    uniform on the half-open range `small`, t_big on `big` (see `training_timestep_ranges`)."""
 
     def one(k):
         k_ts, k_tb, k_n1, k_n2 = jax.random.split(k, 4)
-        t_s = jax.random.randint(k_ts, (), 0, tau)
-        t_b = jax.random.randint(k_tb, (), tau, T)
+        t_s = jax.random.randint(k_ts, (), small[0], small[1])
+        t_b = jax.random.randint(k_tb, (), big[0], big[1])
         return t_s, t_b, jax.random.normal(k_n1, shape), jax.random.normal(k_n2, shape)
 
     return jax.vmap(one)(keys)
@@ -159,7 +176,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
     tx = make_optimizer(config)
     loss_fn = make_loss_fn(config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    tau, T = config.diffusion.tau, config.diffusion.T
+    t_small_range, t_big_range = training_timestep_ranges(config.diffusion)
     ema_decay = float(config.optim.ema_decay)
     lr_recon = learning_rate_schedule(config, config.optim.lr_recon)
     lr_seg = learning_rate_schedule(config, config.optim.lr_seg)
@@ -194,7 +211,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         device = lax.axis_index(DATA_AXIS)
         global_index = device * b + jnp.arange(b)  # rows of the global batch held here
         keys = diffusion.example_keys(key, state.step, global_index)
-        t_s, t_b, n1, n2 = example_noise(keys, batch["image"].shape[1:], tau, T)
+        t_s, t_b, n1, n2 = example_noise(keys, batch["image"].shape[1:], t_small_range, t_big_range)
         dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, state.step), 2**31 - 1), device)
 
         # Mark the replicated params as device-varying so each device differentiates its own loss

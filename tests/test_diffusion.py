@@ -204,10 +204,43 @@ def test_training_timesteps_cover_their_ranges():
     from diff_fastener_jax.train_step import example_noise
 
     keys = jax.random.split(jax.random.PRNGKey(1), 512)
-    ts, tb, n1, n2 = example_noise(keys, (2, 2, 1), 300, 1000)
+    ts, tb, n1, n2 = example_noise(keys, (2, 2, 1), (0, 300), (300, 1000))
     assert ts.shape == tb.shape == (512,) and n1.shape == n2.shape == (512, 2, 2, 1)
     assert int(ts.min()) >= 0 and int(ts.max()) < 300 and int(tb.min()) >= 300 and int(tb.max()) < 1000
     assert len(np.unique(np.asarray(ts))) > 50  # actually random, not constant
+
+
+def test_training_timestep_window_narrows_draws_to_the_inference_steps():
+    from diff_fastener_jax.config_schema import base_config
+    from diff_fastener_jax.train_step import example_noise, training_timestep_ranges
+
+    d = base_config().diffusion  # tau 300, T 1000, eval steps 200 / 400
+    assert training_timestep_ranges(d) == ((0, 300), (300, 1000))  # 0: the paper's ranges
+    d.train_t_window = 50
+    assert training_timestep_ranges(d) == ((150, 251), (350, 451))
+    d.train_t_window = 150  # clipped to the paper's ranges: t_s below tau, t_b from tau on
+    assert training_timestep_ranges(d) == ((50, 300), (300, 551))
+    keys = jax.random.split(jax.random.PRNGKey(3), 2048)
+    ts, tb, _, _ = example_noise(keys, (1, 1, 1), (150, 251), (350, 451))
+    ts, tb = np.asarray(ts), np.asarray(tb)
+    assert ts.min() == 150 and ts.max() == 250 and tb.min() == 350 and tb.max() == 450  # both ends reached
+    assert len(np.unique(ts)) == 101 and len(np.unique(tb)) == 101
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"diffusion.train_t_window": -1}, "must be an integer >= 0"),
+    ({"diffusion.train_t_window": 50, "diffusion.eval_t_small": 320, "diffusion.eval_t_big": 400},
+     "needs eval_t_small < tau <= eval_t_big"),
+    ({"diffusion.train_t_window": 50, "infer.method": "ddim"}, "denoises through steps it never trains"),
+])
+def test_training_timestep_window_config_errors(overrides, match):
+    from conftest import tiny_config
+
+    from diff_fastener_jax import config as C
+
+    with pytest.raises(C.ConfigError, match=match) as err:
+        C.validate_config(tiny_config(**overrides), check_data=False)
+    assert "diffusion.train_t_window" in str(err.value)
 
 
 def test_per_example_noise_independent_of_batch_slot():

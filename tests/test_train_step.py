@@ -29,6 +29,25 @@ def _run_steps(config, mesh, batch, n_steps, seed=0):
     return state, metrics, step
 
 
+def test_train_step_draws_timesteps_from_the_configured_window(monkeypatch):
+    from diff_fastener_jax import train_step as TS
+
+    seen = []
+    real = TS.example_noise
+
+    def recording(keys, shape, small, big):
+        seen.append((small, big))
+        return real(keys, shape, small, big)
+
+    monkeypatch.setattr(TS, "example_noise", recording)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    for window, expected in ((0, ((0, 300), (300, 1000))), (20, ((180, 221), (380, 421)))):
+        config = tiny_config(**{"diffusion.train_t_window": window})
+        state = parallel.replicate(create_train_state(config, jax.random.key(0)), mesh)
+        make_train_step(config, mesh).lower(state, parallel.shard_batch(_batch(2), mesh), jax.random.key(1))  # trace only
+        assert seen[-1] == expected
+
+
 @pytest.mark.slow  # compiles whole train steps: outside the 2-minute inner loop
 def test_one_device_equals_four_devices():
     assert len(jax.devices()) >= 4, "needs XLA_FLAGS=--xla_force_host_platform_device_count=4"
@@ -114,12 +133,12 @@ def test_microbatch_must_split_each_devices_rows_evenly():
 
 
 def test_demo_recipe_trains_from_the_pipeline(demo_root):
-    """configs/demo.py's synthesis and loss (cut-paste + anomaly-oriented noise) end to end: pipeline
-    batches carry the clean rows the loss needs, and two steps on 4 devices give finite losses."""
+    """configs/demo.py's synthesis and loss (cut-paste + anomaly-oriented noise + timestep window) end to
+    end: pipeline batches carry the clean rows the loss needs, and two steps on 4 devices give finite losses."""
     from diff_fastener_jax.data import pipeline
 
     config = tiny_config(**{"data.root": demo_root, "data.cutpaste_prob": 0.5,
-                            "loss.anomaly_oriented_noise": True})
+                            "loss.anomaly_oriented_noise": True, "diffusion.train_t_window": 50})
     mesh = parallel.make_mesh()
     it = pipeline.make_train_iterator(config, seed=0)
     state = parallel.replicate(create_train_state(config, jax.random.key(0)), mesh)
