@@ -41,11 +41,10 @@ def test_train_step_draws_timesteps_from_the_configured_window(monkeypatch):
 
     monkeypatch.setattr(TS, "example_noise", recording)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    for window, expected in ((0, ((0, 300), (300, 1000))), (20, ((180, 221), (380, 421)))):
-        config = tiny_config(**{"diffusion.train_t_window": window})
-        state = parallel.replicate(create_train_state(config, jax.random.key(0)), mesh)
-        make_train_step(config, mesh).lower(state, parallel.shard_batch(_batch(2), mesh), jax.random.key(1))  # trace only
-        assert seen[-1] == expected
+    config = tiny_config(**{"diffusion.train_t_window": 20})
+    state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))  # shapes: nothing runs
+    make_train_step(config, mesh).lower(state, parallel.shard_batch(_batch(2), mesh), jax.random.key(1))  # trace only
+    assert seen == [((180, 221), (380, 421))]  # eval steps 200 / 400, each +- 20
 
 
 @pytest.mark.slow  # compiles whole train steps: outside the 2-minute inner loop
