@@ -41,6 +41,7 @@ from ml_collections import config_flags
 from diff_fastener_jax import cli, hostenv, parallel
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.models import count_params, init_params, resolve_dtype_name
+from diff_fastener_jax.models.layers import hand_written_group_norm
 from diff_fastener_jax.perf.block_profile import print_profile, profile_components
 from diff_fastener_jax.perf.hardware import device_limits
 from diff_fastener_jax.perf.programs import bench_infer, bench_train, compile_infer, compile_train
@@ -64,6 +65,7 @@ def _record_head(config, devices) -> dict:
         "dtype_setting": m.dtype,
         "attention": m.get("attention", "auto"),
         "remat": m.get("remat", "none"),
+        "group_norm": "hand_written" if hand_written_group_norm(device.platform) else "flax",
         "image_size": config.data.image_size,
         "host_cpus": os.cpu_count(),
         "host_load_avg_1min_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

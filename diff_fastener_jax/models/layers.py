@@ -7,6 +7,7 @@ GroupNorm statistics are always computed in float32 so bf16 compute does not dri
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
+
+from diff_fastener_jax.models import norm
 
 Dtype = Any
 
@@ -72,8 +75,26 @@ def num_groups_for(channels: int, groups: int) -> int:
     return g
 
 
+def hand_written_group_norm(backend: str | None = None) -> bool:
+    """Whether GroupNorm32 uses `norm.GroupNorm` (hand-written sums and gradient) rather than flax's.
+
+    On XLA:CPU it is the faster one (benchmarks/RESULTS.md); other backends keep flax's, whose GPU
+    speed is the one measured. DFJ_GROUPNORM=flax or =hand_written forces either (for A/B runs).
+    """
+    forced = os.environ.get("DFJ_GROUPNORM", "")
+    if forced:
+        if forced not in ("flax", "hand_written"):
+            raise ValueError(f"DFJ_GROUPNORM={forced!r}: expected 'flax' or 'hand_written'")
+        return forced == "hand_written"
+    return (backend or jax.default_backend()) == "cpu"
+
+
 class GroupNorm32(nn.Module):
-    """GroupNorm whose statistics are computed in float32 whatever the compute dtype."""
+    """GroupNorm whose statistics are computed in float32 whatever the compute dtype.
+
+    Parameters live under 'GroupNorm_0' ('scale', 'bias') with either implementation, so checkpoints
+    move freely between backends.
+    """
 
     groups: int = 32
     dtype: Dtype = jnp.float32
@@ -81,7 +102,10 @@ class GroupNorm32(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         g = num_groups_for(x.shape[-1], self.groups)
-        y = nn.GroupNorm(num_groups=g, epsilon=1e-5, dtype=jnp.float32)(x.astype(jnp.float32))
+        if x.ndim == 4 and hand_written_group_norm():
+            y = norm.GroupNorm(num_groups=g, epsilon=1e-5, name="GroupNorm_0")(x.astype(jnp.float32))
+        else:
+            y = nn.GroupNorm(num_groups=g, epsilon=1e-5, dtype=jnp.float32)(x.astype(jnp.float32))
         return y.astype(self.dtype)
 
 
