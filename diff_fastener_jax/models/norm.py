@@ -1,8 +1,9 @@
 """GroupNorm with hand-written statistics and gradient, for XLA:CPU.
 
 Why: in the CPU train step, the reductions that autodiff derives from flax's GroupNorm were the
-largest single cost (a per-op trace of the dense reference at 128 px put 2.6 s of an 11.5 s step in
-GroupNorm's backward sums and 0.5 s in its forward statistics; benchmarks/RESULTS.md). XLA:CPU lowers
+largest cost besides the convolutions (a per-op trace of the dense reference at 128 px put 2.6 s of
+11.5 s of summed op time in GroupNorm's backward sums and 0.5 s in its forward statistics;
+benchmarks/RESULTS.md). The step as a whole got 7% faster (interleaved A/B). XLA:CPU lowers
 a sum over (B, H, W) that keeps the minor channel axis to a strided `reduce-window` that streams
 memory at well under 1 GB/s. Two changes fix that:
 
@@ -14,8 +15,8 @@ memory at well under 1 GB/s. Two changes fix that:
   Autodiff of the forward formula computes four full-size sums instead.
 
 The maths is the usual GroupNorm with the "fast" variance E[x^2] - E[x]^2 (flax's default), so the
-values match flax's `nn.GroupNorm` to float32 rounding (tests/test_norm.py checks both directions
-against float64 numpy).
+values match flax's `nn.GroupNorm` to float32 rounding (tests/test_norm.py checks the values and
+the gradients against float64 numpy).
 """
 
 from __future__ import annotations
