@@ -3,9 +3,9 @@
 Why: in the CPU train step, the reductions that autodiff derives from flax's GroupNorm were the
 largest cost besides the convolutions (a per-op trace of the dense reference at 128 px put 2.6 s of
 11.5 s of summed op time in GroupNorm's backward sums and 0.5 s in its forward statistics;
-benchmarks/RESULTS.md). The step as a whole got 7% faster (interleaved A/B). XLA:CPU lowers
-a sum over (B, H, W) that keeps the minor channel axis to a strided `reduce-window` that streams
-memory at well under 1 GB/s. Two changes fix that:
+benchmarks/RESULTS.md). XLA:CPU lowers a sum over (B, H, W) that keeps the minor channel axis to a
+strided `reduce-window` that streams memory at well under 1 GB/s. Two changes fix that (the step as
+a whole got 7% faster, interleaved A/B):
 
 - `spatial_sums` reshapes (B, H, W, C) to (B, H*W/k, k*C) before summing over the middle axis, so
   every row read is contiguous, then folds the k partial sums. Same result, a few times faster, and
@@ -69,8 +69,7 @@ def _normalise(x, scale, bias, mean, rstd):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float) -> jax.Array:
     """GroupNorm of x (B, H, W, C) float32 with per-channel `scale`, `bias` (C,). Returns (B, H, W, C)."""
-    mean, rstd = _statistics(x, groups, epsilon)
-    return _normalise(x, scale, bias, mean, rstd)
+    return _group_norm_fwd(x, scale, bias, groups, epsilon)[0]
 
 
 def _group_norm_fwd(x, scale, bias, groups, epsilon):
