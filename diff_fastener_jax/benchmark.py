@@ -38,7 +38,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from diff_fastener_jax import cli, hostenv, parallel
+from diff_fastener_jax import cli, hostenv, parallel, xla_options
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.models import count_params, init_params, resolve_dtype_name
 from diff_fastener_jax.models.layers import hand_written_group_norm
@@ -66,6 +66,8 @@ def _record_head(config, devices) -> dict:
         "attention": m.get("attention", "auto"),
         "remat": m.get("remat", "none"),
         "group_norm": "hand_written" if hand_written_group_norm(device.platform) else "flax",
+        # The per-program compiler options of the timed programs (None: XLA's defaults).
+        "xla_options": xla_options.compiler_options(device.platform),
         "image_size": config.data.image_size,
         "host_cpus": os.cpu_count(),
         "host_load_avg_1min_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -1,13 +1,23 @@
 """Per-program XLA compiler options for the hot programs (train step, inference), by backend.
 
-XLA:CPU in jaxlib 0.10 hands convolutions to YNNPACK ("__ynn_fusion"). Its filter-gradient
-convolution (a 'valid' conv whose window is the whole H x W feature map) runs at about 5 GFLOP/s
-there, 10-15x slower than the forward conv: in the demo train step those gradients were 54% of the
-step's op time (per-op trace, benchmarks/RESULTS.md). With YNNPACK's fusions switched off XLA:CPU
-uses its own (Eigen) convolutions: the demo train step ran 1.76x faster and inference 1.24-1.27x
-(interleaved A/B in one process). The options are passed per program (`jax.jit(...,
+XLA:CPU in jaxlib 0.10 hands several kinds of fusion to YNNPACK ("__ynn_fusion"), chosen by
+`xla_cpu_experimental_ynn_fusion_type`. The two that matter here pull in opposite directions
+(benchmarks/RESULTS.md has the measurements):
+
+- **Convolutions: keep them off.** YNNPACK's filter-gradient convolution (a 'valid' conv whose
+  window is the whole H x W feature map) runs at about 5 GFLOP/s, 10-15x slower than the forward
+  conv; in the demo train step those gradients were 54% of the step's op time. Without them XLA:CPU
+  uses its own (Eigen) convolutions: the demo train step ran 1.76x faster, inference 1.24-1.27x.
+- **Reductions: keep them on.** XLA:CPU's own lowering of a sum that keeps the minor (channel) axis
+  is a strided `reduce-window` loop that streams well under 1 GB/s; YNNPACK's reduction does the same
+  sum over (8, 128, 128, 64) in 2 ms instead of 40-65 ms, bitwise repeatable from call to call. Conv
+  bias gradients, GroupNorm statistics and the softmax sums are all such reductions: the dense
+  reference train step got 22% faster (interleaved A/B) when they went back to YNNPACK.
+
+So the CPU option names the reduction type alone. The options are passed per program (`jax.jit(...,
 compiler_options=...)`), not through XLA_FLAGS, so nothing changes for other backends or for other
-programs in the process. An XLA that does not know the option gets none (probed once).
+programs in the process. An XLA that does not know the reduction type gets the option with no types
+(all of XLA:CPU's own kernels); one that does not know the option at all gets none (probed once).
 """
 
 from __future__ import annotations
@@ -18,28 +28,39 @@ import os
 import jax
 import numpy as np
 
-# Empty = no YNNPACK fusion types: XLA:CPU's own (Eigen) convolutions and dots.
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# YNNPACK for reductions only; convolutions and dots stay XLA:CPU's own (Eigen).
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+# For an XLA that knows the option but not that value: no YNNPACK fusions at all.
+CPU_FALLBACK_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def _compiles_with(options: dict) -> bool:
+    try:
+        jax.jit(lambda x: x.sum(), compiler_options=options).lower(np.zeros(4, np.float32)).compile()
+        return True
+    except Exception:  # noqa: BLE001 - XLA rejects unknown options and values with assorted errors
+        return False
 
 
 @functools.cache
-def _cpu_options_supported() -> bool:
-    """Whether this jaxlib's XLA:CPU accepts CPU_OPTIONS (compiles a one-op program once)."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(np.float32(0)).compile()
-        return True
-    except Exception:  # noqa: BLE001 - an unknown option: keep XLA's defaults
-        return False
+def _cpu_options() -> dict | None:
+    """The first of CPU_OPTIONS, CPU_FALLBACK_OPTIONS that this jaxlib's XLA:CPU accepts (each probed
+    by compiling a one-op program), or None."""
+    for options in (CPU_OPTIONS, CPU_FALLBACK_OPTIONS):
+        if _compiles_with(options):
+            return options
+    return None
 
 
 def compiler_options(backend: str | None = None) -> dict | None:
     """Options for `jax.jit(..., compiler_options=...)` on `backend` (default: JAX's default backend).
 
-    None (XLA's defaults) off the CPU, when this XLA does not know the options, or when
+    None (XLA's defaults) off the CPU, when this XLA knows neither option set, or when
     DFJ_XLA_DEFAULTS=1 is set (to compare against).
     """
     if os.environ.get("DFJ_XLA_DEFAULTS") == "1":
         return None
-    if (backend or jax.default_backend()) != "cpu" or not _cpu_options_supported():
+    if (backend or jax.default_backend()) != "cpu":
         return None
-    return dict(CPU_OPTIONS)
+    options = _cpu_options()
+    return None if options is None else dict(options)

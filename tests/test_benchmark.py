@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import SMOKE_CONFIG, run_cli, subprocess_env, tiny_config
 
-from diff_fastener_jax import benchmark, hostenv
+from diff_fastener_jax import benchmark, hostenv, xla_options
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import count_params, init_params
@@ -138,6 +138,7 @@ def test_benchmark_command_writes_record(tmp_path):
     assert set(r["compile_s"]) == {"infer_b1", "infer_b4", "train"}
     assert all(v > 0 for v in r["compile_s"].values())
     assert r["params_recon"] > r["params_seg"] > 0
+    assert r["xla_options"] == xla_options.compiler_options("cpu")
     # What the process ran with: the malloc tunable the command set for itself, or none (see hostenv).
     env = subprocess_env()
     reexec = hostenv.hugepage_environ(env, hostenv.thp_mode(), hostenv.libc_version())

@@ -1,9 +1,12 @@
 """Per-program XLA:CPU options (xla_options.py): applied on the CPU, numerically neutral, and dropped
 when this XLA does not know them."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 
 from diff_fastener_jax import xla_options
@@ -43,12 +46,50 @@ def test_options_do_not_change_the_numbers():
         np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_an_unknown_option_falls_back_to_xla_defaults(monkeypatch):
-    monkeypatch.setattr(xla_options, "CPU_OPTIONS", {"xla_cpu_no_such_option_in_any_release": "1"})
-    xla_options._cpu_options_supported.cache_clear()
+def _reduce_and_conv_grad(x, w):
+    """A channel sum that keeps nothing but the minor axis (a conv bias gradient) and a filter gradient."""
+    return x.sum(axis=(0, 1, 2)), _conv_loss_grad(x, w)[1]
+
+
+def test_reductions_go_to_ynnpack_and_convolutions_stay_eigen():
+    """What the options are for: YNNPACK runs the reductions (XLA:CPU's own are strided loops, 20x
+    slower), XLA:CPU's Eigen runs the convolutions (YNNPACK's filter gradients are 10x slower)."""
+    if xla_options.compiler_options("cpu") != xla_options.CPU_OPTIONS:
+        pytest.skip("this XLA:CPU does not know YNNPACK's reduction fusion type")
+    # 32 channels: large enough that XLA's defaults would hand these convolutions to YNNPACK.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 32, 32, 32)).astype(np.float32)
+    w = (0.1 * rng.standard_normal((3, 3, 32, 32))).astype(np.float32)
+    compiled = jax.jit(_reduce_and_conv_grad, compiler_options=xla_options.compiler_options("cpu")).lower(x, w).compile()
+    hlo = compiled.as_text()
+    bodies = {}  # computation name -> its text
+    for block in hlo.split("\n\n"):
+        m = re.match(r"\s*(?:ENTRY )?%(\S+) ", block)
+        if m:
+            bodies[m.group(1)] = block
+    ynn_called = [bodies[name] for name in re.findall(r"calls=%(\S+?),[^\n]*__ynn_fusion", hlo)]
+    assert any(" reduce(" in body for body in ynn_called), "the channel sum is not a YNNPACK fusion"
+    assert not any("convolution(" in body for body in ynn_called), "a convolution went to YNNPACK"
+    assert "convolution(" in hlo
+    total, grad = compiled(x, w)
+    np.testing.assert_allclose(np.asarray(total), x.astype(np.float64).sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.jit(_conv_loss_grad)(x, w)[1]), rtol=1e-4, atol=1e-2)
+    # Bitwise the same from call to call (resume-equals-uninterrupted depends on it).
+    again = compiled(x, w)
+    assert np.array_equal(np.asarray(total), np.asarray(again[0]))
+
+
+def test_unknown_options_fall_back_in_order(monkeypatch):
+    """An XLA without the reduction type gets the option with no types; one without the option, none."""
+    unknown = {"xla_cpu_no_such_option_in_any_release": "1"}
     try:
+        monkeypatch.setattr(xla_options, "CPU_OPTIONS", unknown)
+        xla_options._cpu_options.cache_clear()
+        assert xla_options.compiler_options("cpu") == xla_options.CPU_FALLBACK_OPTIONS
+        monkeypatch.setattr(xla_options, "CPU_FALLBACK_OPTIONS", unknown)
+        xla_options._cpu_options.cache_clear()
         assert xla_options.compiler_options("cpu") is None
     finally:
         monkeypatch.undo()
-        xla_options._cpu_options_supported.cache_clear()
+        xla_options._cpu_options.cache_clear()
     assert xla_options.compiler_options("cpu") == xla_options.CPU_OPTIONS
