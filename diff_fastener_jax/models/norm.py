@@ -14,6 +14,9 @@ a whole got 7% faster, interleaved A/B):
   scale and bias gradients and both group-mean terms of dx are derived from those (B, C) tables.
   Autodiff of the forward formula computes four full-size sums instead.
 
+Since then `xla_options.py` hands reductions to YNNPACK, which makes each sum cheap on its own; the
+hand-written gradient still measured 5-11% faster than flax's there (fewer full-size passes).
+
 The maths is the usual GroupNorm with the "fast" variance E[x^2] - E[x]^2 (flax's default), so the
 values match flax's `nn.GroupNorm` to float32 rounding (tests/test_norm.py checks the values and
 the gradients against float64 numpy).
