@@ -34,7 +34,8 @@ import os
 import jax
 import numpy as np
 
-# YNNPACK for reductions only; convolutions and dots stay XLA:CPU's own (Eigen).
+# YNNPACK for reductions (with any conv or dot it fuses into one); the filter gradients and the other
+# convolutions and dots stay XLA:CPU's own (Eigen).
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 # For an XLA that knows the option but not that value: no YNNPACK fusions at all.
 CPU_FALLBACK_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
