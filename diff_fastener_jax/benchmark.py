@@ -40,8 +40,13 @@ from ml_collections import config_flags
 
 from diff_fastener_jax import cli, hostenv, parallel, xla_options
 from diff_fastener_jax.errors import UserError
-from diff_fastener_jax.models import count_params, init_params, resolve_dtype_name
-from diff_fastener_jax.models.layers import hand_written_group_norm
+from diff_fastener_jax.models import (
+    attention_downsample_factors,
+    count_params,
+    init_params,
+    resolve_dtype_name,
+)
+from diff_fastener_jax.models.layers import cpu_query_chunk, hand_written_group_norm
 from diff_fastener_jax.perf.block_profile import print_profile, profile_components
 from diff_fastener_jax.perf.hardware import device_limits
 from diff_fastener_jax.perf.programs import bench_infer, bench_train, compile_infer, compile_train
@@ -52,6 +57,13 @@ FLAGS = flags.FLAGS
 
 REQUIRED_KEYS = ("device", "dtype", "image_size", "infer", "train", "gflops_per_image_infer",
                  "achieved_tflops", "fraction_of_peak", "compile_s", "params_recon", "params_seg")
+
+
+def _attention_chunks(config, platform: str) -> dict:
+    size, m = config.data.image_size, config.model
+    factors = {*attention_downsample_factors(size, m.attention_resolutions), 2 ** (len(m.channel_mults) - 1)}
+    positions = sorted({(size // f) ** 2 for f in factors}, reverse=True)
+    return {str(n): cpu_query_chunk(n, platform) for n in positions}
 
 
 def _record_head(config, devices) -> dict:
@@ -66,6 +78,8 @@ def _record_head(config, devices) -> dict:
         "attention": m.get("attention", "auto"),
         "remat": m.get("remat", "none"),
         "group_norm": "hand_written" if hand_written_group_norm(device.platform) else "flax",
+        # Inference attention blocks, positions N -> query rows per chunk (None: the batched form).
+        "attention_query_chunk": _attention_chunks(config, device.platform),
         # The per-program compiler options of the timed programs (None: XLA's defaults).
         "xla_options": xla_options.compiler_options(device.platform),
         "image_size": config.data.image_size,

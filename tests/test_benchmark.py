@@ -139,6 +139,7 @@ def test_benchmark_command_writes_record(tmp_path):
     assert all(v > 0 for v in r["compile_s"].values())
     assert r["params_recon"] > r["params_seg"] > 0
     assert r["xla_options"] == xla_options.compiler_options("cpu")
+    assert r["attention_query_chunk"] == {"256": None}  # 32 px: attention at 16x16 only, too small to chunk
     # What the process ran with: the malloc tunable the command set for itself, or none (see hostenv).
     env = subprocess_env()
     reexec = hostenv.hugepage_environ(env, hostenv.thp_mode(), hostenv.libc_version())

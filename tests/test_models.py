@@ -252,3 +252,70 @@ def test_composed_attention_matches_float64_softmax_attention():
              for f in (composed_attention, jax.nn.dot_product_attention)]
     for ours, theirs in zip(*grads):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_attention_matches_composed_attention_and_float64():
+    """`chunked_attention` (the CPU inference path: a lax.map over query chunks) computes the same
+    values as the batched form and as numpy float64, and differentiates to the same gradients."""
+    from diff_fastener_jax.models.layers import chunked_attention, composed_attention
+
+    q, k, v = (jax.random.normal(key, (2, 32, 3, 8)) * 2.0 for key in jax.random.split(jax.random.key(2), 3))
+    qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(8.0)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), vn)
+    for rows in (8, 32):  # four chunks per head, and one
+        out = chunked_attention(q, k, v, rows)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    cot = jax.random.normal(jax.random.key(3), q.shape)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+             for f in (lambda *a: chunked_attention(*a, 8), composed_attention)]
+    for ours, theirs in zip(*grads):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_query_chunk_rule(monkeypatch):
+    from diff_fastener_jax.models.layers import cpu_query_chunk
+
+    monkeypatch.delenv("DFJ_ATTENTION_CHUNK", raising=False)
+    assert cpu_query_chunk(1024, backend="cpu") == 512  # (512, 1024) float32 logits = 2 MiB
+    assert cpu_query_chunk(4096, backend="cpu") == 128
+    assert cpu_query_chunk(1000, backend="cpu") == 500  # a divisor of N
+    assert cpu_query_chunk(256, backend="cpu") is None  # (256, 256) logits fit the cache whole
+    assert cpu_query_chunk(1024, backend="gpu") is None
+    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "0")
+    assert cpu_query_chunk(1024, backend="cpu") is None
+    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "16")
+    assert cpu_query_chunk(64, backend="gpu") == 16
+    with pytest.raises(ValueError, match="DFJ_ATTENTION_CHUNK=16 does not divide the 24"):
+        cpu_query_chunk(24)
+    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "half")
+    with pytest.raises(ValueError, match="DFJ_ATTENTION_CHUNK='half'"):
+        cpu_query_chunk(64)
+
+
+def test_unet_chunks_attention_only_outside_training(monkeypatch):
+    """The reconstruction U-Net gives the same output with chunked attention as without; the chunked
+    form (a scan in the program) is taken for train=False only."""
+    config = tiny_config()  # attention at 16x16: 256 positions
+    recon, _ = build_models(config)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    t = jnp.array([3, 500], jnp.int32)
+    params = recon.init(jax.random.key(1), x, t)
+    # proj_out starts at zero, which would hide the attention: give every parameter some noise
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        tree, [p + 0.05 * jax.random.normal(k_, p.shape) for p, k_ in zip(leaves, keys)])
+
+    def program(train):
+        fn = lambda p: recon.apply(p, x, t, train=train)  # noqa: E731
+        return jax.make_jaxpr(fn)(params), fn(params)
+
+    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "16")
+    (chunked_jaxpr, chunked), (train_jaxpr, _) = program(False), program(True)
+    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "0")
+    plain_jaxpr, plain = program(False)
+    assert "scan" in str(chunked_jaxpr) and "scan" not in str(plain_jaxpr) and "scan" not in str(train_jaxpr)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(plain), rtol=1e-4, atol=1e-5)

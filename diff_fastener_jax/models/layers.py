@@ -265,11 +265,67 @@ def composed_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
+# The (rows, N) float32 logits of one query chunk: small enough to stay in a core's L2 cache
+# (2 MiB on the CPUs measured) from the logits matmul through the softmax to the value matmul.
+_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def cpu_query_chunk(num_positions: int, backend: str | None = None) -> int | None:
+    """Query rows per chunk for `chunked_attention` on XLA:CPU, or None for `composed_attention`.
+
+    None off the CPU and when one head's (N, N) logits already fit in half of `_CHUNK_BYTES`. Else the
+    largest divisor of N whose (rows, N) float32 logits fit in `_CHUNK_BYTES` (512 rows at N = 1024).
+    DFJ_ATTENTION_CHUNK=0 turns chunking off, =R forces R rows (for A/B runs).
+    """
+    forced = os.environ.get("DFJ_ATTENTION_CHUNK", "")
+    if forced:
+        if not forced.isdigit():
+            raise ValueError(f"DFJ_ATTENTION_CHUNK={forced!r}: expected 0 (off) or a number of query rows")
+        rows = int(forced)
+        if rows and num_positions % rows:
+            raise ValueError(f"DFJ_ATTENTION_CHUNK={rows} does not divide the {num_positions} attention positions")
+        return rows or None
+    if (backend or jax.default_backend()) != "cpu" or 4 * num_positions * num_positions <= _CHUNK_BYTES // 2:
+        return None
+    rows = max(1, _CHUNK_BYTES // (4 * num_positions))
+    while num_positions % rows:
+        rows -= 1
+    return rows
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: int) -> jax.Array:
+    """`composed_attention`, `rows` queries of one image and head at a time (a `lax.map` over chunks).
+
+    Why: at N = 1024 the batched form writes and re-reads (B, heads, N, N) logits and weights through
+    main memory four times; a (rows, N) chunk stays in cache from one matmul to the next. On XLA:CPU
+    the forward ran about 2x faster on one core (benchmarks/RESULTS.md). Same maths and precision
+    rules as `composed_attention`. (B, N, heads, D) x3 -> (B, N, heads, D).
+    """
+    b, n, heads, d = q.shape
+    chunks = n // rows
+    scale = jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    q = (jnp.swapaxes(q, 1, 2) * scale).reshape(b * heads * chunks, rows, d)  # (B*heads*chunks, rows, D)
+    # every chunk carries its head's keys and values, so that one map step reads one contiguous slab
+    k, v = (jnp.repeat(jnp.swapaxes(a, 1, 2).reshape(b * heads, n, d), chunks, axis=0) for a in (k, v))
+
+    def one_chunk(args):
+        qc, kc, vc = args  # (rows, D), (N, D), (N, D)
+        logits = jnp.dot(qc, kc.T, preferred_element_type=jnp.float32)  # (rows, N)
+        weights = jnp.exp(logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        out = jnp.dot(weights.astype(vc.dtype), vc, preferred_element_type=jnp.float32)  # (rows, D)
+        return out / jnp.sum(weights, axis=-1, keepdims=True)
+
+    out = lax.map(one_chunk, (q, k, v))  # (B*heads*chunks, rows, D)
+    return jnp.swapaxes(out.reshape(b, heads, n, d), 1, 2).astype(v.dtype)
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, residual, zero-initialised output projection.
 
-    `implementation`: None = `composed_attention` (XLA ops; materialises the (B, heads, N, N)
-    logits), 'cudnn' = `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU, bf16/fp16).
+    `implementation`: None = XLA ops: `composed_attention` (materialises the (B, heads, N, N)
+    logits), or on XLA:CPU outside training, when those logits outgrow the cache, `chunked_attention`
+    (see `cpu_query_chunk`); 'cudnn' = `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU,
+    bf16/fp16).
     `build_models` picks it from `model.attention` (see `attention_implementation`).
     """
 
@@ -279,7 +335,7 @@ class AttentionBlock(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         b, hgt, wid, c = x.shape
         if c % self.num_heads:
             raise ValueError(f"model.num_heads={self.num_heads} does not divide the {c} channels of an attention block")
@@ -287,7 +343,12 @@ class AttentionBlock(nn.Module):
         h = GroupNorm32(self.groups, self.dtype)(x).reshape(b, hgt * wid, c)  # (B, N, C)
         qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(h)  # (B, N, 3C)
         q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3, self.num_heads, head_dim), 3, axis=2)
-        if self.implementation is None:
+        # Chunked queries only outside training: differentiated, the chunked form measured no faster
+        # than the batched one on 2 CPU threads (its backward loses what its forward gains).
+        rows = cpu_query_chunk(hgt * wid) if self.implementation is None and not train else None
+        if rows:
+            out = chunked_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], rows)  # (B, N, heads, D)
+        elif self.implementation is None:
             out = composed_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, heads, D)
         else:
             out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],

@@ -75,7 +75,7 @@ class ReconstructionUNet(nn.Module):
         keep = kept_skips(num_levels, self.num_res_blocks, self.skip_every)
         # Remat wraps the class; the explicit names keep the parameter tree identical either way.
         res_cls = remat_block(ResBlock, self.remat, static_argnums=(3,))  # (self, x, temb, train)
-        attn_cls = remat_block(AttentionBlock, self.remat)
+        attn_cls = remat_block(AttentionBlock, self.remat, static_argnums=(2,))  # (self, x, train)
         res = lambda ch, name, resample=None: res_cls(  # noqa: E731
             ch, self.activation, self.dropout, self.groups, resample, self.dtype, name=name)
         attn = lambda name: attn_cls(self.num_heads, self.groups, self.dtype, self.attention_impl,  # noqa: E731
@@ -97,14 +97,14 @@ class ReconstructionUNet(nn.Module):
             for i in range(self.num_res_blocks):
                 h = res(self.base_channels * mult, f"down{level}_res{i}")(h, temb, train)
                 if 2**level in self.attention_ds:
-                    h = attn(f"down{level}_attn{i}")(h)
+                    h = attn(f"down{level}_attn{i}")(h, train)
                 skips.append(h)
             if level != num_levels - 1:
                 h = res(h.shape[-1], f"down{level}_downsample", "down")(h, temb, train)
                 skips.append(h)
 
         h = res(h.shape[-1], "mid_res0")(h, temb, train)
-        h = attn("mid_attn")(h)
+        h = attn("mid_attn")(h, train)
         if self.use_dacm:
             h = DACM(self.dacm_use_cbam, self.dacm_use_dilated, self.dacm_reduction, 2, self.groups,
                      self.activation, self.dtype, name="mid_dacm")(h)
@@ -119,7 +119,7 @@ class ReconstructionUNet(nn.Module):
                     h = jnp.concatenate([h, skip], axis=-1)
                 h = res(self.base_channels * mult, f"up{level}_res{i}")(h, temb, train)
                 if 2**level in self.attention_ds:
-                    h = attn(f"up{level}_attn{i}")(h)
+                    h = attn(f"up{level}_attn{i}")(h, train)
                 if level and i == self.num_res_blocks:
                     h = res(h.shape[-1], f"up{level}_upsample", "up")(h, temb, train)
 
