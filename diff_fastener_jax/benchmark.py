@@ -40,12 +40,7 @@ from ml_collections import config_flags
 
 from diff_fastener_jax import cli, hostenv, parallel, xla_options
 from diff_fastener_jax.errors import UserError
-from diff_fastener_jax.models import (
-    attention_downsample_factors,
-    count_params,
-    init_params,
-    resolve_dtype_name,
-)
+from diff_fastener_jax.models import attention_levels, count_params, init_params, resolve_dtype_name
 from diff_fastener_jax.models.layers import cpu_query_chunk, hand_written_group_norm
 from diff_fastener_jax.perf.block_profile import print_profile, profile_components
 from diff_fastener_jax.perf.hardware import device_limits
@@ -60,9 +55,8 @@ REQUIRED_KEYS = ("device", "dtype", "image_size", "infer", "train", "gflops_per_
 
 
 def _attention_chunks(config, platform: str) -> dict:
-    size, m = config.data.image_size, config.model
-    factors = {*attention_downsample_factors(size, m.attention_resolutions), 2 ** (len(m.channel_mults) - 1)}
-    positions = sorted({(size // f) ** 2 for f in factors}, reverse=True)
+    size = config.data.image_size
+    positions = sorted({(size // 2**level) ** 2 for level in attention_levels(config)}, reverse=True)
     return {str(n): cpu_query_chunk(n, platform) for n in positions}
 
 

@@ -12,7 +12,7 @@ from diff_fastener_jax.models.layers import attention_implementation
 from diff_fastener_jax.models.segmentation import SegmentationUNet
 from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
 
-__all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "build_models", "compile_init", "count_params",
+__all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "attention_levels", "build_models", "compile_init", "count_params",
            "init_params", "kept_skips", "tile_rows", "compute_dtype", "resolve_dtype_name"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -48,15 +48,22 @@ def attention_downsample_factors(image_size: int, resolutions) -> tuple[int, ...
     return tuple(sorted(factors))
 
 
+def attention_levels(config: ml_collections.ConfigDict) -> list[int]:
+    """U-Net levels (0 = full resolution) that hold attention blocks: those whose downsampling factor
+    `model.attention_resolutions` names, and the middle (the last level)."""
+    m = config.model
+    attention_ds = attention_downsample_factors(config.data.image_size, m.attention_resolutions)
+    last = len(m.channel_mults) - 1
+    return sorted({level for level in range(last + 1) if 2**level in attention_ds} | {last})
+
+
 def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet, SegmentationUNet]:
     """Builds (reconstruction U-Net, segmentation U-Net) from `config.model` and `config.data.image_size`."""
     m = config.model
     dtype = compute_dtype(m.dtype)
     remat = m.get("remat", "none")
     attention_ds = attention_downsample_factors(config.data.image_size, m.attention_resolutions)
-    # head dims of every attention block: the attention levels plus the middle (last level)
-    widths = [m.base_channels * mult for level, mult in enumerate(m.channel_mults) if 2**level in attention_ds]
-    head_dims = [w // m.num_heads for w in (*widths, m.base_channels * m.channel_mults[-1])]
+    head_dims = [m.base_channels * m.channel_mults[level] // m.num_heads for level in attention_levels(config)]
     attention_impl = attention_implementation(m.get("attention", "auto"), dtype, head_dims)
     recon = ReconstructionUNet(
         in_channels=m.in_channels,
