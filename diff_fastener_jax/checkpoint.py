@@ -11,6 +11,12 @@ Crash safety: a process killed at any moment leaves either a complete checkpoint
 temporary folder that orbax ignores and removes. A checkpoint that is complete on disk but cannot be
 read back (a damaged disk, a truncated copy) is moved to `checkpoints/unreadable/<step>` by
 `restore_latest`, which warns and falls back to the previous checkpoint.
+
+On CPU, arrays are saved whole (`_save_whole_arrays_on_cpu`). By default orbax splits each replicated
+array into one slice per device replica, and every slice shape is an eagerly dispatched `slice` that
+XLA compiles on its first use: 131 compiles and 20 s of a 50 s smoke training run's two saves (every
+leaf x 4 simulated devices), for devices that share one memory anyway. Orbax already saves whole
+arrays on GPUs. The files on disk are the same either way.
 """
 
 from __future__ import annotations
@@ -49,6 +55,13 @@ def atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _save_whole_arrays_on_cpu() -> None:
+    """Registers orbax's jax.Array handler without replica-parallel saving, on the CPU backend only."""
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 @dataclasses.dataclass
 class _KeepSteps:
     """orbax preservation policy: keep the checkpoints whose step is in `steps` (a live, mutable set)."""
@@ -67,6 +80,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         if not read_only:
             os.makedirs(os.path.join(self.directory, "data"), exist_ok=True)
+            _save_whole_arrays_on_cpu()
         self.protected: set[int] = set()  # steps kept whatever their age (the selected step)
         policy = ocp.checkpoint_managers.AnyPreservationPolicy(
             [ocp.checkpoint_managers.LatestN(n=keep), _KeepSteps(self.protected)])

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from diff_fastener_jax import xla_options
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.models.dacm import DACM
 from diff_fastener_jax.models.layers import attention_implementation
@@ -13,7 +14,7 @@ from diff_fastener_jax.models.segmentation import SegmentationUNet
 from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
 
 __all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "attention_levels", "build_models", "compile_init", "count_params",
-           "init_params", "kept_skips", "tile_rows", "compute_dtype", "resolve_dtype_name"]
+           "init_params", "jit_init", "kept_skips", "tile_rows", "compute_dtype", "resolve_dtype_name"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPE_NAMES = ("auto", *_DTYPES)
@@ -95,12 +96,13 @@ def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: i
                 compiled: bool | None = None):
     """Initialises {'recon': ..., 'seg': ...} float32 params for one image of `image_size`.
 
-    `compiled` (default: on GPUs/TPUs, off on CPU) runs the initialisation as one jitted program. Flax's
-    `init` traces a forward pass; run eagerly on a GPU, each of its operations is compiled and dispatched on
-    its own (59-64 s for the paper config on an H200, benchmarks/RESULTS.md), while under `jit` the forward
-    pass is dead code and only the random draws remain. On CPU eager is cheaper: its kernels are cached
-    per process, and XLA:CPU needs 20-40 s to compile the per-parameter random number generation. Both
-    paths give bit-identical parameters.
+    `compiled` (default: on) runs the initialisation as one jitted program. Flax's `init` traces a forward
+    pass; run eagerly, each of its operations is compiled and dispatched on its own: 59-64 s for the
+    paper config on an H200 (benchmarks/RESULTS.md), 47 s for the tiny smoke config on the 2-core CPU,
+    paid again by every process because each of those small compiles is below any sensible persistent
+    cache threshold. Under `jit` the forward pass is dead code and only the random draws remain, one
+    program that XLA:CPU compiles in about 10 s at LLVM level 1 (`xla_options.init_compiler_options`)
+    and a persistent compilation cache keeps. Both paths give bit-identical parameters.
     """
     recon, seg = build_models(config)
     size = image_size or config.data.image_size
@@ -114,12 +116,28 @@ def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: i
         seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32), class_ids=cls)["params"]
         return {"recon": recon_params, "seg": seg_params}
 
-    return jax.jit(init)(key) if compile_init(compiled) else init(key)
+    return jit_init(init, key) if compile_init(compiled) else init(key)
 
 
 def compile_init(compiled: bool | None = None) -> bool:
-    """Whether initialisation runs as one jitted program: `compiled`, or by default off CPU (see init_params)."""
-    return jax.default_backend() != "cpu" if compiled is None else compiled
+    """Whether initialisation runs as one jitted program: `compiled`, or by default yes (see init_params)."""
+    return True if compiled is None else compiled
+
+
+def jit_init(fn, key: jax.Array):
+    """`fn(key)` (parameters or a train state) as one jitted program with the initialisation's compiler
+    options. Inside a trace (`jax.eval_shape`, an enclosing `jit`) it is traced inline: a nested jit may
+    not carry compiler options, and there is no separate program to save compiling."""
+    if _inside_a_trace():
+        return fn(key)
+    return jax.jit(fn, compiler_options=xla_options.init_compiler_options())(key)
+
+
+def _inside_a_trace() -> bool:
+    """Whether JAX is tracing now. JAX has no public test for it; where its private one is gone, answer
+    yes (tracing inline is right in both cases, only slower to compile at top level)."""
+    clean = getattr(getattr(jax, "_src", None) and jax._src.core, "trace_state_clean", None)
+    return clean is None or not clean()
 
 
 def tile_rows(class_ids: jax.Array | None, n: int) -> jax.Array | None:
