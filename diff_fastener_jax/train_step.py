@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from diff_fastener_jax import diffusion, losses, xla_options
-from diff_fastener_jax.models import build_models, compile_init, init_params, jit_init, tile_rows
+from diff_fastener_jax.models import build_models, init_params, jit_init, tile_rows
 from diff_fastener_jax.parallel import DATA_AXIS
 
 Params = Any
@@ -81,11 +81,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
-                       compiled: bool | None = None) -> TrainState:
+                       compiled: bool = True) -> TrainState:
     """Fresh float32 params for both networks and the optimizer state.
 
-    `compiled` (default: on GPUs/TPUs) makes this one jitted program, as in `init_params` (see there):
-    eagerly, every parameter's optimizer moments would also be a separately compiled `zeros_like`.
+    `compiled` (default) makes this one jitted program, as in `init_params` (see there): eagerly,
+    every parameter's optimizer moments would also be a separately compiled `zeros_like`.
     """
 
     def create(key):
@@ -94,7 +94,7 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
         ema = jax.tree_util.tree_map(jnp.copy, params) if float(config.optim.ema_decay) > 0 else {}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema)
 
-    return jit_init(create, key) if compile_init(compiled) else create(key)
+    return jit_init(create, key) if compiled else create(key)
 
 
 def training_timestep_ranges(diffusion_cfg) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -70,9 +70,7 @@ def compiler_options(backend: str | None = None) -> dict | None:
     None (XLA's defaults) off the CPU, when this XLA knows neither option set, or when
     DFJ_XLA_DEFAULTS=1 is set (to compare against).
     """
-    if os.environ.get("DFJ_XLA_DEFAULTS") == "1":
-        return None
-    if (backend or jax.default_backend()) != "cpu":
+    if not _tuning_cpu(backend):
         return None
     options = _cpu_options()
     return None if options is None else dict(options)
@@ -85,6 +83,9 @@ INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 def init_compiler_options(backend: str | None = None) -> dict | None:
     """Options for the jitted parameter / train-state initialisation on `backend`: INIT_CPU_OPTIONS on
     XLA:CPU (unless DFJ_XLA_DEFAULTS=1), None (XLA's defaults) elsewhere."""
-    if os.environ.get("DFJ_XLA_DEFAULTS") == "1" or (backend or jax.default_backend()) != "cpu":
-        return None
-    return dict(INIT_CPU_OPTIONS)
+    return dict(INIT_CPU_OPTIONS) if _tuning_cpu(backend) else None
+
+
+def _tuning_cpu(backend: str | None) -> bool:
+    """Whether `backend` (default: JAX's) is XLA:CPU and DFJ_XLA_DEFAULTS=1 does not ask for XLA's defaults."""
+    return os.environ.get("DFJ_XLA_DEFAULTS") != "1" and (backend or jax.default_backend()) == "cpu"

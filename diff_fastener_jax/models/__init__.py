@@ -13,7 +13,7 @@ from diff_fastener_jax.models.layers import attention_implementation
 from diff_fastener_jax.models.segmentation import SegmentationUNet
 from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
 
-__all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "attention_levels", "build_models", "compile_init", "count_params",
+__all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "attention_levels", "build_models", "count_params",
            "init_params", "jit_init", "kept_skips", "tile_rows", "compute_dtype", "resolve_dtype_name"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -93,10 +93,10 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet,
 
 
 def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: int | None = None,
-                compiled: bool | None = None):
+                compiled: bool = True):
     """Initialises {'recon': ..., 'seg': ...} float32 params for one image of `image_size`.
 
-    `compiled` (default: on) runs the initialisation as one jitted program. Flax's `init` traces a forward
+    `compiled` (default) runs the initialisation as one jitted program. Flax's `init` traces a forward
     pass; run eagerly, each of its operations is compiled and dispatched on its own: 59-64 s for the
     paper config on an H200 (benchmarks/RESULTS.md), 47 s for the tiny smoke config on the 2-core CPU,
     paid again by every process because each of those small compiles is below any sensible persistent
@@ -116,12 +116,7 @@ def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: i
         seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32), class_ids=cls)["params"]
         return {"recon": recon_params, "seg": seg_params}
 
-    return jit_init(init, key) if compile_init(compiled) else init(key)
-
-
-def compile_init(compiled: bool | None = None) -> bool:
-    """Whether initialisation runs as one jitted program: `compiled`, or by default yes (see init_params)."""
-    return True if compiled is None else compiled
+    return jit_init(init, key) if compiled else init(key)
 
 
 def jit_init(fn, key: jax.Array):
