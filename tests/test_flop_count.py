@@ -118,16 +118,20 @@ def test_fused_attention_primitive_counts_its_matmuls():
     assert program_flops(lambda q, k, v: jax.nn.dot_product_attention(q, k, v), q, kv, kv) == 2 * per_matmul
 
 
-def test_matches_xla_cpu_count_on_the_networks():
+def test_matches_xla_cpu_count_on_the_networks(monkeypatch):
     """On CPU XLA counts convolutions too, and element-wise work besides: the two counts of the smoke
-    config's inference agree within that share (8% at its 8-channel widths, 1% at the paper config:
-    1056.8 against 1067.3 GFLOP per image, benchmarks/RESULTS.md)."""
+    config's inference agree within that share (13% at its 8-16-channel widths, where the softmax over
+    the middle attention's 1024 x 1024 logits is a large part; 1% at the paper config: 1056.8 against
+    1067.3 GFLOP per image, benchmarks/RESULTS.md)."""
     from diff_fastener_jax.config import load_config
     from diff_fastener_jax.perf import programs
 
+    # XLA counts a loop's body once: attention in query chunks (a lax.map, used on CPU at the smoke
+    # model's 1024 positions) would be counted for one chunk. Unchunked, both counts see every matmul.
+    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "0")
     config = load_config("configs/demo.py:smoke")
     row, _ = programs.compile_infer(config, 2)
-    assert row["gflops_per_image"] == pytest.approx(row["xla_gflops_per_image"], rel=0.12)
+    assert row["gflops_per_image"] == pytest.approx(row["xla_gflops_per_image"], rel=0.16)
     assert row["gflops_per_image"] <= row["xla_gflops_per_image"]
 
 

@@ -94,7 +94,7 @@ def test_resume_with_other_model_shapes_is_refused(demo_root, smoke_run, tmp_pat
     ({"diffusion.eval_t_small": 400, "diffusion.eval_t_big": 200}, "t_s < t_b"),
     ({"data.format": "mvtec", "data.root": "/nonexistent/root"}, "data.root"),
     ({"model.activation": "tanh"}, "model.activation"),
-    ({"data.image_size": 36}, "data.image_size"),
+    ({"data.image_size": 36, "model.channel_mults": (1, 2, 2, 2)}, "data.image_size"),  # 36 % 8
 ])
 def test_invalid_configs_fail_before_compiling(overrides, match):
     config = tiny_config(**overrides)
