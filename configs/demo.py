@@ -29,7 +29,7 @@ the same seeds give 0.979 / 0.974 and 0.934 / 0.911; with the paper's
 noise-step ranges (`--config.diffusion.train_t_window=0`) and 900 steps, 0.952 / 0.944 and
 0.840 / 0.828. The README's *Detection quality* section has the table of every step.
 
-`configs/demo.py:smoke` is a seconds-long version (32 px, tiny widths) used by the test suite.
+`configs/demo.py:smoke` is a seconds-long version (32 px, one U-Net level, tiny widths) used by the test suite.
 `configs/demo.py:multiclass` trains ONE model on both built-in fastener types (issue 14):
 
   python -m diff_fastener_jax.train --config configs/demo.py:multiclass --workdir runs/demo_multi

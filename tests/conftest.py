@@ -47,6 +47,11 @@ def tiny_config(**overrides):
     return apply_overrides(config, overrides)
 
 
+# The smoke model is one U-Net level (compiles in half the time of two). Tests of what only a second
+# level has (down- and up-sampling, an image side that must divide by 2) add these overrides.
+TWO_LEVELS = {"model.channel_mults": (1, 2), "model.attention_resolutions": (16,), "model.seg_channels": (8, 16)}
+
+
 @pytest.fixture
 def tiny():
     return tiny_config()

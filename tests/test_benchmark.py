@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMOKE_CONFIG, run_cli, subprocess_env, tiny_config
+from conftest import SMOKE_CONFIG, TWO_LEVELS, run_cli, subprocess_env, tiny_config
 
 from diff_fastener_jax import benchmark, hostenv, xla_options
 from diff_fastener_jax.errors import UserError
@@ -40,9 +40,8 @@ def perturbed_params(config, scale=0.05, seed=0):
 def test_bfloat16_inference_close_to_float32():
     # The two-level model that the tolerances were measured on: under these perturbed weights the
     # one-level smoke model's maps are nearly flat (std 0.050) and differ 10x less (max 0.0013).
-    two_level = {"model.channel_mults": (1, 2), "model.attention_resolutions": (16,), "model.seg_channels": (8, 16)}
-    c32 = tiny_config(**two_level)
-    c16 = tiny_config(**two_level, **{"model.dtype": "bfloat16"})
+    c32 = tiny_config(**TWO_LEVELS)
+    c16 = tiny_config(**TWO_LEVELS, **{"model.dtype": "bfloat16"})
     params = perturbed_params(c32)
     images = jax.random.uniform(jax.random.key(2), (8, 32, 32, 3), minval=-1.0, maxval=1.0)
     r32, m32, s32, _ = make_infer_fn(c32)(params, images)

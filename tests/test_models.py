@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, TWO_LEVELS, tiny_config
 
 from diff_fastener_jax.config import load_config
 from diff_fastener_jax.models import DACM, build_models, count_params, init_params, kept_skips
@@ -56,7 +56,7 @@ def test_sparse_skip_saves_params_and_flops():
 
 @pytest.mark.parametrize("size", [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_output_shapes_and_resolution_independent_params(size):
-    config = tiny_config()
+    config = tiny_config(**TWO_LEVELS)  # with down- and up-sampling
     recon, seg = build_models(config)
     params = init_params(config, jax.random.key(0))  # built at data.image_size = 32
     # Batch 1, like init: the op-by-op forward reuses init's compiled ops (a new shape recompiles each).
@@ -177,9 +177,7 @@ def test_dacm_conv_has_dilation_two():
 
 
 def test_bad_sizes_raise_clear_errors():
-    # Two levels: the image side must divide by 2.
-    config = tiny_config(**{"model.channel_mults": (1, 2), "model.attention_resolutions": (16,),
-                            "model.seg_channels": (8, 16)})
+    config = tiny_config(**TWO_LEVELS)  # the image side must divide by 2
     recon, _ = build_models(config)
     params = init_params(config, jax.random.key(0))
     with pytest.raises(ValueError, match="divisible"):
