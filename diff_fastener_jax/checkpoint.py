@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -55,11 +56,29 @@ def atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+_WHOLE_ARRAY_HANDLER = None  # created on first use: orbax's handler without replica-parallel saving
+
+
 def _save_whole_arrays_on_cpu() -> None:
-    """Registers orbax's jax.Array handler without replica-parallel saving, on the CPU backend only."""
-    if jax.default_backend() == "cpu":
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    """Registers orbax's jax.Array handler without replica-parallel saving, on the CPU backend only.
+
+    Once per process unless something registered another handler since: orbax logs a warning for every
+    override, which would otherwise reach every training run's stderr.
+    """
+    global _WHOLE_ARRAY_HANDLER
+    if jax.default_backend() != "cpu":
+        return
+    if _WHOLE_ARRAY_HANDLER is None:
+        _WHOLE_ARRAY_HANDLER = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    if ocp.type_handlers.get_type_handler(jax.Array) is _WHOLE_ARRAY_HANDLER:
+        return
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # the override is intended: no warning about it
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, _WHOLE_ARRAY_HANDLER, override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 @dataclasses.dataclass

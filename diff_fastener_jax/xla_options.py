@@ -27,7 +27,7 @@ not know the option at all gets none (probed once).
 
 Parameter initialisation is a different kind of program: thousands of small fusions of random bit
 generation and `erf_inv`, run once, where XLA:CPU's compile is the whole cost. `init_compiler_options`
-asks LLVM for optimisation level 1 there: the smoke config's initialisation compiled in 10 s instead of
+asks LLVM for optimisation level 1 there: the two-level smoke config's initialisation compiled in 10 s instead of
 26 s at the default level 3, with bit-identical parameters (level 0 changes the last bit of some).
 """
 

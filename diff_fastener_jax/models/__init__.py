@@ -98,7 +98,7 @@ def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: i
 
     `compiled` (default) runs the initialisation as one jitted program. Flax's `init` traces a forward
     pass; run eagerly, each of its operations is compiled and dispatched on its own: 59-64 s for the
-    paper config on an H200 (benchmarks/RESULTS.md), 47 s for the tiny smoke config on the 2-core CPU,
+    paper config on an H200 (benchmarks/RESULTS.md), 47 s for the (then two-level) smoke config on the 2-core CPU,
     paid again by every process because each of those small compiles is below any sensible persistent
     cache threshold. Under `jit` the forward pass is dead code and only the random draws remain, one
     program that XLA:CPU compiles in about 10 s at LLVM level 1 (`xla_options.init_compiler_options`)
