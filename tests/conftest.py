@@ -19,6 +19,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Many tests build the same tiny programs (each train run makes a fresh jitted step); a persistent
@@ -52,9 +53,45 @@ def tiny_config(**overrides):
 TWO_LEVELS = {"model.channel_mults": (1, 2), "model.attention_resolutions": (16,), "model.seg_channels": (8, 16)}
 
 
+def perturbed(params, seed: int, scale: float = 0.05):
+    """`params` plus `scale` x N(0, 1) noise (numpy, from `seed`), so that zero-initialised output layers
+    are not zero.
+
+    Drawn with numpy: with jax.random every distinct leaf shape was its own small XLA compile (about 6 s
+    for the smoke model's 85 leaves), and one jitted draw for the whole tree compiled for 28 s.
+    """
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: (np.asarray(x) + scale * rng.standard_normal(x.shape)).astype(x.dtype), params)
+
+
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+def shared_once(tmp_path_factory, name: str, build) -> str:
+    """`<session temp>/<name>`, built by `build(path)` once per test session, across pytest-xdist workers.
+
+    Every xdist worker runs its own session-scoped fixtures, so the suite's `-n 2` would train the
+    smoke model twice. Here the first worker to ask builds it under a file lock and the others wait
+    and reuse it (all of them share the parent of their temp folders). A build that failed leaves no
+    `.done` marker: the next worker to ask starts again from an empty folder.
+    """
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's, shared by its workers
+    path, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(str(path))
+            done.touch()
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -62,17 +99,17 @@ def demo_root(tmp_path_factory):
     """The smoke config's demo dataset, generated once for the whole session (treat as read-only)."""
     from diff_fastener_jax.data.datasets import ensure_demo_data
 
-    return ensure_demo_data(tiny_config().data, str(tmp_path_factory.mktemp("demo") / "demo_data"))
+    return shared_once(tmp_path_factory, "demo_data", lambda path: ensure_demo_data(tiny_config().data, path))
 
 
 @pytest.fixture(scope="session")
 def smoke_run(demo_root, tmp_path_factory):
-    """ONE trained smoke run (6 steps, checkpoints 3 and 6) shared by the end-to-end tests (read-only)."""
+    """ONE trained smoke run (6 steps, checkpoints 3 and 6) shared by the end-to-end tests of every
+    worker (read-only)."""
     from diff_fastener_jax.train import train_and_evaluate
 
-    workdir = str(tmp_path_factory.mktemp("smoke_run") / "run")
-    train_and_evaluate(tiny_config(**{"data.root": demo_root}), workdir, quiet=True)
-    return workdir
+    return shared_once(tmp_path_factory, "smoke_run",
+                       lambda path: train_and_evaluate(tiny_config(**{"data.root": demo_root}), path, quiet=True))
 
 
 def copy_run(run: str, dst) -> str:

@@ -21,11 +21,12 @@ def smoke_test_images(workdir: str, n: int | None = None) -> list[str]:
 
 def smoke_export(tmp_path_factory, run: str) -> str:
     """An export folder (model.stablehlo, model.onnx with a fixed batch of 2, params, detector.json)
-    of the smoke run, written once per session."""
+    of the smoke run, written once per session (across xdist workers, like the run itself)."""
     if "export" not in _CACHE:
+        from conftest import shared_once
+
         from diff_fastener_jax.export import export_run
 
-        out = str(tmp_path_factory.mktemp("smoke_export"))
-        export_run(run, out, onnx_batch=2, log=lambda *_: None)
-        _CACHE["export"] = out
+        _CACHE["export"] = shared_once(tmp_path_factory, "smoke_export",
+                                       lambda out: export_run(run, out, onnx_batch=2, log=lambda *_: None))
     return _CACHE["export"]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import perturbed, tiny_config
 
 from diff_fastener_jax import diffusion
 from diff_fastener_jax.inference import make_infer_fn
@@ -147,9 +147,8 @@ def test_adaptive_refuses_bad_settings():
 def test_adaptive_infer_program_reports_each_images_step_and_is_batch_independent():
     config = tiny_config(**{"infer.method": "adaptive", "infer.ddim_steps": 4, "infer.adaptive_t_max": 600,
                             "infer.adaptive_delta": 0.02})
-    params = init_params(config, jax.random.key(0))
-    params = jax.tree_util.tree_map(  # perturbed: the zero-initialised output layers would give eps = 0
-        lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+    # Perturbed: the zero-initialised output layers would give eps = 0.
+    params = perturbed(init_params(config, jax.random.key(0)), 1)
     rng = np.random.default_rng(0)
     images = np.clip(rng.normal(0, 0.3, (3, 32, 32, 3)), -1, 1).astype(np.float32)
     images[2, 4:28, 4:28] = 1.0  # a large anomaly

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import perturbed, tiny_config
 
 from diff_fastener_jax import parallel
 from diff_fastener_jax.inference import (
@@ -23,12 +23,8 @@ def _images(n, size=32, seed=0):
 
 
 def _trained_params(config):
-    params = init_params(config, jax.random.key(0))
-    # Perturb so the networks produce non-trivial outputs.
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(tree, leaves)
+    # Perturbed so the networks produce non-trivial outputs.
+    return perturbed(init_params(config, jax.random.key(0)), 3)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, TWO_LEVELS, tiny_config
+from conftest import ROOT, TWO_LEVELS, perturbed, tiny_config
 
 from diff_fastener_jax.config import load_config
 from diff_fastener_jax.models import DACM, build_models, count_params, init_params, kept_skips
@@ -59,11 +59,11 @@ def test_output_shapes_and_resolution_independent_params(size):
     config = tiny_config(**TWO_LEVELS)  # with down- and up-sampling
     recon, seg = build_models(config)
     params = init_params(config, jax.random.key(0))  # built at data.image_size = 32
-    # Batch 1, like init: the op-by-op forward reuses init's compiled ops (a new shape recompiles each).
+    # Each forward is one jitted program: op by op, every op would be its own small XLA compile.
     x = jax.random.normal(jax.random.key(1), (1, size, size, 3))
-    eps = recon.apply({"params": params["recon"]}, x, jnp.array([700]))
+    eps = jax.jit(recon.apply)({"params": params["recon"]}, x, jnp.array([700]))
     assert eps.shape == (1, size, size, 3) and eps.dtype == jnp.float32
-    prob = seg.apply({"params": params["seg"]}, jnp.concatenate([x, x], -1))
+    prob = jax.jit(seg.apply)({"params": params["seg"]}, jnp.concatenate([x, x], -1))
     assert prob.shape == (1, size, size, 1)
     assert bool(jnp.all((prob >= 0) & (prob <= 1)))
     # Params initialised at this size have the same count as at 32 px (shapes only: nothing runs).
@@ -114,7 +114,7 @@ def test_fresh_unet_predicts_exactly_zero():
     recon, _ = build_models(config)
     params = init_params(config, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    eps = recon.apply({"params": params["recon"]}, x, jnp.array([0, 999]))
+    eps = jax.jit(recon.apply)({"params": params["recon"]}, x, jnp.array([0, 999]))
     assert float(jnp.max(jnp.abs(eps))) == 0.0
 
 
@@ -125,7 +125,7 @@ def test_seg_head_prior_sets_the_initial_probability():
     def fresh(prior):
         config = tiny_config(**{"model.seg_head_prior": prior})
         params = init_params(config, jax.random.key(0))["seg"]
-        return params, np.asarray(build_models(config)[1].apply({"params": params}, x))
+        return params, np.asarray(jax.jit(build_models(config)[1].apply)({"params": params}, x))
 
     p_half, prob_half = fresh(0.5)
     p_low, prob_low = fresh(0.01)
@@ -145,12 +145,12 @@ def test_bf16_compute_float32_params():
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     # Perturb the zero-init output conv so the output is non-trivial.
     params["recon"]["out_conv"]["kernel"] = 0.01 * jnp.ones_like(params["recon"]["out_conv"]["kernel"])
-    eps_bf16 = recon.apply({"params": params["recon"]}, x, jnp.array([5, 500]))
+    eps_bf16 = jax.jit(recon.apply)({"params": params["recon"]}, x, jnp.array([5, 500]))
     recon32, _ = build_models(tiny_config())
-    eps_f32 = recon32.apply({"params": params["recon"]}, x, jnp.array([5, 500]))
+    eps_f32 = jax.jit(recon32.apply)({"params": params["recon"]}, x, jnp.array([5, 500]))
     assert eps_bf16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(eps_bf16)))
     np.testing.assert_allclose(eps_bf16, eps_f32, atol=0.05 * float(jnp.max(jnp.abs(eps_f32))) + 1e-3)
-    prob = seg.apply({"params": params["seg"]}, jnp.concatenate([x, x], -1))
+    prob = jax.jit(seg.apply)({"params": params["seg"]}, jnp.concatenate([x, x], -1))
     assert prob.dtype == jnp.float32 and prob.shape == (2, 32, 32, 1)
 
 
@@ -205,9 +205,7 @@ def test_remat_blocks_keeps_params_and_gradients():
     p_remat = init_params(remat, jax.random.key(0))
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(p_remat)
     # Non-zero output layers, so every block's gradient is non-trivial.
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params = perturbed(params, 1)
     b, s = 2, plain.data.image_size
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
@@ -322,20 +320,17 @@ def test_cpu_query_chunk_rule(monkeypatch):
 def test_unet_chunks_attention_only_outside_training(monkeypatch):
     """The reconstruction U-Net gives the same output with chunked attention as without; the chunked
     form (a scan in the program) is taken for train=False only."""
-    config = tiny_config()  # attention at 16x16: 256 positions
+    config = tiny_config()  # the middle block's attention at 32x32: 1024 positions
     recon, _ = build_models(config)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     t = jnp.array([3, 500], jnp.int32)
-    params = recon.init(jax.random.key(1), x, t)
     # proj_out starts at zero, which would hide the attention: give every parameter some noise
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    params = jax.tree_util.tree_unflatten(
-        tree, [p + 0.05 * jax.random.normal(k_, p.shape) for p, k_ in zip(leaves, keys)])
+    params = {"params": perturbed(init_params(config, jax.random.key(1))["recon"], 2)}
 
     def program(train):
-        fn = lambda p: recon.apply(p, x, t, train=train)  # noqa: E731
-        return jax.make_jaxpr(fn)(params), fn(params)
+        """The forward's jaxpr and its output (one jitted program: DFJ_ATTENTION_CHUNK is read when traced)."""
+        fn = jax.jit(lambda p: recon.apply(p, x, t, train=train))
+        return jax.make_jaxpr(fn)(params), (None if train else fn(params))
 
     monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "16")
     (chunked_jaxpr, chunked), (train_jaxpr, _) = program(False), program(True)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import perturbed, tiny_config
 
 from diff_fastener_jax import config as config_lib
 from diff_fastener_jax.data import datasets, pipeline
@@ -24,9 +24,7 @@ def _unified(**overrides):
 
 
 def _perturbed(params, scale=0.05):
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    return perturbed(params, 7, scale)
 
 
 def test_category_names_and_class_names():
@@ -57,10 +55,11 @@ def test_class_conditioning_adds_pinned_params_and_changes_the_output(conditioni
     params = _perturbed(params)  # FiLM starts at zero: perturb so the class matters from the start
     x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
     t = jnp.array([500])
-    eps = [recon.apply({"params": params["recon"]}, x, t, class_ids=jnp.array([c])) for c in (0, 1)]
+    recon_fn, seg_fn = jax.jit(recon.apply), jax.jit(seg.apply)  # one program each, not op by op
+    eps = [recon_fn({"params": params["recon"]}, x, t, class_ids=jnp.array([c])) for c in (0, 1)]
     assert float(jnp.abs(eps[0] - eps[1]).max()) > 1e-4
     xs = jnp.concatenate([x, x], -1)
-    prob = [seg.apply({"params": params["seg"]}, xs, class_ids=jnp.array([c])) for c in (0, 1)]
+    prob = [seg_fn({"params": params["seg"]}, xs, class_ids=jnp.array([c])) for c in (0, 1)]
     assert float(jnp.abs(prob[0] - prob[1]).max()) > 1e-4
     with pytest.raises(ValueError, match="pass class_ids"):
         recon.apply({"params": params["recon"]}, x, t)
