@@ -265,12 +265,16 @@ def test_peer_script_command_needs_no_dataset(tmp_path):
     assert json.loads(out.read_text())["infer"][0]["batch"] == 2
 
 
-@pytest.mark.slow  # compiles two train steps
+@pytest.mark.slow  # compiles a train step
 def test_microbatched_train_step_costs_the_same_flops_per_image():
     """XLA counts a loop body once; the benchmark scales the microbatch loop by its trip count, so the
     FLOPs per image of an accumulated step match the whole-batch step's. The jaxpr count multiplies
-    the scan by its length itself and must agree."""
-    whole = benchmark.measure(tiny_config(), [], 16, compile_only=True)["train"]
+    the scan by its length itself and must agree. The whole-batch step is only traced: its jaxpr count
+    is the reference, and XLA's count of the same network is within 16% of it (tests/test_flop_count.py;
+    here about 8%), while a loop counted once would be 50% short at 2 microbatches."""
+    from diff_fastener_jax.perf.programs import train_gflops_per_image
+
+    whole = train_gflops_per_image(tiny_config(), 16)
     micro = benchmark.measure(tiny_config(**{"train.microbatch": 2}), [], 16, compile_only=True)["train"]
-    assert micro["xla_gflops_per_image"] == pytest.approx(whole["xla_gflops_per_image"], rel=0.05)
-    assert micro["gflops_per_image"] == pytest.approx(whole["gflops_per_image"], rel=1e-6)
+    assert micro["gflops_per_image"] == pytest.approx(whole, rel=1e-6)
+    assert micro["xla_gflops_per_image"] == pytest.approx(whole, rel=0.16)

@@ -11,7 +11,7 @@ from diff_fastener_jax import parallel
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import init_params
-from diff_fastener_jax.perf.flop_count import compile_counted
+from diff_fastener_jax.perf.flop_count import compile_counted, jaxpr_flops
 from diff_fastener_jax.perf.xla_stats import (
     blocked_seconds,
     compiled_cost,
@@ -142,8 +142,8 @@ def _train_cost(compiled, config, batch: int, n_used: int) -> tuple[float, float
     return flops * trips, nbytes * trips
 
 
-def compile_train(config, batch: int) -> tuple[dict, float]:
-    """Compiles (only) the train step at global `batch` from abstract inputs: (row, compile seconds)."""
+def _abstract_train_program(config, batch: int):
+    """(jitted train step, its abstract (state, batch, key) arguments, devices used, resolved config)."""
     config, mesh, n_used = _train_setup(config, batch)
     step = make_train_step(config, mesh)
     state = _abstract(jax.eval_shape(lambda k: create_train_state(config, k), jax.random.key(0)),
@@ -152,6 +152,19 @@ def compile_train(config, batch: int) -> tuple[dict, float]:
     data = _abstract(jax.eval_shape(lambda: synthetic_train_batch(batch, size, c, num_classes=len(class_names(config)))),
                      parallel.data_sharding(mesh))
     key = jax.eval_shape(lambda: jax.random.key(3))
-    compiled, compile_s, flops = compile_counted(step, (state, data, key))
+    return step, (state, data, key), n_used, config
+
+
+def compile_train(config, batch: int) -> tuple[dict, float]:
+    """Compiles (only) the train step at global `batch` from abstract inputs: (row, compile seconds)."""
+    step, args, n_used, config = _abstract_train_program(config, batch)
+    compiled, compile_s, flops = compile_counted(step, args)
     xla_flops, nbytes = _train_cost(compiled, config, batch, n_used)
     return _row(batch, n_used, flops, nbytes, compiled, None, xla_flops), compile_s
+
+
+def train_gflops_per_image(config, batch: int) -> float:
+    """Matrix-unit GFLOP per image of the train step at global `batch`, counted from its jaxpr: traced
+    only, nothing compiled (seconds where a compile takes tens)."""
+    step, args, _, _ = _abstract_train_program(config, batch)
+    return jaxpr_flops(step.trace(*args).jaxpr) / batch / 1e9
