@@ -18,8 +18,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
-from sklearn import metrics as skm
+
+
+def _sklearn_metrics():
+    """sklearn.metrics, imported on first use: sklearn and scipy.stats take about 1 s to import, which
+    every command (train, evaluate, predict, serve, even --help) paid at start-up before."""
+    from sklearn import metrics
+
+    return metrics
+
+
+def _ndimage():
+    """scipy.ndimage, imported on first use (see `_sklearn_metrics`)."""
+    from scipy import ndimage
+
+    return ndimage
 
 # 8-connectivity: diagonal neighbours belong to the same ground-truth region (MVTec AD convention).
 REGION_STRUCTURE = np.ones((3, 3), dtype=int)
@@ -88,17 +101,17 @@ def image_metrics(scores, labels) -> dict:
         out["warnings"] = [f"image metrics undefined: all {y.size} labels are {only}; "
                            "need both normal and anomalous images"]
         return out
-    fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
+    fpr, tpr, _ = _sklearn_metrics().roc_curve(y, s, drop_intermediate=False)
     return {
-        "image_auroc": float(skm.roc_auc_score(y, s)),
-        "image_ap": float(skm.average_precision_score(y, s)),
+        "image_auroc": float(_sklearn_metrics().roc_auc_score(y, s)),
+        "image_ap": float(_sklearn_metrics().average_precision_score(y, s)),
         "image_f1_max": _f1_max(s, y),
         "image_tpr_at_5fpr": float(tpr[fpr <= 0.05].max()),
     }
 
 
 def _f1_max(s: np.ndarray, y: np.ndarray) -> float:
-    precision, recall, _ = skm.precision_recall_curve(y, s)
+    precision, recall, _ = _sklearn_metrics().precision_recall_curve(y, s)
     denom = precision + recall
     f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1.0), 0.0)
     return float(f1.max())
@@ -107,13 +120,13 @@ def _f1_max(s: np.ndarray, y: np.ndarray) -> float:
 def roc_curve_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) of the ROC curve (sklearn.metrics.roc_curve). Needs both classes."""
     s, y = _as_scores_labels(scores, labels, "roc_curve_points")
-    return skm.roc_curve(y, s)
+    return _sklearn_metrics().roc_curve(y, s)
 
 
 def pr_curve_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(recall, precision, thresholds) of the precision-recall curve (sklearn). Needs positives."""
     s, y = _as_scores_labels(scores, labels, "pr_curve_points")
-    precision, recall, thresholds = skm.precision_recall_curve(y, s)
+    precision, recall, thresholds = _sklearn_metrics().precision_recall_curve(y, s)
     return recall, precision, thresholds
 
 
@@ -240,7 +253,7 @@ class PixelMetricAccumulator:
         for a_img, m_img in zip(a, m, strict=True):
             if not m_img.any():
                 continue
-            lab, n = ndimage.label(m_img, structure=REGION_STRUCTURE)
+            lab, n = _ndimage().label(m_img, structure=REGION_STRUCTURE)
             size = np.bincount(lab.ravel(), minlength=n + 1)
             sel = lab > 0
             self._pos.append(a_img[sel])
