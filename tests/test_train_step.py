@@ -118,12 +118,17 @@ def test_microbatches_give_the_whole_batch_update():
     config.train.batch_size = 8
     batch = _batch(8)
     one = parallel.make_mesh(jax.devices()[:1])
-    whole, m_whole, _ = _run_steps(config, one, batch, 2)
+    whole, m_whole, whole_step = _run_steps(config, one, batch, 2)
     config.train.microbatch = 2
     two = parallel.make_mesh(jax.devices()[:2])
-    micro, m_micro, step = _run_steps(config, two, batch, 2)
-    # The accumulation loop is there (equal results alone would not show it).
-    assert "stablehlo.while" in step.lower(micro, parallel.shard_batch(batch, two), jax.random.key(42)).as_text()
+    micro, m_micro, micro_step = _run_steps(config, two, batch, 2)
+
+    def loops(step, state, mesh):  # while loops in the lowered program
+        return step.lower(state, parallel.shard_batch(batch, mesh), jax.random.key(42)).as_text().count("stablehlo.while")
+
+    # The accumulation loop is there: equal results alone would not show it (the step without
+    # microbatches has loops of its own).
+    assert loops(micro_step, micro, two) == loops(whole_step, whole, one) + 1
     for key in ("total", "noise", "focal", "smoothl1", "grad_norm"):
         np.testing.assert_allclose(m_micro[-1][key], m_whole[-1][key], rtol=1e-4, err_msg=key)
     assert_same_training_result(whole.params, micro.params, config.optim.lr_recon, 2)
