@@ -101,10 +101,11 @@ def image_metrics(scores, labels) -> dict:
         out["warnings"] = [f"image metrics undefined: all {y.size} labels are {only}; "
                            "need both normal and anomalous images"]
         return out
-    fpr, tpr, _ = _sklearn_metrics().roc_curve(y, s, drop_intermediate=False)
+    skm = _sklearn_metrics()
+    fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
     return {
-        "image_auroc": float(_sklearn_metrics().roc_auc_score(y, s)),
-        "image_ap": float(_sklearn_metrics().average_precision_score(y, s)),
+        "image_auroc": float(skm.roc_auc_score(y, s)),
+        "image_ap": float(skm.average_precision_score(y, s)),
         "image_f1_max": _f1_max(s, y),
         "image_tpr_at_5fpr": float(tpr[fpr <= 0.05].max()),
     }

@@ -6,8 +6,6 @@ The trained model is conftest's session-wide `smoke_run` fixture (the whole suit
 
 import os
 
-_CACHE: dict[str, str] = {}
-
 
 def smoke_test_images(workdir: str, n: int | None = None) -> list[str]:
     """Paths of the smoke run's demo test images (sorted)."""
@@ -22,11 +20,9 @@ def smoke_test_images(workdir: str, n: int | None = None) -> list[str]:
 def smoke_export(tmp_path_factory, run: str) -> str:
     """An export folder (model.stablehlo, model.onnx with a fixed batch of 2, params, detector.json)
     of the smoke run, written once per session (across xdist workers, like the run itself)."""
-    if "export" not in _CACHE:
-        from conftest import shared_once
+    from conftest import shared_once
 
-        from diff_fastener_jax.export import export_run
+    from diff_fastener_jax.export import export_run
 
-        _CACHE["export"] = shared_once(tmp_path_factory, "smoke_export",
-                                       lambda out: export_run(run, out, onnx_batch=2, log=lambda *_: None))
-    return _CACHE["export"]
+    return shared_once(tmp_path_factory, "smoke_export",
+                       lambda out: export_run(run, out, onnx_batch=2, log=lambda *_: None))
