@@ -277,6 +277,41 @@ def test_composed_attention_matches_float64_softmax_attention():
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-5)
 
 
+def _bilinear2_float64(x: np.ndarray) -> np.ndarray:
+    """2x bilinear upsampling by its definition: output o samples input coordinate (o + 0.5) / 2 - 0.5,
+    clamped to the image, between its two neighbours."""
+    for axis in (1, 2):
+        n = x.shape[axis]
+        src = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        w = (src - lo).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+        x = (1 - w) * np.take(x, lo, axis=axis) + w * np.take(x, hi, axis=axis)
+    return x
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 3), (1, 2, 5, 4), (2, 7, 4, 1), (1, 8, 8, 16)])
+def test_bilinear_upsampling_stencil_matches_float64_and_jax_image_resize(shape):
+    """The segmentation net's 2x upsampling (`layers.upsample_bilinear2`, a two-tap stencil) gives
+    the values of bilinear interpolation in float64 and of `jax.image.resize`, which it replaced;
+    its gradient is resize's; bfloat16 in gives bfloat16 out."""
+    from diff_fastener_jax.models.layers import upsample_bilinear2
+
+    b, h, w, c = shape
+    x = jax.random.normal(jax.random.key(4), shape)
+    out = upsample_bilinear2(x)
+    assert out.shape == (b, 2 * h, 2 * w, c) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), _bilinear2_float64(np.asarray(x, np.float64)), rtol=0, atol=2e-6)
+    resize = lambda a: jax.image.resize(a, (b, 2 * h, 2 * w, c), method="bilinear", antialias=False)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(out), np.asarray(resize(x)), rtol=0, atol=2e-6)
+    cot = jax.random.normal(jax.random.key(5), out.shape)
+    grads = [jax.grad(lambda a, f=f: jnp.sum(f(a) * cot))(x) for f in (upsample_bilinear2, resize)]
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=0, atol=1e-5)
+    half = upsample_bilinear2(x.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(out), rtol=0.02, atol=0.02)
+
+
 def test_chunked_attention_matches_composed_attention_and_float64():
     """`chunked_attention` (the CPU inference path: a lax.map over query chunks) computes the same
     values as the batched form and as numpy float64, and differentiates to the same gradients."""

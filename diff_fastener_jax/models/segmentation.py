@@ -15,7 +15,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax.models.layers import Conv, Dtype, GroupNorm32, remat_block
+from diff_fastener_jax.models.layers import (
+    Conv,
+    Dtype,
+    GroupNorm32,
+    remat_block,
+    upsample_bilinear2,
+)
 
 
 class ConvNormAct(nn.Module):
@@ -81,8 +87,7 @@ class SegmentationUNet(nn.Module):
 
         for j in reversed(range(n - 1)):
             ch = self.channels[max(j - 1, 0)]
-            b, hh, ww, c = h.shape
-            h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method="bilinear", antialias=False)
+            h = upsample_bilinear2(h)  # (B, 2H, 2W, C)
             h = cna(ch, self.groups, self.dtype, name=f"up{j}")(h)
             h = jnp.concatenate([h, feats[j]], axis=-1)
             h = block(ch, f"dec{j}")(h)
