@@ -142,7 +142,8 @@ def test_models_summary_of_the_paper_config_needs_no_dataset(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.load(open(out))
     assert summary["params_recon"] == 120_537_701 and summary["params_seg"] == 28_373_569
-    assert summary["gflops_infer_per_image"] == pytest.approx(1056.8, abs=0.1)
+    # 1056.8 until the segmentation net's up-sampling became a stencil (benchmarks/RESULTS.md, 2026-11-29).
+    assert summary["gflops_infer_per_image"] == pytest.approx(1054.7, abs=0.1)
 
 
 def test_commands_define_no_flags_on_import():

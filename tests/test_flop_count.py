@@ -121,8 +121,8 @@ def test_fused_attention_primitive_counts_its_matmuls():
 def test_matches_xla_cpu_count_on_the_networks(monkeypatch):
     """On CPU XLA counts convolutions too, and element-wise work besides: the two counts of the smoke
     config's inference agree within that share (13% at its 8-16-channel widths, where the softmax over
-    the middle attention's 1024 x 1024 logits is a large part; 1% at the paper config: 1056.8 against
-    1067.3 GFLOP per image, benchmarks/RESULTS.md)."""
+    the middle attention's 1024 x 1024 logits is a large part; under 0.1% at the paper config: 1054.7
+    against 1054.9 GFLOP per image on 2026-11-29)."""
     from diff_fastener_jax.config import load_config
     from diff_fastener_jax.perf import programs
 
