@@ -143,6 +143,8 @@ def upsample_bilinear2(x: jax.Array) -> jax.Array:
     y = x.astype(jnp.promote_types(dtype, jnp.float32))
     for axis in (1, 2):
         n = y.shape[axis]
+        # Clamped neighbours by concatenation: jnp.pad(mode='edge') gives the same forward, but its
+        # gradient ran 3-5x slower on XLA:CPU (2026-11-29, (4, 64, 64, 128): 135 against 44 ms).
         before = jnp.concatenate([lax.slice_in_dim(y, 0, 1, axis=axis), lax.slice_in_dim(y, 0, n - 1, axis=axis)], axis)
         after = jnp.concatenate([lax.slice_in_dim(y, 1, n, axis=axis), lax.slice_in_dim(y, n - 1, n, axis=axis)], axis)
         pair = jnp.stack([0.75 * y + 0.25 * before, 0.75 * y + 0.25 * after], axis=axis + 1)  # (.., n, 2, ..)
