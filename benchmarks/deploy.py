@@ -25,8 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diff_fastener_jax import export  # noqa: E402
 from diff_fastener_jax.config_utils import load_config  # noqa: E402
+
+from diff_fastener_jax.deploy import export  # noqa: E402
 from diff_fastener_jax.inference import make_infer_fn, model_image_shape  # noqa: E402
 from diff_fastener_jax.models import init_params  # noqa: E402
 

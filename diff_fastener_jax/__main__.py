@@ -3,7 +3,8 @@
 import json
 import sys
 
-from diff_fastener_jax import __version__, hostenv
+from diff_fastener_jax import __version__
+from diff_fastener_jax.perf import hostenv
 
 COMMANDS = {
     "train": "train a detector: --config configs/<x>.py --workdir runs/<name>",

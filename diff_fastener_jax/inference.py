@@ -16,11 +16,13 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from diff_fastener_jax import diffusion, parallel, xla_options
+from diff_fastener_jax import diffusion
 from diff_fastener_jax.config import ANOMALY_MAPS, INFER_METHODS
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models, tile_rows
+from diff_fastener_jax.perf import xla_options
+from diff_fastener_jax.training import parallel
 
 
 class InferOutputs(NamedTuple):

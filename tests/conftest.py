@@ -106,7 +106,7 @@ def demo_root(tmp_path_factory):
 def smoke_run(demo_root, tmp_path_factory):
     """ONE trained smoke run (6 steps, checkpoints 3 and 6) shared by the end-to-end tests of every
     worker (read-only)."""
-    from diff_fastener_jax.train import train_and_evaluate
+    from diff_fastener_jax.training.loop import train_and_evaluate
 
     return shared_once(tmp_path_factory, "smoke_run",
                        lambda path: train_and_evaluate(tiny_config(**{"data.root": demo_root}), path, quiet=True))

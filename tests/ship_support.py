@@ -22,7 +22,7 @@ def smoke_export(tmp_path_factory, run: str) -> str:
     of the smoke run, written once per session (across xdist workers, like the run itself)."""
     from conftest import shared_once
 
-    from diff_fastener_jax.export import export_run
+    from diff_fastener_jax.deploy.export import export_run
 
     return shared_once(tmp_path_factory, "smoke_export",
                        lambda out: export_run(run, out, onnx_batch=2, log=lambda *_: None))

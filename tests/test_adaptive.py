@@ -168,8 +168,8 @@ def test_evaluate_with_adaptive_steps_writes_each_images_step(smoke_run, tmp_pat
     import csv
     import json
 
-    from diff_fastener_jax import evaluate
-    from diff_fastener_jax.run_loading import load_run_config, load_run_params
+    from diff_fastener_jax.evaluation import evaluate
+    from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
     config = load_run_config(smoke_run, {"infer.method": "adaptive", "infer.ddim_steps": "3",
                                          "infer.adaptive_t_max": "600"})

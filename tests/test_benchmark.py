@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from conftest import SMOKE_CONFIG, TWO_LEVELS, perturbed, run_cli, subprocess_env, tiny_config
 
-from diff_fastener_jax import benchmark, hostenv, xla_options
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import count_params, init_params
-from diff_fastener_jax.perf import block_profile, hardware
-from diff_fastener_jax.train_step import make_loss_fn
+from diff_fastener_jax.perf import benchmark, block_profile, hardware, hostenv, xla_options
+from diff_fastener_jax.training.train_step import make_loss_fn
 
 # bfloat16 vs float32 one-step inference on the two-level smoke config of 2026-11-28 (32 px, channel
 # mults (1, 2), attention at 16 x 16) with perturbed params (measured on

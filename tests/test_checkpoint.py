@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 from conftest import SMOKE_CONFIG
 
-from diff_fastener_jax.checkpoint import Checkpointer, IncompatibleCheckpointError, param_shapes
 from diff_fastener_jax.config import load_config
-from diff_fastener_jax.train_step import create_train_state
+from diff_fastener_jax.training.checkpoint import (
+    Checkpointer,
+    IncompatibleCheckpointError,
+    param_shapes,
+)
+from diff_fastener_jax.training.train_step import create_train_state
 
 
 def _state(v: float):
@@ -135,7 +139,7 @@ def _slice_compiles_while_saving(directory, tree, *, replica_parallel: bool | No
 def test_replicated_save_on_cpu_compiles_no_per_device_slices(tmp_path):
     """On CPU the Checkpointer saves each replicated array whole. Orbax's default splits it into one
     slice per device, each slice shape a freshly compiled program (131 of them, 20 s of a smoke run)."""
-    from diff_fastener_jax import parallel
+    from diff_fastener_jax.training import parallel
 
     assert len(jax.devices()) >= 4, "needs XLA_FLAGS=--xla_force_host_platform_device_count=4"
     mesh = parallel.make_mesh(jax.devices()[:4])

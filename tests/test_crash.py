@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SMOKE_CONFIG, copy_run, run_cli, subprocess_env
 
-from diff_fastener_jax.run_loading import load_run_config, load_run_params
+from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 # sleep until the test SIGKILLs us ("after").
 _KILLABLE_TRAIN = textwrap.dedent("""
     import os, signal, sys, time
-    from diff_fastener_jax import checkpoint, cli, train
+    from diff_fastener_jax.training import checkpoint
+    from diff_fastener_jax import cli, train
 
     mode, at_step = sys.argv[1], int(sys.argv[2])
     save = checkpoint.Checkpointer.save

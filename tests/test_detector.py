@@ -8,12 +8,13 @@ import pytest
 from PIL import Image
 from ship_support import smoke_test_images
 
-from diff_fastener_jax import Detector, detector
-from diff_fastener_jax import metrics as M
+from diff_fastener_jax import Detector
 from diff_fastener_jax.data import datasets
+from diff_fastener_jax.deploy import threshold
 from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.evaluation import metrics as M
 from diff_fastener_jax.inference import make_infer_fn
-from diff_fastener_jax.run_loading import load_run_config, load_run_params
+from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def det(run):
 
 
 def test_decision_rule_is_strict():
-    np.testing.assert_array_equal(detector.is_anomalous([0.2, 0.5, 0.50001], 0.5), [False, False, True])
+    np.testing.assert_array_equal(threshold.is_anomalous([0.2, 0.5, 0.50001], 0.5), [False, False, True])
 
 
 def test_detector_json_holds_the_contract_and_a_calibrated_threshold(run):
@@ -40,7 +41,7 @@ def test_detector_json_holds_the_contract_and_a_calibrated_threshold(run):
     assert (inf["method"], inf["t_small"], inf["t_big"], inf["noise_seed"]) == ("norm_guided", 200, 400, 0)
     assert inf["top_k"] == max(1, round(50 * 32 * 32 / 65536))
     assert rec["checkpoint_step"] == config.train.num_steps
-    assert rec["config_digest"] == detector.config_digest(config) and len(rec["config_digest"]) == 64
+    assert rec["config_digest"] == threshold.config_digest(config) and len(rec["config_digest"]) == 64
     assert rec["versions"]["jax"] and rec["threshold"]["rule"] == "score > threshold"
     # Reference: score the held-out normals with the final (EMA or raw) params; the threshold is the
     # calibration of exactly those scores.
@@ -108,7 +109,7 @@ def test_bad_inputs_are_user_errors(det, run, tmp_path):
 
 
 def test_evaluate_uses_the_stored_threshold_unless_asked(run, tmp_path):
-    from diff_fastener_jax.evaluate import evaluate_run
+    from diff_fastener_jax.evaluation.evaluate import evaluate_run
 
     config = load_run_config(run)
     params, _ = load_run_params(run, config)
@@ -117,14 +118,14 @@ def test_evaluate_uses_the_stored_threshold_unless_asked(run, tmp_path):
     assert res["threshold"] == pytest.approx(0.123) and "detector.json" in res["threshold_source"]
     res = evaluate_run(config, params, str(tmp_path / "b"), show_progress=False,
                        stored_threshold={"value": 0.123, "source": "test"}, recalibrate=True)
-    assert res["threshold"] == pytest.approx(detector.read(run)["threshold"]["value"], rel=1e-6)
+    assert res["threshold"] == pytest.approx(threshold.read(run)["threshold"]["value"], rel=1e-6)
 
 
 def test_evaluate_cli_takes_the_stored_threshold_only_for_its_step_and_config(run):
     from diff_fastener_jax.config import apply_overrides
 
     config = load_run_config(run)
-    step = detector.read(run)["checkpoint_step"]
-    assert detector.stored_threshold(run, step, config) == detector.read(run)["threshold"]
-    assert detector.stored_threshold(run, step - 3, config) is None  # another checkpoint
-    assert detector.stored_threshold(run, step, apply_overrides(config, {"infer.map": "recon_error"})) is None
+    step = threshold.read(run)["checkpoint_step"]
+    assert threshold.stored_threshold(run, step, config) == threshold.read(run)["threshold"]
+    assert threshold.stored_threshold(run, step - 3, config) is None  # another checkpoint
+    assert threshold.stored_threshold(run, step, apply_overrides(config, {"infer.map": "recon_error"})) is None

@@ -201,7 +201,7 @@ def test_fused_and_separate_passes_agree_and_jit():
 # ----------------------------------------------------------------------------- timesteps and randomness
 
 def test_training_timesteps_cover_their_ranges():
-    from diff_fastener_jax.train_step import example_noise
+    from diff_fastener_jax.training.train_step import example_noise
 
     keys = jax.random.split(jax.random.PRNGKey(1), 512)
     ts, tb, n1, n2 = example_noise(keys, (2, 2, 1), (0, 300), (300, 1000))
@@ -212,7 +212,7 @@ def test_training_timesteps_cover_their_ranges():
 
 def test_training_timestep_window_narrows_draws_to_the_inference_steps():
     from diff_fastener_jax.config_schema import base_config
-    from diff_fastener_jax.train_step import example_noise, training_timestep_ranges
+    from diff_fastener_jax.training.train_step import example_noise, training_timestep_ranges
 
     d = base_config().diffusion  # tau 300, T 1000, eval steps 200 / 400
     assert training_timestep_ranges(d) == ((0, 300), (300, 1000))  # 0: the paper's ranges

@@ -12,8 +12,8 @@ import pytest
 from conftest import run_cli, tiny_config
 from PIL import Image
 
-from diff_fastener_jax import evaluate
-from diff_fastener_jax.run_loading import load_run_config
+from diff_fastener_jax.evaluation import evaluate
+from diff_fastener_jax.training.run_loading import load_run_config
 
 pytestmark = pytest.mark.slow  # end to end: every test here needs the session's trained smoke run
 
@@ -82,7 +82,7 @@ def test_evaluate_with_given_threshold_and_bad_override(trained_run, tmp_path):
 
 
 def test_crossval_two_folds(tmp_path):
-    from diff_fastener_jax.crossval import run_crossval
+    from diff_fastener_jax.evaluation.crossval import run_crossval
 
     config = tiny_config(**{"train.num_steps": 2, "train.eval_every": 0, "infer.batch_size": 4})
     workdir = str(tmp_path / "cv")
@@ -108,7 +108,7 @@ def test_per_defect_pixel_metrics_use_every_normal_image(trained_run, tmp_path, 
     that defect's images plus every normal image, checked against sklearn on the same maps."""
     from sklearn.metrics import roc_auc_score
 
-    from diff_fastener_jax.run_loading import load_run_config, load_run_params
+    from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
     seen = {}  # test index -> (anomaly map, mask)
     real = evaluate.score_in_batches

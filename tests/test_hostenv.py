@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ROOT, subprocess_env
 
-from diff_fastener_jax import hostenv
+from diff_fastener_jax.perf import hostenv
 
 
 @pytest.mark.parametrize("environ,thp,libc,expected", [

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from conftest import perturbed, tiny_config
 
-from diff_fastener_jax import parallel
 from diff_fastener_jax.inference import (
     fixed_noise,
     make_infer_fn,
@@ -16,6 +15,7 @@ from diff_fastener_jax.inference import (
     top_k_count,
 )
 from diff_fastener_jax.models import init_params
+from diff_fastener_jax.training import parallel
 
 
 def _images(n, size=32, seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diff_fastener_jax import diffusion as D
-from diff_fastener_jax import losses as L
+from diff_fastener_jax.training import losses as L
 
 H, W, C = 4, 4, 3
 

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from diff_fastener_jax import metrics as M
+from diff_fastener_jax.evaluation import metrics as M
 
 # ----------------------------------------------------------------------------------------------
 # Image level

@@ -74,7 +74,7 @@ def test_output_shapes_and_resolution_independent_params(size):
 def test_compiled_init_matches_eager_init_bit_for_bit():
     # GPUs initialise through one jitted program (init_params, create_train_state); it must draw the same
     # parameters.
-    from diff_fastener_jax.train_step import create_train_state
+    from diff_fastener_jax.training.train_step import create_train_state
 
     config = tiny_config(**{"optim.ema_decay": 0.99})
     eager = create_train_state(config, jax.random.key(3), compiled=False)
@@ -93,7 +93,7 @@ def test_initialisation_compiles_with_the_init_options_outside_a_trace(monkeypat
     """init_params at top level is one jitted program that carries xla_options.init_compiler_options
     (an option XLA does not know proves they reach the compiler); inside a trace it is traced inline,
     where a nested jit could not carry them."""
-    from diff_fastener_jax import xla_options
+    from diff_fastener_jax.perf import xla_options
 
     config = tiny_config()
     monkeypatch.setattr(xla_options, "init_compiler_options", lambda backend=None: {"xla_dfj_not_an_option": True})
@@ -194,7 +194,7 @@ def test_bad_sizes_raise_clear_errors():
 def test_remat_blocks_keeps_params_and_gradients():
     """model.remat='blocks' recomputes inside blocks: same parameter tree, same loss, same gradients,
     much less planned memory."""
-    from diff_fastener_jax.train_step import make_loss_fn
+    from diff_fastener_jax.training.train_step import make_loss_fn
 
     # 8 px and 32 channels, so that the blocks' activations, not the attention logits, fill the memory:
     # at the smoke model's 32 px the middle attention's 1024 x 1024 logits, which its own backward pass

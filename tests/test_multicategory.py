@@ -116,7 +116,7 @@ def test_the_infer_program_takes_class_ids_exactly_when_unified():
 
 @pytest.fixture(scope="module")
 def unified_run(two_category_root, tmp_path_factory):
-    from diff_fastener_jax.train import train_and_evaluate
+    from diff_fastener_jax.training.loop import train_and_evaluate
 
     workdir = str(tmp_path_factory.mktemp("unified") / "run")
     train_and_evaluate(_unified(**{"data.root": two_category_root, "data.category": "all"}), workdir, quiet=True)

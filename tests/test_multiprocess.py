@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import ROOT, assert_same_training_result, tiny_config
 
-from diff_fastener_jax.run_loading import load_run_config, load_run_params
-from diff_fastener_jax.train import train_and_evaluate
+from diff_fastener_jax.training.loop import train_and_evaluate
+from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
 
 def _free_port() -> int:

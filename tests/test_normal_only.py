@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-from diff_fastener_jax import evaluate
 from diff_fastener_jax.data.demo import render_scene
-from diff_fastener_jax.train import train_and_evaluate
+from diff_fastener_jax.evaluation import evaluate
+from diff_fastener_jax.training.loop import train_and_evaluate
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diff_fastener_jax import metrics as M
-from diff_fastener_jax import report
+from diff_fastener_jax.evaluation import metrics as M
+from diff_fastener_jax.evaluation import report
 
 
 class _Collector(HTMLParser):

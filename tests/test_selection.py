@@ -11,7 +11,7 @@ import pytest
 
 from diff_fastener_jax.config import validate_config
 from diff_fastener_jax.errors import UserError
-from diff_fastener_jax.selection import SELECTION_FILE, Selection
+from diff_fastener_jax.training.selection import SELECTION_FILE, Selection
 from tests.conftest import tiny_config
 
 
@@ -64,7 +64,7 @@ def test_config_refuses_unknown_metric_and_selection_without_validation():
 
 
 def test_checkpointer_keeps_a_protected_step_beyond_keep(tmp_path):
-    from diff_fastener_jax.checkpoint import Checkpointer
+    from diff_fastener_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(str(tmp_path / "ck"), keep=1, async_save=False)
     state = {"w": jnp.zeros((2,))}
@@ -84,14 +84,14 @@ def test_training_keeps_calibrates_and_evaluates_the_selected_step(demo_root, tm
     """Scripted validation values pick step 4 of 6; with keep_checkpoints=1 and checkpoints only at the
     end, step 4 must still be saved and kept, detector.json calibrated for it, and evaluate / the
     Detector load it by default."""
-    from diff_fastener_jax import train
-    from diff_fastener_jax.api import Detector
-    from diff_fastener_jax.detector import calibrate
-    from diff_fastener_jax.evaluate import evaluate_workdir
-    from diff_fastener_jax.run_loading import load_run_config, load_run_params
+    from diff_fastener_jax.deploy.detector import Detector
+    from diff_fastener_jax.deploy.threshold import calibrate
+    from diff_fastener_jax.evaluation.evaluate import evaluate_workdir
+    from diff_fastener_jax.training import loop
+    from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
     scripted = {2: 0.30, 4: 0.05, 6: 0.20}
-    real = train._validation_scores
+    real = loop._validation_scores
 
     def fake_validation(infer, params, val_batches, mesh=None, unified=False):
         out = real(infer, params, val_batches, mesh, unified)
@@ -99,11 +99,11 @@ def test_training_keeps_calibrates_and_evaluates_the_selected_step(demo_root, tm
         return out | {"val_recon_error": scripted[fake_validation.step]}
 
     fake_validation.step = 0
-    monkeypatch.setattr(train, "_validation_scores", fake_validation)
+    monkeypatch.setattr(loop, "_validation_scores", fake_validation)
     workdir = str(tmp_path / "run")
     config = tiny_config(**{"data.root": demo_root, "train.select_on": "val_recon_error", "train.eval_every": 2,
                             "train.checkpoint_every": 6, "train.keep_checkpoints": 1})
-    train.train_and_evaluate(config, workdir, quiet=True)
+    loop.train_and_evaluate(config, workdir, quiet=True)
 
     assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) == [4, 6]
     record = json.load(open(os.path.join(workdir, "detector.json")))

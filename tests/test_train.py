@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import copy_run, tiny_config
 
-from diff_fastener_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
 from diff_fastener_jax.config import ConfigError, validate_config
-from diff_fastener_jax.run_loading import load_run_config, load_run_params
-from diff_fastener_jax.train import train_and_evaluate
+from diff_fastener_jax.training.checkpoint import Checkpointer, IncompatibleCheckpointError
+from diff_fastener_jax.training.loop import train_and_evaluate
+from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
 
 def _config(demo_root, **kw):
@@ -111,7 +111,7 @@ def test_unknown_config_key_is_refused():
 
 
 def test_non_finite_loss_stops_with_the_step_named():
-    from diff_fastener_jax.train import NonFiniteLossError, _check_finite
+    from diff_fastener_jax.training.loop import NonFiniteLossError, _check_finite
 
     nan = float("nan")
     with pytest.raises(NonFiniteLossError, match="step 17"):
@@ -140,7 +140,7 @@ def test_a_failed_start_writes_nothing(demo_root, tmp_path):
 
 def test_prepare_run_lists_each_split_once(demo_root, tmp_path, monkeypatch):
     from diff_fastener_jax.data import datasets
-    from diff_fastener_jax.train import prepare_run
+    from diff_fastener_jax.training.loop import prepare_run
 
     calls = []
     original = datasets.list_splits

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from conftest import assert_same_training_result, tiny_config
 
-from diff_fastener_jax import parallel
-from diff_fastener_jax.train_step import create_train_state, make_train_step
+from diff_fastener_jax.training import parallel
+from diff_fastener_jax.training.train_step import create_train_state, make_train_step
 
 
 def _batch(n, size=32, seed=0):
@@ -36,7 +36,7 @@ def _run_steps(config, mesh, batch, n_steps, seed=0):
 
 
 def test_train_step_draws_timesteps_from_the_configured_window(monkeypatch):
-    from diff_fastener_jax import train_step as TS
+    from diff_fastener_jax.training import train_step as TS
 
     seen = []
     real = TS.example_noise

@@ -8,10 +8,10 @@ import pytest
 from conftest import tiny_config
 from sklearn.metrics import roc_auc_score
 
-from diff_fastener_jax import train
 from diff_fastener_jax.data import pipeline
 from diff_fastener_jax.inference import prepare_inference, run_infer
-from diff_fastener_jax.run_loading import load_run_config, load_run_params
+from diff_fastener_jax.training import loop
+from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_validation_logs_ema_scores_equal_to_a_direct_computation(tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(**{"train.num_steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3,
                             "optim.ema_decay": 0.5})
-    train.train_and_evaluate(config, workdir, quiet=True)
+    loop.train_and_evaluate(config, workdir, quiet=True)
     logged = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     val = [x for x in logged if x.get("event") == "validation"][-1]
     assert val["step"] == 3 and {"val_recon_error", "val_image_auroc", "val_pixel_auroc", "val_pixel_aupro"} <= set(val)
@@ -43,7 +43,7 @@ def test_validation_logs_ema_scores_equal_to_a_direct_computation(tmp_path):
 
 
 def test_warmup_cosine_schedule_and_constant_default():
-    from diff_fastener_jax.train_step import learning_rate_schedule
+    from diff_fastener_jax.training.train_step import learning_rate_schedule
 
     config = tiny_config(**{"optim.schedule": "warmup_cosine", "optim.warmup_steps": 4,
                             "optim.final_lr_fraction": 0.1, "train.num_steps": 20})

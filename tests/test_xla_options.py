@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from diff_fastener_jax import xla_options
+from diff_fastener_jax.perf import xla_options
 
 
 def _conv_loss_grad(x, w):

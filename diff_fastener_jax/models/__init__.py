@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diff_fastener_jax import xla_options
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.models.dacm import DACM
 from diff_fastener_jax.models.layers import attention_implementation
 from diff_fastener_jax.models.segmentation import SegmentationUNet
 from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
+from diff_fastener_jax.perf import xla_options
 
 __all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "attention_levels", "build_models", "count_params",
            "init_params", "jit_init", "kept_skips", "tile_rows", "compute_dtype", "resolve_dtype_name"]

@@ -9,9 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diff_fastener_jax import xla_options
 from diff_fastener_jax.inference import make_infer_program
 from diff_fastener_jax.models import build_models
+from diff_fastener_jax.perf import xla_options
 from diff_fastener_jax.perf.flop_count import compile_counted
 from diff_fastener_jax.perf.xla_stats import compiled_cost, median_seconds
 

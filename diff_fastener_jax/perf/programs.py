@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diff_fastener_jax import parallel
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import init_params
@@ -18,7 +17,8 @@ from diff_fastener_jax.perf.xla_stats import (
     compiled_memory_bytes,
     median_seconds,
 )
-from diff_fastener_jax.train_step import create_train_state, make_train_step
+from diff_fastener_jax.training import parallel
+from diff_fastener_jax.training.train_step import create_train_state, make_train_step
 
 
 def _row(batch: int, devices: int, flops: float, nbytes: float, compiled, sec: float | None,

@@ -20,10 +20,10 @@ import ml_collections
 import numpy as np
 
 from diff_fastener_jax import __version__
-from diff_fastener_jax import metrics as M
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.evaluation import metrics as M
 from diff_fastener_jax.inference import (
     map_smoothing,
     model_image_shape,
@@ -34,7 +34,7 @@ from diff_fastener_jax.inference import (
 )
 
 DETECTOR_FILE = "detector.json"
-FORMAT = "diff_fastener_jax.detector"
+FORMAT = "diff_fastener_jax.deploy.threshold"
 FORMAT_VERSION = 1
 # Pixel decision on the anomaly map (a segmentation probability): the same `>` rule as the image score.
 PIXEL_THRESHOLD = 0.5

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from diff_fastener_jax import metrics as M
+from diff_fastener_jax.evaluation import metrics as M
 
 # Headline table order; other scalar metrics follow in sorted order.
 _HEADLINE_KEYS = (

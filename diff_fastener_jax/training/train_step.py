@@ -20,9 +20,11 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from diff_fastener_jax import diffusion, losses, xla_options
+from diff_fastener_jax import diffusion
 from diff_fastener_jax.models import build_models, init_params, jit_init, tile_rows
-from diff_fastener_jax.parallel import DATA_AXIS
+from diff_fastener_jax.perf import xla_options
+from diff_fastener_jax.training import losses
+from diff_fastener_jax.training.parallel import DATA_AXIS
 
 Params = Any
 

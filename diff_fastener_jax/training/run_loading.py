@@ -7,10 +7,10 @@ import os
 import jax
 import ml_collections
 
-from diff_fastener_jax.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.config import apply_overrides, config_from_json
 from diff_fastener_jax.errors import UserError
-from diff_fastener_jax.train_step import create_train_state
+from diff_fastener_jax.training.checkpoint import Checkpointer, param_shapes
+from diff_fastener_jax.training.train_step import create_train_state
 
 
 def load_run_config(workdir: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -22,10 +22,10 @@ def load_run_config(workdir: str, overrides: dict | None = None) -> ml_collectio
 def default_step(workdir: str, steps: list[int]) -> int:
     """The step a run stands for: the one selected on validation (`train.select_on`, recorded in
     detector.json at the end of training) when there is one and it is on disk, else the latest."""
-    from diff_fastener_jax import detector  # the one reader of detector.json
+    from diff_fastener_jax.deploy import threshold  # the one reader of detector.json
 
     try:
-        record = detector.read(workdir)
+        record = threshold.read(workdir)
     except UserError:  # none yet (a running run) or unreadable: the latest step
         record = {}
     selected = (record.get("selection") or {}).get("select_on", "last") != "last"

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-from diff_fastener_jax.checkpoint import atomic_write_json
 from diff_fastener_jax.config import SELECT_METRICS, SELECT_ON
+from diff_fastener_jax.training.checkpoint import atomic_write_json
 
 SELECTION_FILE = "selection.json"
 

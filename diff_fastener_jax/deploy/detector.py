@@ -20,9 +20,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diff_fastener_jax import detector as D
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data import datasets
+from diff_fastener_jax.deploy import threshold as D
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import model_image_shape, prepare_inference, run_infer
 
@@ -106,7 +106,7 @@ class Detector:
             config = config_from_json(os.path.join(path, CONFIG_FILE))
             return cls(config, load_params(os.path.join(path, PARAMS_FILE)), record, threshold=threshold)
         if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-            from diff_fastener_jax.run_loading import load_run_config, load_run_params
+            from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
             config = load_run_config(path)
             params, step = load_run_params(path, config, checkpoint)

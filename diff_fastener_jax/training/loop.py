@@ -1,0 +1,256 @@
+"""The training loop: train_and_evaluate(config, workdir) and what it needs (run preparation, resume checks, validation)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from diff_fastener_jax.config import category_names, class_names, validate_config
+from diff_fastener_jax.data import datasets, pipeline
+from diff_fastener_jax.data.demo import resolve_data_root
+from diff_fastener_jax.deploy import threshold
+from diff_fastener_jax.evaluation import metrics as M
+from diff_fastener_jax.inference import make_infer_fn, run_infer
+from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
+from diff_fastener_jax.training import parallel
+from diff_fastener_jax.training.checkpoint import Checkpointer, param_shapes
+from diff_fastener_jax.training.selection import Selection
+from diff_fastener_jax.training.train_step import create_train_state, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss."""
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
+    """Joins a multi-process run if one is described (flags, or SLURM with more than one task)."""
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if coordinator_address is None and slurm_tasks <= 1:
+        return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU collectives across processes (tests, CPU clusters) need gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address is not None:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    else:
+        jax.distributed.initialize()  # cluster auto-detection (SLURM)
+
+
+def _validation_scores(infer, params, val_batches, mesh=None, unified: bool = False) -> dict:
+    """Validation on held-out normals + synthetic anomalies, scored like `evaluate` (same inference
+    call, same metrics): image AUROC, exact pixel AUROC and AUPRO, and the mean absolute
+    reconstruction error on the held-out NORMAL images, which keeps falling while the reconstruction
+    improves after the synthetic anomalies have become easy (AUROC 1.0)."""
+    evaluation = M.StreamingEvaluation(with_pixels=True)
+    recon_errors = []
+    for batch in val_batches:
+        images = np.asarray(batch["image"])  # (B, H, W, 3)
+        recon, amap, score, _ = run_infer(infer, params, images, mesh,
+                                          class_ids=batch["class_id"] if unified else None)
+        labels = np.asarray(batch["is_synthetic"]).astype(np.int64)
+        evaluation.update(score, labels, ["synthetic" if y else "good" for y in labels], amap,
+                          np.asarray(batch["mask"])[..., 0] > 0.5)
+        normal = labels == 0
+        recon_errors.append(np.abs(recon[normal] - images[normal]).mean(axis=(1, 2, 3)))
+    result = evaluation.compute()
+    out = {"val_recon_error": float(np.mean(np.concatenate(recon_errors)))}
+    for key_in, key_out in (("image_auroc", "val_image_auroc"), ("pixel_auroc", "val_pixel_auroc"),
+                            ("pixel_aupro", "val_pixel_aupro")):
+        if not math.isnan(result[key_in]):
+            out[key_out] = float(result[key_in])
+    return out
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) -> int:
+    """train.num_steps, or num_epochs passes over the normal training images."""
+    if config.train.num_steps and config.train.num_steps > 0:
+        return int(config.train.num_steps)
+    steps_per_epoch = max(1, math.ceil(num_train_images / config.train.batch_size))
+    return int(config.train.num_epochs * steps_per_epoch)
+
+
+def prepare_run(config: ml_collections.ConfigDict, workdir: str, num_devices: int):
+    """Every check a run needs before anything is compiled or written to `workdir`.
+
+    Validates the config, lists the split's samples ONCE, decodes every listed image and mask, and
+    refuses an existing checkpoint written with other model shapes. Returns (config with the demo data
+    root resolved, {'train': [...], 'val': [...], 'test': [...]}). Raises a UserError naming the first problem.
+    """
+    validate_config(config, num_devices=num_devices)
+    config = resolve_data_root(config, workdir)
+    if category_names(config.data.category) == ["all"]:
+        # The run's classes are fixed here and saved with its config: a later category folder must not
+        # silently change what the model's class ids mean.
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.data.category = ",".join(datasets.resolve_categories(config.data))
+    samples = datasets.list_splits(config.data, seed=config.seed)
+    datasets.verify_images(samples["train"] + samples["val"])
+    check_resume_compatible(config, workdir)
+    return config, samples
+
+
+def _abstract_state(config, key, sharding=None):
+    """The train state's shapes/dtypes (no memory), optionally with a sharding on every leaf."""
+    shapes = jax.eval_shape(lambda: create_train_state(config, key))
+    if sharding is None:
+        return shapes
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def check_resume_compatible(config, workdir: str) -> None:
+    """Raises IncompatibleCheckpointError when `workdir` holds a checkpoint of another model; creates nothing."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    if not steps:
+        return
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    expected = param_shapes(_abstract_state(config, key).params)
+    ckpt = Checkpointer(directory, read_only=True)
+    try:
+        for step in reversed(steps):  # the newest checkpoint whose metadata reads back
+            try:
+                ckpt.read_meta(step)
+            except Exception:  # noqa: BLE001 - unreadable: restore_latest warns and falls back later
+                continue
+            ckpt.check_shapes(step, expected)
+            return
+    finally:
+        ckpt.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
+    """Trains (or resumes) a run in `workdir`; returns the last logged metrics.
+
+    Nothing is written to `workdir` (except generated demo data) until `prepare_run`'s checks pass.
+    """
+    mesh = parallel.make_mesh()
+    config, samples = prepare_run(config, workdir, mesh.devices.size)  # before anything compiles
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    train_samples = samples["train"]
+    total_steps = num_train_steps(config, len(train_samples))
+    writer = MetricsWriter(workdir, quiet=quiet)
+    if config.train.tensorboard:
+        writer.enable_tensorboard(os.path.join(workdir, "tensorboard"))
+
+    base_key = jax.random.key(config.seed)
+    init_key, train_key = (jax.random.fold_in(base_key, i) for i in range(2))
+    rep = parallel.replicated(mesh)
+    abstract = _abstract_state(config, init_key, rep)
+    shapes = param_shapes(abstract.params)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    start, state, data_state = ckpt.restore_latest(abstract, expected_shapes=shapes)
+    if start is not None:
+        writer.write({"event": "resume", "step": start}, f"resumed from step {start}")
+    else:
+        state = parallel.replicate(create_train_state(config, init_key), mesh)
+    start = start or 0
+    # The checkpoint selected on validation so far (train.select_on); kept from pruning.
+    selection = Selection.load(workdir, config.train.select_on, upto=start)
+    if selection.best_step is not None:
+        ckpt.protect([selection.best_step])
+
+    train_iter = pipeline.make_train_iterator(
+        config, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        samples=train_samples)
+    if data_state is not None:
+        train_iter.set_state(data_state)
+    val_batches = pipeline.make_val_batches(config, seed=config.seed, num_batches=config.train.val_batches,
+                                           samples=samples["val"])
+
+    train_step = make_train_step(config, mesh)
+    infer = make_infer_fn(config)
+    meta = {"param_shapes": shapes, "config": json.loads(config.to_json_best_effort())}
+    writer.write({"event": "start", "step": start, "num_steps": total_steps, "num_devices": mesh.devices.size,
+                  "num_processes": jax.process_count(), "num_train_images": len(train_samples)},
+                 f"training steps {start}..{total_steps} on {mesh.devices.size} device(s), "
+                 f"{len(train_samples)} normal training images, global batch {config.train.batch_size}")
+
+    writer.start_progress(total_steps, start)
+    last: dict = {}
+    pending = None  # (step, metrics) of the previous step, checked while the next one runs
+    t_log, step_log = time.time(), start
+    t_start = time.time()
+    for step in range(start, total_steps):
+        batch = parallel.shard_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch, train_key)
+        if pending is not None:
+            _check_finite(*pending)
+        pending = (step + 1, metrics)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total_steps:
+            _check_finite(*pending)
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.time()
+            steps_per_s = (done - step_log) / max(now - t_log, 1e-9)
+            t_log, step_log = now, done
+            eta = (total_steps - done) / max(steps_per_s, 1e-9)
+            last = {"step": done, **m, "steps_per_s": steps_per_s,
+                    "images_per_s": steps_per_s * config.train.batch_size, "eta_s": eta}
+            writer.write(last, f"step {done}/{total_steps} | {last['images_per_s']:.1f} img/s | "
+                               f"loss {m['total']:.4f} (noise {m['noise']:.4f} focal {m['focal']:.4f} "
+                               f"smoothl1 {m['smoothl1']:.4f}) | ETA {format_seconds(eta)}")
+        if val_batches and config.train.eval_every > 0 and (done % config.train.eval_every == 0 or done == total_steps):
+            # Evaluate scores the EMA params when EMA is on: validate what will be evaluated.
+            val_params = state.inference_params
+            val = _validation_scores(infer, val_params, val_batches, mesh, unified=bool(class_names(config)))
+            selected = selection.offer(done, val)
+            writer.write({"step": done, "event": "validation", **val, **({"selected": True} if selected else {})},
+                         "validation " + " ".join(f"{k} {v:.4f}" for k, v in val.items())
+                         + (f" (best {selection.metric} so far: selected)" if selected else ""))
+            last.update(val)
+            if selected:
+                ckpt.protect([done])
+        else:
+            selected = False
+        if done % config.train.checkpoint_every == 0 or done == total_steps or selected:
+            ckpt.save(done, state, train_iter.get_state(), meta)
+            if selection.enabled and jax.process_index() == 0:
+                # Written after the save is issued; a crash in between is harmless (see selection.py).
+                selection.save(workdir)
+    if pending is not None:
+        _check_finite(*pending)
+    train_iter.close()
+    chosen_step = selection.best_step or total_steps
+    if chosen_step != total_steps:
+        ckpt.wait()
+        state, _ = ckpt.restore(chosen_step, _abstract_state(config, init_key, rep), expected_shapes=shapes)
+        writer.write({"event": "selected", "step": chosen_step, "select_on": selection.metric,
+                      "value": selection.best["value"]},
+                     f"selected step {chosen_step} ({selection.metric} {selection.best['value']:.4f} on validation)")
+    ckpt.close()
+    final_params = state.inference_params
+    threshold.calibrate_and_save(config, final_params, workdir, chosen_step, selection=selection.record(total_steps))
+    wall = time.time() - t_start
+    done_record = {"event": "done", "step": total_steps, "wall_s": wall}
+    if not quiet:
+        # Hosts differ (and shared ones vary by the minute): report the time next to this host's
+        # measured float32 matmul peak so a reader can scale it.
+        from diff_fastener_jax.perf.hardware import measured_matmul_tflops
+
+        done_record["matmul_peak_tflops"] = measured_matmul_tflops()
+    writer.write(done_record, f"done: {total_steps} steps in {format_seconds(wall)}" + (
+        f" (this host's float32 matmul peak now: {done_record['matmul_peak_tflops']:.2f} TFLOP/s)"
+        if "matmul_peak_tflops" in done_record else ""))
+    writer.close()
+    return last
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+    if float(metrics["finite"]) < 1.0:
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (total={float(metrics['total'])}, noise={float(metrics['noise'])}, "
+            f"focal={float(metrics['focal'])}); the update was skipped and training stopped. Lower the "
+            f"learning rate (optim.lr_recon / optim.lr_seg) or enable optim.clip.")
