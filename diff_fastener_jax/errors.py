@@ -17,3 +17,7 @@ class UserError(Exception):
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         self.hint = hint
+
+
+class DatasetError(UserError, ValueError):
+    """Bad dataset input: a missing/empty folder, an unreadable image, an unmatched mask, ..."""

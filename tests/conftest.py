@@ -97,7 +97,7 @@ def shared_once(tmp_path_factory, name: str, build) -> str:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The smoke config's demo dataset, generated once for the whole session (treat as read-only)."""
-    from diff_fastener_jax.data.datasets import ensure_demo_data
+    from diff_fastener_jax.data.demo import ensure_demo_data
 
     return shared_once(tmp_path_factory, "demo_data", lambda path: ensure_demo_data(tiny_config().data, path))
 

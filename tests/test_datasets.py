@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from diff_fastener_jax.config_schema import base_config
-from diff_fastener_jax.data import datasets
+from diff_fastener_jax.data import datasets, demo, image_io
 from diff_fastener_jax.data.datasets import DatasetError, list_samples
 
 SIZE = 16
@@ -99,15 +99,15 @@ def test_kfold_partitions_the_normal_training_images(mvtec):
 def test_load_image_mask_and_arrays(mvtec):
     cfg = _cfg("mvtec", mvtec)
     grey = os.path.join(str(mvtec), "widget", "train", "good", "000.png")
-    im = datasets.load_image(grey, SIZE)
+    im = image_io.load_image(grey, SIZE)
     assert im.shape == (SIZE, SIZE, 3) and im.dtype == np.uint8
     assert np.array_equal(im[..., 0], im[..., 1])  # greyscale replicated to 3 channels
-    assert datasets.load_image(grey, (8, 12)).shape == (8, 12, 3)
+    assert image_io.load_image(grey, (8, 12)).shape == (8, 12, 3)
     test = list_samples(cfg, "test", seed=0)
-    m = datasets.load_mask(next(s.mask_path for s in test if s.label), SIZE)
+    m = image_io.load_mask(next(s.mask_path for s in test if s.label), SIZE)
     assert m.shape == (SIZE, SIZE, 1) and m.dtype == np.float32
     assert set(np.unique(m)) == {0.0, 1.0}
-    assert not datasets.load_mask(None, SIZE).any()
+    assert not image_io.load_mask(None, SIZE).any()
     arrays = datasets.load_arrays(test, SIZE)
     assert arrays["image"].shape == (6, SIZE, SIZE, 3) and arrays["image"].dtype == np.float32
     assert arrays["image"].min() >= -1.0 and arrays["image"].max() <= 1.0
@@ -123,7 +123,7 @@ def test_label_valued_masks_are_not_lost(tmp_path):
     a[2:4, 2:4] = 1
     a[5:7, 5:7] = 2
     Image.fromarray(a).save(tmp_path / "m.png")
-    m = datasets.load_mask(str(tmp_path / "m.png"), 8)[..., 0]
+    m = image_io.load_mask(str(tmp_path / "m.png"), 8)[..., 0]
     assert m.sum() == 8 and m[2, 2] == 1 and m[5, 5] == 1
 
 
@@ -237,7 +237,7 @@ def test_corrupt_image_names_the_file(mvtec, damage):
     path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not an image" * 10,
                       "empty": b""}[damage])
     with pytest.raises(DatasetError, match=f"cannot decode image {path}"):
-        datasets.load_image(str(path), SIZE)
+        image_io.load_image(str(path), SIZE)
     samples = list_samples(_cfg("mvtec", mvtec, val_fraction=0.0), "train", seed=0)
     with pytest.raises(DatasetError, match=str(path)):
         datasets.load_arrays(samples, SIZE)
@@ -247,7 +247,7 @@ def test_corrupt_image_names_the_file(mvtec, damage):
 
 def test_missing_image_file(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
-        datasets.load_image(str(tmp_path / "nope.png"), SIZE)
+        image_io.load_image(str(tmp_path / "nope.png"), SIZE)
 
 
 def test_mask_without_image_mvtec(mvtec):
@@ -323,10 +323,10 @@ def test_zero_training_images(tmp_path):
 def test_ensure_demo_data_generates_once(tmp_path):
     c = base_config("demo")
     c.data.image_size, c.data.demo_n_train, c.data.demo_n_test = 32, 3, 4
-    root = datasets.ensure_demo_data(c.data, str(tmp_path / "demo_data"))
+    root = demo.ensure_demo_data(c.data, str(tmp_path / "demo_data"))
     assert root == str(tmp_path / "demo_data")
     c.data.root = root
     assert len(list_samples(c.data, "train", seed=0)) + len(list_samples(c.data, "val", seed=0)) == 3
     stamp = os.path.getmtime(os.path.join(root, "fastener", "train", "good", "000.png"))
-    assert datasets.ensure_demo_data(c.data, "/unused") == root  # data.root wins; nothing regenerated
+    assert demo.ensure_demo_data(c.data, "/unused") == root  # data.root wins; nothing regenerated
     assert os.path.getmtime(os.path.join(root, "fastener", "train", "good", "000.png")) == stamp

@@ -132,7 +132,7 @@ def test_an_older_generators_dataset_is_reported_not_silently_reused(tmp_path, c
     give stale pixel metrics; ensure_demo_data reuses the folder but says so on stderr."""
     import ml_collections
 
-    from diff_fastener_jax.data.datasets import ensure_demo_data
+    from diff_fastener_jax.data.demo import ensure_demo_data
 
     data = ml_collections.ConfigDict({"root": str(tmp_path), "category": "fastener", "image_size": 32,
                                       "demo_n_train": 2, "demo_n_test": 4, "demo_framing": "fastener"})

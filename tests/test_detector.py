@@ -9,7 +9,7 @@ from PIL import Image
 from ship_support import smoke_test_images
 
 from diff_fastener_jax import Detector
-from diff_fastener_jax.data import datasets
+from diff_fastener_jax.data import datasets, image_io
 from diff_fastener_jax.deploy import threshold
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.evaluation import metrics as M
@@ -94,7 +94,7 @@ def test_preprocess_reads_16_bit_and_grey_like_training(det, run, tmp_path):
     np.testing.assert_allclose(det.preprocess(rgb16)[0], x8, atol=1e-6)
     # A training image reads identically through the API and the dataset loader.
     path = smoke_test_images(run, 1)[0]
-    np.testing.assert_array_equal(det.preprocess(path)[0], datasets.image_to_float(datasets.load_image(path, 32)))
+    np.testing.assert_array_equal(det.preprocess(path)[0], image_io.image_to_float(image_io.load_image(path, 32)))
 
 
 def test_bad_inputs_are_user_errors(det, run, tmp_path):

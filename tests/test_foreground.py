@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from diff_fastener_jax.config_schema import base_config
-from diff_fastener_jax.data import datasets, pipeline, synthesis
+from diff_fastener_jax.data import datasets, image_io, pipeline, synthesis
 from diff_fastener_jax.data.datasets import DatasetError
 
 SIZE = 32
@@ -78,7 +78,7 @@ def test_demo_data_supplies_the_fastening_zone(tmp_path, framing, band):
     train = datasets.list_samples(c.data, "train", seed=0)
     assert len(train) == 3
     for s in train:
-        zone = datasets.load_mask(s.foreground_path, SIZE)[..., 0] > 0
+        zone = image_io.load_mask(s.foreground_path, SIZE)[..., 0] > 0
         rows = zone.any(axis=1)
         assert zone[rows].all()  # a full-width band (the sleeper) ...
         assert band[0] < rows.mean() < band[1]  # ... around the middle
@@ -133,7 +133,7 @@ def test_demo_fastening_zone_puts_synthetic_anomalies_on_the_clips(capsys):
         twin = np.random.default_rng()
         twin.bit_generator.state = state  # the same scene with one clip removed: its mask is the clip
         _, clip = demo.render_scene(64, twin, "missing_clip", framing="track")
-        fgs = {"otsu": synthesis.foreground_mask(datasets.image_to_float(image), "otsu"), "zone": zone}
+        fgs = {"otsu": synthesis.foreground_mask(image_io.image_to_float(image), "otsu"), "zone": zone}
         for name, fg in fgs.items():
             inside[name].append((fg & clip).sum() / clip.sum())
             srng = np.random.default_rng(i)

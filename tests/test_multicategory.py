@@ -12,7 +12,7 @@ import pytest
 from conftest import perturbed, tiny_config
 
 from diff_fastener_jax import config as config_lib
-from diff_fastener_jax.data import datasets, pipeline
+from diff_fastener_jax.data import datasets, demo, pipeline
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.models import build_models, count_params, init_params
 
@@ -68,7 +68,7 @@ def test_class_conditioning_adds_pinned_params_and_changes_the_output(conditioni
 @pytest.fixture(scope="module")
 def two_category_root(tmp_path_factory):
     config = _unified()
-    return datasets.ensure_demo_data(config.data, str(tmp_path_factory.mktemp("multi") / "demo"))
+    return demo.ensure_demo_data(config.data, str(tmp_path_factory.mktemp("multi") / "demo"))
 
 
 def test_two_categories_are_listed_split_and_tagged(two_category_root):

@@ -29,29 +29,28 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import os
-import sys
-import zlib
 from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from diff_fastener_jax.config import category_names, class_names
-from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.data.image_io import (
+    IMAGE_EXTENSIONS,
+    check_decodes,
+    image_to_float,
+    load_image,
+    load_mask,
+    size_hw,
+)
+from diff_fastener_jax.errors import DatasetError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 
 # Separate random streams per decision, so changing one split never reshuffles another.
 _STREAM_FOLDS, _STREAM_VAL, _STREAM_FOLDER_TEST = 1, 2, 3
-
-
-class DatasetError(UserError, ValueError):
-    """Bad dataset input: a missing/empty folder, an unreadable image, an unmatched mask, ..."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,111 +66,7 @@ class Sample:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decoding
-
-
-def _size_hw(size) -> tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
-
-
-def _open_fully(path: str) -> Image.Image:
-    """Opens and fully decodes an image (truncated/corrupt files fail here, not later)."""
-    if not os.path.isfile(path):
-        raise DatasetError(f"image file {path} does not exist")
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
-    return img
-
-
-def decode_bytes(data: bytes, name: str) -> Image.Image:
-    """Fully decodes an encoded image held in memory (an upload); DatasetError naming `name` if it is not one."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:  # the same failures as _open_fully
-        raise DatasetError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
-    return img
-
-
-def _to_uint8_array(img: Image.Image) -> np.ndarray:
-    """Any PIL mode -> uint8 (H, W) or (H, W, C); 16-bit and float images are rescaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        return np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return np.asarray(img)
-
-
-def load_image(path: str, size) -> np.ndarray:
-    """Decodes `path` to uint8 (H, W, 3) at `size` (int or (H, W)) with bilinear resizing.
-
-    Greyscale, palette and alpha images become 3-channel RGB. Raises DatasetError naming the file if it
-    is missing or cannot be fully decoded.
-    """
-    return prepare_image(_open_fully(path), size)
-
-
-def array_to_pil(a: np.ndarray, where: str = "image array") -> Image.Image:
-    """An in-memory image, uint8 or uint16, (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> PIL image.
-
-    16-bit colour (which PIL cannot hold) is scaled to 8 bit exactly as 16-bit files are.
-    """
-    a = np.asarray(a)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))) or min(a.shape[:2]) < 1:
-        raise DatasetError(f"{where}: expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
-    if a.dtype == np.uint16:
-        if a.ndim == 2:
-            return Image.fromarray(a)  # mode I;16, rescaled by prepare_image
-        a = np.clip(a.astype(np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if a.dtype != np.uint8:
-        raise DatasetError(f"{where}: expected uint8 or uint16 pixels, got {a.dtype}")
-    return Image.fromarray(a)
-
-
-def prepare_image(img: Image.Image, size) -> np.ndarray:
-    """A decoded PIL image -> uint8 (H, W, 3) at `size`: the one conversion every image goes through
-    (8/16-bit, grey/palette/alpha -> RGB, bilinear resize)."""
-    h, w = _size_hw(size)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        img = Image.fromarray(_to_uint8_array(img))
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-
-
-def load_mask(path: str | None, size) -> np.ndarray:
-    """Binary mask float32 (H, W, 1) in {0, 1} at `size` (nearest resizing); zeros when `path` is None.
-
-    Pixels > 127 are defective. Masks stored as small label values (maximum in 1..127, e.g. 0/1 PNGs)
-    are read as 'nonzero = defective' instead, so they do not silently become empty.
-    """
-    h, w = _size_hw(size)
-    if path is None:
-        return np.zeros((h, w, 1), np.float32)
-    img = _open_fully(path)
-    a = _to_uint8_array(img)
-    if a.ndim == 3:
-        a = a[..., :3].max(axis=-1) if a.shape[-1] >= 3 else a[..., 0]
-    top = int(a.max()) if a.size else 0
-    binary = a > (0 if 0 < top <= 127 else 127)
-    m = Image.fromarray(binary.astype(np.uint8) * 255)
-    if m.size != (w, h):
-        m = m.resize((w, h), Image.NEAREST)
-    return (np.asarray(m) > 127).astype(np.float32)[..., None]  # (H, W, 1)
-
-
-def image_to_float(image_u8: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1] (the networks' input range)."""
-    return image_u8.astype(np.float32) * (2.0 / 255.0) - 1.0
+# Decoding a split
 
 
 def load_arrays(samples: Sequence[Sample], size) -> dict:
@@ -180,7 +75,7 @@ def load_arrays(samples: Sequence[Sample], size) -> dict:
     Returns image float32 (N, H, W, 3) in [-1, 1], mask float32 (N, H, W, 1), label int32 (N,),
     defect list[str], path list[str].
     """
-    h, w = _size_hw(size)
+    h, w = size_hw(size)
     n = len(samples)
     images = np.empty((n, h, w, 3), np.float32)
     masks = np.empty((n, h, w, 1), np.float32)
@@ -189,21 +84,6 @@ def load_arrays(samples: Sequence[Sample], size) -> dict:
         masks[i] = load_mask(s.mask_path, (h, w))
     return {"image": images, "mask": masks, "label": np.array([s.label for s in samples], np.int32),
             "defect": [s.defect for s in samples], "path": [s.path for s in samples]}
-
-
-def _check_decodes(path: str) -> None:
-    """Decodes `path` once and drops the pixels; JPEGs decode at reduced scale (a truncated file
-    still fails: the decoder reads every entropy-coded block)."""
-    if not os.path.isfile(path):
-        raise DatasetError(f"image file {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}",
-                           hint="replace or remove the file; every listed image is checked at start-up") from e
 
 
 def verify_images(samples: Sequence[Sample], max_workers: int = 8) -> None:
@@ -223,7 +103,7 @@ def verify_images(samples: Sequence[Sample], max_workers: int = 8) -> None:
 
 def _error_of(path: str) -> DatasetError | None:
     try:
-        _check_decodes(path)
+        check_decodes(path)
     except DatasetError as e:
         return e
     return None
@@ -576,35 +456,3 @@ def _list_one_category_untagged(data_cfg, seed: int) -> dict[str, list[Sample]]:
 
 # ---------------------------------------------------------------------------------------------------
 # Demo data
-
-
-def ensure_demo_data(config_data, default_root: str) -> str:
-    """Returns the demo dataset root (`config_data.root` or `default_root`), generating the synthetic
-    rail-fastener scenes there first for every category of data.category ('all': every built-in
-    fastener type) whose `<root>/<category>` does not exist yet; a folder from an older generator version is
-    reused with a warning on stderr."""
-    from diff_fastener_jax.data.demo import (
-        DEMO_TYPES,
-        generate_demo_dataset,
-        stale_generator_message,
-    )
-
-    root = str(config_data.get("root", "") or "") or default_root
-    names = category_names(config_data.get("category", "")) or ["fastener"]
-    if names == ["all"]:
-        names = list(DEMO_TYPES)  # every built-in fastener type
-    for category in names:
-        seed = 0 if category == "fastener" else zlib.crc32(category.encode()) & 0xFFFF  # distinct scenes per name
-        if os.path.isdir(os.path.join(root, category)):
-            stale = stale_generator_message(os.path.join(root, category))
-            if stale:
-                print(f"warning: {stale}", file=sys.stderr, flush=True)
-            continue
-        size = int(min(256, max(32, int(config_data.get("image_size", 128)))))
-        try:
-            generate_demo_dataset(root, n_train=int(config_data.get("demo_n_train", 64)),
-                                  n_test=int(config_data.get("demo_n_test", 48)), size=size, seed=seed,
-                                  category=category, framing=str(config_data.get("demo_framing", "fastener")))
-        except FileExistsError:
-            pass  # another process (multi-host launch) generated it first
-    return os.path.abspath(root)

@@ -26,13 +26,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from diff_fastener_jax.config import category_names
 from diff_fastener_jax.data import perlin
 
 DEFECTS = ("missing_clip", "broken_clip", "displaced_clip")
@@ -370,8 +373,6 @@ def resolve_data_root(config, workdir: str):
         return config
     import ml_collections
 
-    from diff_fastener_jax.data.datasets import ensure_demo_data
-
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
     config.data.root = ensure_demo_data(config.data, os.path.join(workdir, "demo_data"))
     return config
@@ -398,3 +399,29 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ensure_demo_data(config_data, default_root: str) -> str:
+    """Returns the demo dataset root (`config_data.root` or `default_root`), generating the synthetic
+    rail-fastener scenes there first for every category of data.category ('all': every built-in
+    fastener type) whose `<root>/<category>` does not exist yet; a folder from an older generator version is
+    reused with a warning on stderr."""
+    root = str(config_data.get("root", "") or "") or default_root
+    names = category_names(config_data.get("category", "")) or ["fastener"]
+    if names == ["all"]:
+        names = list(DEMO_TYPES)  # every built-in fastener type
+    for category in names:
+        seed = 0 if category == "fastener" else zlib.crc32(category.encode()) & 0xFFFF  # distinct scenes per name
+        if os.path.isdir(os.path.join(root, category)):
+            stale = stale_generator_message(os.path.join(root, category))
+            if stale:
+                print(f"warning: {stale}", file=sys.stderr, flush=True)
+            continue
+        size = int(min(256, max(32, int(config_data.get("image_size", 128)))))
+        try:
+            generate_demo_dataset(root, n_train=int(config_data.get("demo_n_train", 64)),
+                                  n_test=int(config_data.get("demo_n_test", 48)), size=size, seed=seed,
+                                  category=category, framing=str(config_data.get("demo_framing", "fastener")))
+        except FileExistsError:
+            pass  # another process (multi-host launch) generated it first
+    return os.path.abspath(root)

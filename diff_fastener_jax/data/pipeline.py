@@ -35,7 +35,7 @@ import weakref
 import grain
 import numpy as np
 
-from diff_fastener_jax.data import datasets
+from diff_fastener_jax.data import datasets, image_io
 from diff_fastener_jax.data.synthesis import TextureBank, synthesize_anomaly
 
 STATE_VERSION = 1
@@ -87,10 +87,10 @@ class _LoadPair:
         return value
 
     def _load(self, i: int) -> np.ndarray:
-        return self._cached(i, lambda: datasets.load_image(self.paths[i], self.size))
+        return self._cached(i, lambda: image_io.load_image(self.paths[i], self.size))
 
     def _foreground(self, i: int) -> np.ndarray:
-        return self._cached(("fg", i), lambda: datasets.load_mask(self.foreground_paths[i], self.size)[..., 0] > 0)
+        return self._cached(("fg", i), lambda: image_io.load_mask(self.foreground_paths[i], self.size)[..., 0] > 0)
 
     def __call__(self, idx: np.ndarray) -> dict:
         out = {"normal": self._load(int(idx[0])), "source": self._load(int(idx[1])),
@@ -109,8 +109,8 @@ class _SynthesizePair:
         self.cutpaste_prob = cutpaste_prob
 
     def __call__(self, pair: dict, rng: np.random.Generator) -> dict:
-        normal = datasets.image_to_float(pair["normal"])
-        source = datasets.image_to_float(pair["source"])
+        normal = image_io.image_to_float(pair["normal"])
+        source = image_io.image_to_float(pair["source"])
         anomalous, mask, _ = synthesize_anomaly(source, rng, foreground=pair.get("source_fg"),
                                                 texture_bank=self.texture_bank, fg_mode=self.fg_mode,
                                                 cutpaste_prob=self.cutpaste_prob)

@@ -16,6 +16,8 @@ from collections import OrderedDict
 import numpy as np
 
 from diff_fastener_jax.data import perlin
+from diff_fastener_jax.data.image_io import IMAGE_EXTENSIONS, load_image
+from diff_fastener_jax.errors import DatasetError
 
 BETA_RANGE = (0.2, 0.8)
 MAX_MASK_TRIES = 10  # Perlin draws before falling back to a rectangle
@@ -212,8 +214,6 @@ class TextureBank:
     its own)."""
 
     def __init__(self, folder: str, cache_size: int = 64):
-        from diff_fastener_jax.data.datasets import IMAGE_EXTENSIONS, DatasetError
-
         if not os.path.isdir(folder):
             raise DatasetError(f"data.texture_dir: folder {folder} does not exist")
         self.folder = folder
@@ -234,8 +234,6 @@ class TextureBank:
 
     def sample(self, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
         """A random texture resized to `shape`, float32 (H, W, 3) in [0, 1]."""
-        from diff_fastener_jax.data.datasets import load_image
-
         path = self.paths[int(rng.integers(len(self.paths)))]
         key = (path, tuple(shape))
         if key in self._cache:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from diff_fastener_jax.config import class_names
-from diff_fastener_jax.data import datasets
+from diff_fastener_jax.data import image_io
 from diff_fastener_jax.deploy import threshold as D
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import model_image_shape, prepare_inference, run_infer
@@ -129,11 +129,11 @@ class Detector:
     def read(self, item: ImageInput, where: str = "image") -> Image.Image:
         """One input (path, array or PIL image) -> a decoded PIL image at its own size."""
         if isinstance(item, (str, os.PathLike)):
-            img = datasets._open_fully(os.fspath(item))
+            img = image_io.open_image(os.fspath(item))
         elif isinstance(item, Image.Image):
             img = item
         elif isinstance(item, np.ndarray):
-            img = datasets.array_to_pil(item, where)
+            img = image_io.array_to_pil(item, where)
         else:
             raise UserError(f"{where}: expected a path, a numpy array or a PIL image, got {type(item).__name__}")
         return img
@@ -152,7 +152,7 @@ class Detector:
         for i, item in enumerate(items):
             img = self.read(item, where=str(item) if isinstance(item, (str, os.PathLike)) else f"image {i}")
             sizes.append((img.size[1], img.size[0]))
-            batch.append(datasets.image_to_float(datasets.prepare_image(img, (self.height, self.width))))
+            batch.append(image_io.image_to_float(image_io.prepare_image(img, (self.height, self.width))))
         if not batch:
             return np.zeros((0, self.height, self.width, self.channels), np.float32), []
         return np.stack(batch), sizes

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from diff_fastener_jax.data import datasets
+from diff_fastener_jax.data import image_io
 from diff_fastener_jax.deploy.detector import Detector
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.evaluation import report
@@ -23,12 +23,12 @@ def find_images(spec: str) -> list[str]:
     """A folder (its image files, sorted) or a glob pattern; UserError when nothing matches."""
     if os.path.isdir(spec):
         paths = sorted(os.path.join(spec, f) for f in os.listdir(spec))
-        paths = [p for p in paths if os.path.isfile(p) and p.lower().endswith(datasets.IMAGE_EXTENSIONS)]
+        paths = [p for p in paths if os.path.isfile(p) and p.lower().endswith(image_io.IMAGE_EXTENSIONS)]
     else:
         paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
     if not paths:
         raise UserError(f"--images {spec!r}: no image files found",
-                        hint=f"give a folder of {'/'.join(datasets.IMAGE_EXTENSIONS)} files or a quoted glob")
+                        hint=f"give a folder of {'/'.join(image_io.IMAGE_EXTENSIONS)} files or a quoted glob")
     return paths
 
 
@@ -47,7 +47,7 @@ def write_outputs(out_dir: str, stem: str, img: Image.Image, amap: np.ndarray, m
                   maps: str = "png16") -> None:
     """<stem>_overlay.png, <stem>_map.png|.npy and <stem>_mask.png for one image at its own size."""
     h, w = amap.shape
-    rgb = datasets.prepare_image(img, (h, w))  # (h, w, 3) uint8: 16-bit and grey read as in training
+    rgb = image_io.prepare_image(img, (h, w))  # (h, w, 3) uint8: 16-bit and grey read as in training
     Image.fromarray(report.heat_overlay(rgb, amap, stem)).save(os.path.join(out_dir, f"{stem}_overlay.png"))
     if maps == "npy":
         np.save(os.path.join(out_dir, f"{stem}_map.npy"), amap.astype(np.float32))

@@ -13,7 +13,7 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from diff_fastener_jax.data import datasets
+from diff_fastener_jax.data import image_io
 from diff_fastener_jax.deploy.detector import Detector
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.evaluation import report
@@ -75,7 +75,7 @@ def create_app(det: Detector, *, max_upload_bytes: int = 20 * 2**20):
             if total > max_upload_bytes:
                 return error(413, f"upload too large (limit {max_upload_bytes} bytes)")
             try:
-                images.append(datasets.decode_bytes(data, f.filename or "upload"))
+                images.append(image_io.decode_bytes(data, f.filename or "upload"))
             except UserError as e:
                 return error(415, f"{e} (send PNG, JPEG, BMP or TIFF images)")
         try:
@@ -93,7 +93,7 @@ def create_app(det: Detector, *, max_upload_bytes: int = 20 * 2**20):
                  "model_version": version, "milliseconds": ms,
                  "width": img.size[0], "height": img.size[1]}
             if heatmap:
-                rgb = datasets.prepare_image(img, img.size[::-1])
+                rgb = image_io.prepare_image(img, img.size[::-1])
                 r["heatmap_png"] = _png_b64(report.heat_overlay(rgb, out.anomaly_maps[i], str(file[i].filename)))
             if mask:
                 r["mask_png"] = _png_b64(out.masks[i].astype(np.uint8) * 255)

@@ -1,0 +1,138 @@
+"""Image files and in-memory images -> the uint8 (H, W, 3) arrays every reader, predict and serve share.
+
+One conversion for every source (a dataset file, an upload, a numpy array): 8/16-bit, grey, palette and
+alpha become 8-bit RGB, resized bilinearly; masks are binarised and resized with nearest neighbours.
+Decoding failures raise DatasetError naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from diff_fastener_jax.errors import DatasetError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+
+def size_hw(size) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def open_image(path: str) -> Image.Image:
+    """Opens and fully decodes an image (truncated/corrupt files fail here, not later)."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"image file {path} does not exist")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+    return img
+
+
+def decode_bytes(data: bytes, name: str) -> Image.Image:
+    """Fully decodes an encoded image held in memory (an upload); DatasetError naming `name` if it is not one."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # the same failures as _open_fully
+        raise DatasetError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+    return img
+
+
+def _to_uint8_array(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 (H, W) or (H, W, C); 16-bit and float images are rescaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(img)
+
+
+def load_image(path: str, size) -> np.ndarray:
+    """Decodes `path` to uint8 (H, W, 3) at `size` (int or (H, W)) with bilinear resizing.
+
+    Greyscale, palette and alpha images become 3-channel RGB. Raises DatasetError naming the file if it
+    is missing or cannot be fully decoded.
+    """
+    return prepare_image(open_image(path), size)
+
+
+def array_to_pil(a: np.ndarray, where: str = "image array") -> Image.Image:
+    """An in-memory image, uint8 or uint16, (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> PIL image.
+
+    16-bit colour (which PIL cannot hold) is scaled to 8 bit exactly as 16-bit files are.
+    """
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))) or min(a.shape[:2]) < 1:
+        raise DatasetError(f"{where}: expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
+    if a.dtype == np.uint16:
+        if a.ndim == 2:
+            return Image.fromarray(a)  # mode I;16, rescaled by prepare_image
+        a = np.clip(a.astype(np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if a.dtype != np.uint8:
+        raise DatasetError(f"{where}: expected uint8 or uint16 pixels, got {a.dtype}")
+    return Image.fromarray(a)
+
+
+def prepare_image(img: Image.Image, size) -> np.ndarray:
+    """A decoded PIL image -> uint8 (H, W, 3) at `size`: the one conversion every image goes through
+    (8/16-bit, grey/palette/alpha -> RGB, bilinear resize)."""
+    h, w = size_hw(size)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = Image.fromarray(_to_uint8_array(img))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+
+
+def load_mask(path: str | None, size) -> np.ndarray:
+    """Binary mask float32 (H, W, 1) in {0, 1} at `size` (nearest resizing); zeros when `path` is None.
+
+    Pixels > 127 are defective. Masks stored as small label values (maximum in 1..127, e.g. 0/1 PNGs)
+    are read as 'nonzero = defective' instead, so they do not silently become empty.
+    """
+    h, w = size_hw(size)
+    if path is None:
+        return np.zeros((h, w, 1), np.float32)
+    img = open_image(path)
+    a = _to_uint8_array(img)
+    if a.ndim == 3:
+        a = a[..., :3].max(axis=-1) if a.shape[-1] >= 3 else a[..., 0]
+    top = int(a.max()) if a.size else 0
+    binary = a > (0 if 0 < top <= 127 else 127)
+    m = Image.fromarray(binary.astype(np.uint8) * 255)
+    if m.size != (w, h):
+        m = m.resize((w, h), Image.NEAREST)
+    return (np.asarray(m) > 127).astype(np.float32)[..., None]  # (H, W, 1)
+
+
+def image_to_float(image_u8: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (the networks' input range)."""
+    return image_u8.astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+def check_decodes(path: str) -> None:
+    """Decodes `path` once and drops the pixels; JPEGs decode at reduced scale (a truncated file
+    still fails: the decoder reads every entropy-coded block)."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}",
+                           hint="replace or remove the file; every listed image is checked at start-up") from e
