@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# One command for the GPU rows of benchmarks/RESULTS.md (H100 / H200), paper config, bf16 compute:
+# One command for the GPU measurements of docs/performance.md (H100 / H200), paper config, bf16 compute:
 #
 #   bash benchmarks/gpu.sh                    # from the repository root; JSON under ${OUT:-benchmarks}
 #
-# Compiling the paper's programs on XLA:GPU takes minutes of CPU time (H200, 2026-11-28: 96 s for the
-# inference, 183 s for the train step, 193 s with remat, 58 s for each initialisation, compiles sharing
-# 16 cores), and a lease is short. So it runs in two phases that share one persistent compilation
+# Compiling the paper's programs on XLA:GPU takes minutes of CPU time (on an H200 host with 16 cores,
+# compiles sharing them: 96 s for the inference, 183 s for the train step, 193 s with remat, 58 s for
+# each initialisation), and a lease is short. So it runs in two phases that share one persistent compilation
 # cache (CACHE, default /tmp/dfj_jax_cache):
 #   1. warm, all in parallel, nothing timed: `--init_only` (parameter and train-state initialisation,
 #      once per model variant) and `--compile_only` for each program below, without preallocating GPU
 #      memory. Their records (compile s, GFLOP/image, XLA's planned memory) are warm_*.json, logs warm_*.log.
 #   2. timed, one process after another, once every warm-up has ended: each loads its programs from the
 #      cache, runs one warm-up call and REPEATS timed ones, with the GPU and the CPU to itself. (Timing
-#      while other programs still compiled cost 14% of the inference and 45% of the train step's
-#      speed on the H200: RESULTS.md.) A warm-up still running when only the timed phase's share of
+#      while other programs still compile costs 14% of the inference and 45% of the train step's
+#      speed on the H200: docs/performance.md.) A warm-up still running when only the timed phase's share of
 #      BUDGET_S is left is stopped, and its program is not timed.
-# Programs: inference at INFER_BATCHES (default 128,256: one process compiles both in turn; 128 ran at
-# 296 img/s on the H200, 256 was not measured yet), the train step at TRAIN_BATCH (default 16, no
+# Programs: inference at INFER_BATCHES (default 128,256: one process compiles both in turn; 128 runs at
+# 296 img/s on the H200), the train step at TRAIN_BATCH (default 16, no
 # remat), and at REMAT_BATCH with model.remat=blocks (default 32; 0 skips it).
 # If the fused cuDNN attention fails to compile, the inference is retried with model.attention=xla.
 #

@@ -1,4 +1,4 @@
-r"""The paper's settings (Diff-Fastener, DESIGN.md §3-4): 256², base 128, DACM, Sparse-Skip, GELU.
+r"""The paper's settings (Diff-Fastener): 256², base 128, DACM, Sparse-Skip, GELU.
 
 Command (one host, all local GPUs):
 

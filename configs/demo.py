@@ -5,52 +5,43 @@ Command (600 steps of 4 images at 64 px; then evaluate and write the HTML report
   python -m diff_fastener_jax.train --config configs/demo.py --workdir runs/demo
   python -m diff_fastener_jax.evaluate --workdir runs/demo
 
-Recipe (issue 11):
+Recipe:
 - Data: one fastener per image (`data.demo_framing='fastener'`, a crop as inspection systems make),
   right-hand crops mirrored so the rail is always on the right. Each training image supplies its
   fastening zone as the foreground for synthesis.
 - Synthesis: Perlin masks whose cells are at least 8 px, filled by cut-paste (`data.cutpaste_prob=1.0`:
-  scene parts moved, only the visibly changed pixels labelled, so the labels follow object outlines;
-  0.5 until the seventh session, see the README).
+  scene parts moved, only the visibly changed pixels labelled, so the labels follow object outlines).
 - Loss: GLAD's anomaly-oriented noise target (`loss.anomaly_oriented_noise`), so the reconstruction net
   learns to undo anomalies rather than copy them. Noise steps drawn within 50 of the two that inference
   uses (`diffusion.train_t_window=50`; the paper draws t_s ~ U{0..299}, t_b ~ U{300..999}).
-- Optimiser: batch 4 (2 normal + 2 synthetic, the paper's batch) for 600 steps (900 until the ninth
-  session; batch 4 instead of 8 gives twice the updates for the same images). Peak rate 1e-3 with 40
+- Optimiser: batch 4 (2 normal + 2 synthetic, the paper's batch) for 600 steps (batch 4 rather than 8
+  gives twice the updates for the same images). Peak rate 1e-3 with 40
   warm-up steps and cosine decay, EMA 0.99 (warmed up), gradients clipped at 1.0.
 - Inference: the anomaly map is smoothed by a Gaussian of 2 px (`infer.map_sigma=8`, at 256²).
 
-Measured 2026-11-28 (ninth session) on the shared 2-core VM, test split scored by `evaluate`, seeds
-0 / 1: image AUROC 1.000 / 1.000 (every defect type 1.000 in both), pixel AUROC 0.967 / 0.971, AUPRO
-0.908 / 0.899 (goals 0.95 / 0.85: met). Training took 12 min 42 s alone on the VM at a measured
-0.15 TFLOP/s float32 matmul peak: 4.8 min at the goal's 0.40 TFLOP/s (goal 6). The whole train command
-took 13 min 48 s, and `evaluate` 26 s. At 900 steps (the recipe until this session, 5.7 min at 0.40),
-the same seeds give 0.979 / 0.974 and 0.934 / 0.911; with the paper's
-noise-step ranges (`--config.diffusion.train_t_window=0`) and 900 steps, 0.952 / 0.944 and
-0.840 / 0.828. The README's *Detection quality* section has the table of every step.
+On the test split scored by `evaluate`, seeds 0 / 1 reach image AUROC 1.000 / 1.000, pixel AUROC
+0.967 / 0.971 and AUPRO 0.908 / 0.899; docs/experiments.md has these runs and the studies behind each
+setting (steps, noise-step window, cut-paste share, map smoothing).
 
 `configs/demo.py:smoke` is a seconds-long version (32 px, one U-Net level, tiny widths) used by the test suite.
-`configs/demo.py:multiclass` trains ONE model on both built-in fastener types (issue 14):
+`configs/demo.py:multiclass` trains ONE model on both built-in fastener types:
 
   python -m diff_fastener_jax.train --config configs/demo.py:multiclass --workdir runs/demo_multi
   python -m diff_fastener_jax.evaluate --workdir runs/demo_multi     # per-category metrics + their mean
 """
 
-import os
-import sys
-
 import ml_collections
 
-# Config files are loaded by path; make `configs` importable from any working directory.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # noqa: E402
+# Config files are loaded by path (absl's config_flags, config.load_config): import from the installed
+# package only, never from `configs`, so that no working directory or import path is assumed.
+from diff_fastener_jax.config_schema import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Demo settings; `arg='smoke'` shrinks everything for tests."""
     if arg not in (None, "", "smoke", "multiclass"):
         raise ValueError(f"configs/demo.py: unknown preset {arg!r}; use no preset, 'smoke' or 'multiclass'")
-    c = default.get_config("demo")
+    c = base_config("demo")
     c.data.image_size = 64
     c.data.num_workers = 0
     c.data.demo_n_train = 64
@@ -64,8 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dacm_reduction = 8
     c.model.skip_every = 2  # = num_res_blocks + 1: one skip per level
     c.model.seg_channels = (16, 32, 64, 64)
-    # Short-run recipe: a 3x higher peak rate than the old constant 3e-4, warmed up and decayed so the
-    # last steps settle, an EMA of the weights (evaluated and validated), clipped gradients.
+    # Short-run recipe: a peak rate 3x the paper's constant 3e-4, warmed up and decayed so the last
+    # steps settle, an EMA of the weights (evaluated and validated), clipped gradients.
     c.optim.schedule = "warmup_cosine"
     c.optim.warmup_steps = 40
     c.optim.final_lr_fraction = 0.05
@@ -77,19 +68,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # changes labelled), and GLAD's anomaly-oriented noise target so the reconstruction net learns to
     # undo them (not only to copy its input).
     # Every synthetic anomaly is cut-paste: its label follows the visible change, so the segmentation net
-    # learns outlines rather than Perlin blobs. Against 0.5 (seventh session): seed 0, same masks, pixel
-    # AUROC 0.942 -> 0.952 and AUPRO 0.823 -> 0.840; seed 1 against the sixth session's run (old masks,
-    # which moved seed 0 by -0.002 / 0.000) 0.915 -> 0.944 and 0.757 -> 0.828.
+    # learns outlines rather than Perlin blobs (seed 0: pixel AUROC 0.952 against 0.942 with half of
+    # them cut-paste, AUPRO 0.840 against 0.823; docs/experiments.md).
     c.data.cutpaste_prob = 1.0
     c.loss.anomaly_oriented_noise = True
     # Train the noise predictor where one-step inference queries it: t_s within 50 steps of 200, t_b
     # within 50 of 400 (the paper draws over [0, 300) and [300, 1000)). A short run spends every update
-    # on the two steps that inference uses, and learns to restore a missing clip (ninth session: seed 0
-    # AUPRO 0.840 -> 0.934; the README's *Detection quality* has both seeds and MPDD).
+    # on the two steps that inference uses, and learns to restore a missing clip (seed 0 AUPRO 0.840
+    # with the paper's ranges, 0.934 with the window, both at 900 steps: docs/experiments.md).
     c.diffusion.train_t_window = 50
     c.train.batch_size = 4
-    # 600 steps since the ninth session (900 before): with the timestep window both seeds meet every goal
-    # at 600 (AUPRO 0.908 / 0.899; 0.934 / 0.911 at 900), and the demo takes two thirds of the time.
+    # 600 steps: with the timestep window both seeds meet every goal at 600 (AUPRO 0.908 / 0.899;
+    # 0.934 / 0.911 at 900), in two thirds of the time that 900 take.
     c.train.num_steps = 600
     c.train.log_every = 50
     c.train.checkpoint_every = 200

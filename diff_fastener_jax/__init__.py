@@ -1,6 +1,6 @@
 """diff_fastener_jax: one-step norm-guided diffusion anomaly detection in JAX/Flax."""
 
-__version__ = "0.1.0"
+from diff_fastener_jax.version import __version__
 
 
 def __getattr__(name):
@@ -13,13 +13,3 @@ def __getattr__(name):
 
 
 __all__ = ["Detector", "__version__"]
-
-
-def _reexec_with_hugepages():
-    # Before JAX is imported, and only for `python -m diff_fastener_jax.<cmd>` (see hostenv).
-    from diff_fastener_jax.perf import hostenv
-
-    hostenv.reexec_with_hugepages()
-
-
-_reexec_with_hugepages()

@@ -21,8 +21,8 @@ roofline on CPUs) is the fraction of peak. `--profile B` adds per-component timi
 (`perf/block_profile.py`). `--compile_only` compiles every requested program from abstract inputs
 and records compile time, FLOPs and `xla_peak_memory_bytes` without allocating or running anything.
 `--init_only` only initialises (and times) the parameters and the train state.
-Config overrides: `--config.a.b=v`, as in every command. The older spellings `--batch-sizes`,
-`--train-batch`, `--compile-only` are still understood, and `--set a.b=v` as a deprecated alias.
+Config overrides: `--config.a.b=v`, as in every command. The spellings `--batch-sizes`,
+`--train-batch`, `--compile-only` are understood too, and `--set a.b=v` as a deprecated alias.
 """
 
 from __future__ import annotations
@@ -51,17 +51,26 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """This command's flags (defined only when it runs: absl flags are process-global)."""
     cli.define_config("file")
-    flags.DEFINE_string("batch_sizes", "1,8,32",
-                        "inference batch sizes, comma separated ('' or 0: no inference, train step only)")
+    flags.DEFINE_string(
+        "batch_sizes", "1,8,32", "inference batch sizes, comma separated ('' or 0: no inference, train step only)"
+    )
     flags.DEFINE_integer("train_batch", None, "global train batch (default: train.batch_size; 0 skips it)")
-    flags.DEFINE_enum("dtype", None, ["auto", "float32", "bfloat16"],
-                      "compute dtype (sets model.dtype; auto = bfloat16 on GPU, float32 on CPU)")
+    flags.DEFINE_enum(
+        "dtype",
+        None,
+        ["auto", "float32", "bfloat16"],
+        "compute dtype (sets model.dtype; auto = bfloat16 on GPU, float32 on CPU)",
+    )
     flags.DEFINE_integer("repeats", 5, "timed calls per program (the median is reported)")
     flags.DEFINE_integer("profile", 0, "also time the components (U-Net pass, seg net, each block) at this batch")
-    flags.DEFINE_bool("compile_only", False,
-                      "only compile the programs: compile seconds, FLOPs, XLA's planned memory; runs nothing")
-    flags.DEFINE_bool("init_only", False,
-                      "only initialise the parameters and train state (timed): fills a persistent compilation cache")
+    flags.DEFINE_bool(
+        "compile_only", False, "only compile the programs: compile seconds, FLOPs, XLA's planned memory; runs nothing"
+    )
+    flags.DEFINE_bool(
+        "init_only",
+        False,
+        "only initialise the parameters and train state (timed): fills a persistent compilation cache",
+    )
     flags.DEFINE_string("out", None, "write the JSON record here")
 
 
@@ -71,8 +80,15 @@ def main(argv) -> int:
         FLAGS.config.model.dtype = FLAGS.dtype
     config = cli.get_config(check_data=False)  # synthetic inputs: no dataset is read
     train_batch = config.train.batch_size if FLAGS.train_batch is None else FLAGS.train_batch
-    result = measure(config, batch_sizes, train_batch, compile_only=FLAGS.compile_only, repeats=FLAGS.repeats,
-                     profile_batch=FLAGS.profile, init_only=FLAGS.init_only)
+    result = measure(
+        config,
+        batch_sizes,
+        train_batch,
+        compile_only=FLAGS.compile_only,
+        repeats=FLAGS.repeats,
+        profile_batch=FLAGS.profile,
+        init_only=FLAGS.init_only,
+    )
     result["config"] = config_flags.get_config_filename(FLAGS["config"])
     result["command"] = "python -m diff_fastener_jax.benchmark " + " ".join(sys.argv[1:])
     result["host_setup"] = hostenv.host_setup()  # malloc huge pages on or off (see hostenv)

@@ -35,9 +35,10 @@ What every command then gets:
   * Expected mistakes end as ONE `error: <what and where>` line, optionally followed by one
     `hint: <how to fix>` line, on stderr with exit status 2 and no traceback: any `errors.UserError`
     raised by the command (ConfigError, DatasetError, IncompatibleCheckpointError, ...), a missing
-    --config file, unknown or ill-typed overrides and flags, absl `app.UsageError`. `--verbose` (or
-    the environment variable `DFJ_VERBOSE=1`) prints the traceback first. Anything else is a bug and
-    keeps its traceback (exit 1).
+    --config file, unknown or ill-typed overrides and flags, a --workdir / --out that is a file,
+    absl `app.UsageError`. `--verbose` (or the environment variable `DFJ_VERBOSE=1`) prints the
+    traceback first. Anything else is a bug and keeps its traceback (exit 1).
+  * `DFJ_HUGEPAGES=1`: the command re-executes itself once with malloc huge pages (`perf.hostenv`).
 
 Public API: `run`, `define_config`, `get_config`, `fail`, `EXIT_USER_ERROR`.
 """
@@ -53,6 +54,7 @@ from absl import app, flags, logging
 
 from diff_fastener_jax import config as config_lib
 from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.perf import hostenv
 
 EXIT_USER_ERROR = 2
 FLAGS = flags.FLAGS
@@ -60,6 +62,7 @@ FLAGS = flags.FLAGS
 _SOURCE: dict[str, str] = {}  # config flag name -> "file" | "run"
 _HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "-?")
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=\s]+)")
+_FOLDER_FLAGS = ("workdir", "out")  # flags that name a folder to read or write
 
 
 def _define_common_flags() -> None:
@@ -87,11 +90,14 @@ def define_config(source: str = "file", name: str = "config"):
     _SOURCE[name] = source
     if source == "file":
         return config_flags.DEFINE_config_file(
-            name, None, "config file: configs/<x>.py[:preset]; override keys with --config.KEY=VALUE",
-            lock_config=True)
+            name, None, "config file: configs/<x>.py[:preset]; override keys with --config.KEY=VALUE", lock_config=True
+        )
     return config_flags.DEFINE_config_dict(
-        name, config_lib.base_config(), "override keys of the run's saved config with --config.KEY=VALUE",
-        lock_config=True)
+        name,
+        config_lib.base_config(),
+        "override keys of the run's saved config with --config.KEY=VALUE",
+        lock_config=True,
+    )
 
 
 def get_config(workdir: str | None = None, *, name: str = "config", validate: bool = True, check_data: bool = True):
@@ -143,8 +149,14 @@ def _verbose(argv=None) -> bool:
     return "--verbose" in (argv if argv is not None else sys.argv)
 
 
+# "diff-fastener <cmd>" when the console command (diff_fastener_jax/__main__.py) runs a command.
+PROGRAM_NAME: str | None = None
+
+
 def prog_name() -> str:
-    """`python -m diff_fastener_jax.<cmd>` for the running command."""
+    """`python -m diff_fastener_jax.<cmd>` (or `diff-fastener <cmd>`) for the running command."""
+    if PROGRAM_NAME:
+        return PROGRAM_NAME
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:
         return f"python -m {spec.name.removesuffix('.__main__')}"
@@ -176,20 +188,21 @@ def help_text(doc: str, show: tuple[str, ...] = ()) -> str:
     lines += [_flag_line(f) for f in own]
     if config_flags_:
         source = "the --config file" if _SOURCE[config_flags_[0].name] == "file" else "the run's config.json"
-        lines += ["  --config.KEY=VALUE",
-                  f"      override one key of {source} (repeatable), e.g. --config.train.num_steps=100;",
-                  "      every key: diff_fastener_jax/config_schema.py or --print_config"]
+        lines += [
+            "  --config.KEY=VALUE",
+            f"      override one key of {source} (repeatable), e.g. --config.train.num_steps=100;",
+            "      every key: diff_fastener_jax/config_schema.py or --print_config",
+        ]
     lines += [_flag_line(FLAGS[n]) for n in common if n in FLAGS]
     lines += ["", "errors end with one 'error:' line (and a 'hint:' line), exit status 2."]
     return "\n".join(lines)
 
 
 def _precheck(argv: list[str], required: tuple[str, ...]) -> None:
-    """Mistakes found before absl parses: unknown override keys, a missing --config file or flag."""
-    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    """Mistakes found before absl parses: a missing --config file or flag, an override without a file
+    (unknown override keys are refused before the flags are defined, in `run`)."""
+    args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
     keys = [m.group(1) for a in args if (m := _OVERRIDE.match(a))]
-    for key in keys:
-        config_lib.check_keys([key], where=f"--config.{key}")
     for name, source in _SOURCE.items():
         if source != "file":
             continue
@@ -207,8 +220,9 @@ def _precheck(argv: list[str], required: tuple[str, ...]) -> None:
             continue
         path = value.partition(":")[0]
         if not os.path.isfile(path):
-            raise config_lib.ConfigError(f"--{name} {value}: file {path} does not exist",
-                                         hint=config_lib._config_files_hint(path))
+            raise config_lib.ConfigError(
+                f"--{name} {value}: file {path} does not exist", hint=config_lib._config_files_hint(path)
+            )
 
 
 def _override_hint(message: str) -> str | None:
@@ -219,8 +233,23 @@ def _override_hint(message: str) -> str | None:
     known = config_lib.known_keys()
     if m.group(1) in known:
         default = known[m.group(1)]
-        return f"{m.group(1)} expects {type(default).__name__} values, e.g. --config.{m.group(1)}={default!r}"
+        example = config_lib.example_value(m.group(1))
+        return f"{m.group(1)} expects {type(default).__name__} values, e.g. --config.{m.group(1)}={example!r}"
     return config_lib.suggest_key(m.group(1))
+
+
+def check_folder_flag(name: str, path: str | None) -> None:
+    """Raises UserError when --`name` (a folder to read or write) is a file, or lies below one."""
+    if not path:
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.isfile(probe):
+        where = "" if probe == os.path.abspath(path) else f" ({probe} is a file)"
+        raise UserError(
+            f"--{name} {path} is not a folder{where}", hint=f"pass a folder for --{name} (it is created if missing)"
+        )
 
 
 def _without_traceback(message: str) -> str:
@@ -232,17 +261,26 @@ def _without_traceback(message: str) -> str:
     return f"{head}: {last}" if head else last
 
 
-def run(main, doc: str | None = None, *, define_flags=None, required: tuple[str, ...] = (),
-        show: tuple[str, ...] = (), argv: list[str] | None = None) -> None:
+def run(
+    main,
+    doc: str | None = None,
+    *,
+    define_flags=None,
+    required: tuple[str, ...] = (),
+    show: tuple[str, ...] = (),
+    argv: list[str] | None = None,
+) -> None:
     """Runs absl-style `main(argv)` with the conventions above; never returns (exits with main's status).
 
     `doc` is the --help text (pass the module's `__doc__`); `define_flags()` defines the command's
     flags; `required` names flags that must be given; `show` names flags defined in other modules that
     this command uses (listed in --help); `argv` defaults to sys.argv.
     """
+    if argv is None:
+        hostenv.reexec_with_hugepages()  # DFJ_HUGEPAGES=1 only; before anything is parsed or loaded
     argv = list(sys.argv if argv is None else argv)
     sys.argv = argv  # ml_collections reads the overrides from sys.argv
-    head = argv[:argv.index("--")] if "--" in argv else argv
+    head = argv[: argv.index("--")] if "--" in argv else argv
     try:
         # Unknown override keys first: ml_collections reads the overrides as soon as --config is defined.
         for key in (m.group(1) for a in head[1:] if (m := _OVERRIDE.match(a))):
@@ -279,6 +317,9 @@ def run(main, doc: str | None = None, *, define_flags=None, required: tuple[str,
             for name in required:
                 if name in FLAGS and FLAGS[name].value is None:
                     raise app.UsageError(f"--{name} is required")
+            for name in _FOLDER_FLAGS:
+                if name in FLAGS:
+                    check_folder_flag(name, FLAGS[name].value)
             if not FLAGS["verbosity"].present:  # orbax logs every save/restore at INFO
                 logging.set_verbosity(logging.WARNING)
             return main(args)

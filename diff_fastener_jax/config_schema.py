@@ -2,15 +2,125 @@
 
 `configs/*.py` start from `base_config()` and change values; `validate_config` refuses keys that are
 not in this schema, so a typo in a config file fails before anything compiles.
+
+The allowed values of every enumerated key are the tuples below, defined once beside the defaults;
+`config.validate_config` and the code that implements the choices import them from here. The first
+entry of each is the paper's choice where it has one.
 """
 
 import ml_collections
 
 DATA_PRESETS = ("mvtec", "visa", "fastener", "demo")
+DATA_FORMATS = ("mvtec", "visa", "folder", "demo")
+FOREGROUNDS = ("otsu", "full")
+DEMO_FRAMINGS = ("fastener", "track")  # one fastener per image (a crop) | the whole sleeper crossing
+ACTIVATIONS = ("gelu", "silu", "relu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # 'auto': bfloat16 on GPUs/TPUs, float32 on CPUs
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_MODES = ("none", "blocks")
+SEG_CLASS_CONDITIONINGS = ("channels", "film")
+SCHEDULES = ("linear", "cosine")
+LR_SCHEDULES = ("constant", "warmup_cosine")
+# learning-rate schedules whose rate at a step depends on train.num_steps (the decay horizon)
+STEP_DEPENDENT_LR_SCHEDULES = ("warmup_cosine",)
+INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm", "adaptive")
+ANOMALY_MAPS = ("segmentation", "recon_error")
+# infer.tiling, for models trained on data.patch_size crops: 'tiles' (overlapping patch-size tiles,
+# stitched) | 'whole' (the network applied to the whole image at once, fully convolutionally)
+TILINGS = ("tiles", "whole")
+TILE_STRIDE_HALF_PATCH = 0  # infer.tile_stride 0: half the patch size
+# eval.reference: the reference detectors fitted on the training normals and reported beside the model
+REFERENCE_DETECTORS = ("all", "global_stats", "pixel_gaussian", "none")
+# train.select_on: validation metric -> 'min' (lower is better) or 'max'; 'last' keeps the final step
+SELECT_METRICS = {
+    "val_recon_error": "min",
+    "val_image_auroc": "max",
+    "val_pixel_auroc": "max",
+    "val_pixel_aupro": "max",
+    # on data.val_anomalies (real defective images) against the held-out normals
+    "val_real_image_auroc": "max",
+    "val_real_pixel_auroc": "max",
+}
+# the SELECT_METRICS that need data.val_anomalies
+REAL_VAL_METRICS = ("val_real_image_auroc", "val_real_pixel_auroc")
+SELECT_ON = ("last", *SELECT_METRICS)
+
+# train.num_steps: this value (the default) derives the step count from train.num_epochs
+NUM_STEPS_FROM_EPOCHS = -1
+# data.fold: this value (the default) trains on every fold (no k-fold split)
+NO_FOLD = -1
+# eval.threshold: below 0 the image-score threshold is calibrated on validation normals (eval.fpr_target)
+CALIBRATE_THRESHOLD = -1.0
+
+# data.resize (RESIZE_MODES): 'square' = both sides become data.image_size (the paper; non-square images
+# are squashed) | 'short_side' = the short side becomes data.image_size, the long side keeps the aspect
+# ratio | 'long_side' = the long side becomes data.image_size; the scaled side is rounded to a multiple
+# of the networks' total stride
+RESIZE_MODES = ("square", "short_side", "long_side")
+PATCH_OFF = 0  # data.patch_size: train on whole images (the paper)
+INT_OR_PAIR_KEYS = ("data.image_size",)  # keys that take an int or an (H, W) pair
+# data.synthesis: 'family:share,...' over these families (shares are relative weights); '' = the
+# paper's Perlin blend, with data.cutpaste_prob of the draws cut-paste instead
+SYNTHESIS_FAMILIES = ("perlin", "cutpaste", "crack", "pore", "intensity", "blur")
+SYNTHESIS_FROM_CUTPASTE_PROB = ""
+
+
+def parse_synthesis(text: str) -> tuple[tuple[str, float], ...]:
+    """data.synthesis 'perlin:0.5,crack:0.3,pore' -> (('perlin', 0.5), ('crack', 0.3), ('pore', 1.0)):
+    the families in the order given with their shares normalised to sum 1 (a family without ':share'
+    weighs 1); () for ''. Raises ValueError naming the bad part."""
+    parts = [p.strip() for p in str(text or "").split(",") if p.strip()]
+    weights: dict[str, float] = {}
+    for part in parts:
+        name, _, share = part.partition(":")
+        name = name.strip()
+        if name not in SYNTHESIS_FAMILIES:
+            raise ValueError(f"unknown synthesis family {name!r} (families: {', '.join(SYNTHESIS_FAMILIES)})")
+        if name in weights:
+            raise ValueError(f"names the family {name!r} twice")
+        try:
+            weight = float(share) if share.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"share {share!r} of {name!r} is not a number") from None
+        if not weight > 0 or weight == float("inf"):
+            raise ValueError(f"share of {name!r} must be a positive number, got {share!r}")
+        weights[name] = weight
+    total = sum(weights.values())
+    return tuple((name, w / total) for name, w in weights.items())
+
+
+# Values the hint of an ill-typed override shows for the keys whose default is a sentinel (the other
+# keys show their default)
+HINT_EXAMPLES = {"train.num_steps": 100, "data.fold": 0, "eval.threshold": 0.5}
+
+# Resuming a run (its workdir holds checkpoints): the keys, and every key of the sections ending in
+# '.', whose change alters what the restored state is trained on; a change is refused unless
+# train.allow_resume_changes. train.num_steps joins them under a STEP_DEPENDENT_LR_SCHEDULES schedule.
+RESUME_FIXED = (
+    "seed",
+    "model.",
+    "diffusion.",
+    "loss.",
+    "optim.",
+    "train.batch_size",
+    "data.format",
+    "data.category",
+    "data.image_size",
+    "data.resize",
+    "data.patch_size",
+    "data.cutpaste_prob",
+    "data.synthesis",
+)
+# ... except these, which change how the same function is computed, not what is trained
+RESUME_FREE = ("model.attention", "model.remat")
+
+# Keys that nothing reads and the schema leaves out: a saved config.json that holds them loads, and
+# they are dropped without an error (`config.migrate_saved`).
+DROPPED_KEYS = ("eval.pixel_bins",)
 
 
 def model_config() -> ml_collections.ConfigDict:
-    """Network sizes (DESIGN.md §3)."""
+    """Network sizes (Diff-Fastener's reconstruction U-Net on DiffusionAD's, and its segmentation U-Net)."""
     m = ml_collections.ConfigDict()
     m.in_channels = 3
     m.base_channels = 128
@@ -19,7 +129,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.attention_resolutions = (32, 16, 8)  # feature-map sizes (pixels) that get self-attention
     m.num_heads = 4
     m.num_groups = 32  # GroupNorm groups (clamped to the channel count for tiny widths)
-    m.activation = "gelu"  # 'gelu' (paper) | 'silu' (reference)
+    m.activation = "gelu"  # ACTIVATIONS: 'gelu' (paper) | 'silu' (reference) | 'relu'
     m.dropout = 0.0
     m.skip_every = 3  # Sparse-Skip: keep every k-th encoder skip; 1 = dense (reference)
     m.use_dacm = True
@@ -30,16 +140,16 @@ def model_config() -> ml_collections.ConfigDict:
     # the segmentation net's anomaly probability per pixel at initialisation (its head bias is
     # logit(prior)); 0.5 = a zero bias, as in the paper's code
     m.seg_head_prior = 0.5
-    # compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16' | 'float16';
+    # compute dtype (DTYPES): 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16' | 'float16';
     # params are always float32
     m.dtype = "auto"
-    # self-attention kernel: 'auto' (cuDNN's fused kernel on GPUs in 16-bit compute, else XLA) | 'xla' | 'cudnn'
+    # self-attention kernel (ATTENTION_IMPLS): 'auto' (cuDNN's fused kernel on GPUs in 16-bit compute, else XLA) | 'xla' | 'cudnn'
     m.attention = "auto"
-    # rematerialisation in the train step: 'none' (fastest) | 'blocks' (recompute every res/attention
+    # rematerialisation in the train step (REMAT_MODES): 'none' (fastest) | 'blocks' (recompute every res/attention
     # block in the backward pass: ~1/5 more FLOPs, 1.5x the CPU step time, a third of the planned memory)
     m.remat = "none"
     # unified multi-category models (data.category 'a,b' or 'all'): how the segmentation net gets the
-    # class ('channels': one-hot input planes | 'film': per-level scale and shift); the reconstruction
+    # class (SEG_CLASS_CONDITIONINGS; 'channels': one-hot input planes | 'film': per-level scale and shift); the reconstruction
     # U-Net always adds a learned class embedding to its time embedding
     m.seg_class_conditioning = "channels"
     return m
@@ -57,14 +167,29 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.data.root = ""  # dataset root (for 'demo': where to generate; default <workdir>/demo_data)
     # one category, several ('a,b': ONE model conditioned on the class) or 'all' (every category under root)
     c.data.category = "fastener" if preset in ("fastener", "demo") else ""
-    c.data.image_size = 256
+    c.data.image_size = 256  # int, or (H, W) with data.resize='square'
+    c.data.resize = "square"  # RESIZE_MODES (see there); every reader and image load use the same rule
+    # > 0: train on random P x P crops of the resized images (synthesis inside the crop): a step costs a
+    # P x P step whatever the image size; PATCH_OFF (0) = whole images (the paper)
+    c.data.patch_size = PATCH_OFF
     c.data.val_fraction = 0.1  # held-out slice of train/good for validation and threshold calibration
     c.data.texture_dir = ""  # optional folder of anomaly source textures (e.g. DTD); never downloaded
-    c.data.foreground = "otsu"  # 'otsu' (objects) | 'full' (textures); used when no masks are supplied
+    c.data.foreground = "otsu"  # FOREGROUNDS: 'otsu' (objects) | 'full' (textures); used when no masks are supplied
     # share of synthetic anomalies that are cut-paste (a Perlin-masked, opaque, shifted copy of the image
     # itself: normal-looking pixels in the wrong place, like a missing or displaced part) instead of a
     # blended texture; 0 = the paper's synthesis only
     c.data.cutpaste_prob = 0.0
+    # SYNTHESIS_FAMILIES with shares, e.g. 'perlin:0.5,cutpaste:0.2,crack:0.15,pore:0.1,intensity:0.05':
+    # 'perlin' = the paper's Perlin-masked texture blend, 'cutpaste' = see data.cutpaste_prob, 'crack' =
+    # thin dark or bright random-walk cracks and scratches 1-3 px wide, 'pore' = small dark or bright
+    # spots, 'intensity' = low-contrast brightness patches, 'blur' = blurred patches; all drawn inside
+    # the foreground and labelled where the pixels visibly change. SYNTHESIS_FROM_CUTPASTE_PROB ('') =
+    # 'perlin' with data.cutpaste_prob of the draws cut-paste (the paper's synthesis at 0)
+    c.data.synthesis = SYNTHESIS_FROM_CUTPASTE_PROB
+    # optional folder of a few REAL defective images (directly or in <type>/ sub-folders; masks, if any,
+    # in its <data.mask_dir>/[<type>/]<stem>*.png as in the folder layout): used only for validation
+    # and checkpoint selection (val_real_image_auroc), never for training or threshold calibration
+    c.data.val_anomalies = ""
     c.data.foreground_dir = "foreground"  # <category>/<this>/<stem>.png: supplied foreground masks, if present
     c.data.num_workers = 2  # grain worker processes (0 = in-process)
     c.data.prefetch = 2  # per-worker buffer (batches)
@@ -76,16 +201,18 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # demo generator (format 'demo')
     c.data.demo_n_train = 64
     c.data.demo_n_test = 48
-    c.data.demo_framing = "fastener"  # 'fastener': one fastener per image (a crop) | 'track': both, small
-    # k-fold protocol (crossval.py sets these): fold -1 = no fold split
+    c.data.demo_framing = (
+        "fastener"  # DEMO_FRAMINGS: 'fastener': one fastener per image (a crop) | 'track': both, small
+    )
+    # k-fold protocol (crossval.py sets these): fold NO_FOLD (-1) = no fold split, else in [0, num_folds)
     c.data.num_folds = 5
-    c.data.fold = -1
+    c.data.fold = NO_FOLD
 
     c.model = model_config()
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.T = 1000
-    c.diffusion.schedule = "linear"  # 'linear' | 'cosine'
+    c.diffusion.schedule = "linear"  # SCHEDULES: 'linear' | 'cosine'
     c.diffusion.beta_start = 1e-4
     c.diffusion.beta_end = 0.02
     c.diffusion.tau = 300  # training: t_s ~ U{0..tau-1}, t_b ~ U{tau..T-1}
@@ -109,7 +236,8 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr_recon = 1e-4
     c.optim.lr_seg = 1e-4
-    c.optim.schedule = "constant"  # 'constant' (paper) | 'warmup_cosine' (needs train.num_steps > 0)
+    # LR_SCHEDULES: 'constant' (paper) | 'warmup_cosine' (needs train.num_steps > 0: the decay horizon)
+    c.optim.schedule = "constant"
     c.optim.warmup_steps = 0  # linear warm-up steps of 'warmup_cosine'
     c.optim.final_lr_fraction = 0.05  # 'warmup_cosine' ends at this fraction of the peak rate
     # 0 disables EMA (and keeps no EMA copy); the decay warms up as min(decay, (1 + n) / (10 + n))
@@ -131,13 +259,18 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.infer.adaptive_delta = 0.1
     c.infer.adaptive_margin = 1
     c.infer.adaptive_fusion_gain = 5.0
-    c.infer.map = "segmentation"  # 'segmentation' | 'recon_error' (seed 002 baseline)
+    c.infer.map = "segmentation"  # ANOMALY_MAPS: 'segmentation' | 'recon_error' (seed 002 baseline)
     # Gaussian smoothing of the anomaly map before scoring, sigma in pixels at 256² (scaled with the
-    # image side); 0 = the paper's raw map. Smoothing trades the sharpness of the map's edges for fewer
+    # square root of the map's area, the same in both directions); 0 = the paper's raw map. Smoothing trades the sharpness of the map's edges for fewer
     # isolated false-positive pixels (PatchCore smooths with sigma 4 at 224²).
     c.infer.map_sigma = 0.0
     c.infer.batch_size = 16
     c.infer.seed = 0
+    # data.patch_size > 0: how the patch-trained network covers a whole image at data.image_size (TILINGS):
+    # 'tiles' = overlapping patch-size tiles every infer.tile_stride px (TILE_STRIDE_HALF_PATCH = half a
+    # patch), Hann-weighted and stitched into one full-size map | 'whole' = one fully convolutional pass
+    c.infer.tiling = "tiles"
+    c.infer.tile_stride = TILE_STRIDE_HALF_PATCH
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 4  # GLOBAL; even and divisible by 2 x devices (half normal, half synthetic)
@@ -145,7 +278,9 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # of it accumulates gradients over microbatches (lax.scan) in the same step: the same update, a
     # fraction of the activation memory (fits the paper's batch where it does not fit whole)
     c.train.microbatch = 0
-    c.train.num_steps = -1  # -1: derive from num_epochs
+    # > 0: the number of steps; NUM_STEPS_FROM_EPOCHS (-1, the only other value allowed): derive it
+    # from train.num_epochs passes over the normal training images
+    c.train.num_steps = NUM_STEPS_FROM_EPOCHS
     c.train.num_epochs = 1500
     c.train.checkpoint_every = 2000
     c.train.keep_checkpoints = 3
@@ -154,15 +289,25 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.train.val_batches = 4
     # which checkpoint the run keeps (calibrated, evaluated, exported): 'last', or the best validation
     # step by 'val_recon_error' (lowest) | 'val_image_auroc' | 'val_pixel_auroc' | 'val_pixel_aupro'
-    # (highest); validation = held-out normals + synthetic anomalies, never the test set
+    # (highest); validation = held-out normals + synthetic anomalies, never the test set; with
+    # data.val_anomalies also 'val_real_image_auroc' | 'val_real_pixel_auroc' (held-out normals + those
+    # real defective images)
     c.train.select_on = "last"
     c.train.tensorboard = False
+    # Resuming a run (its workdir holds checkpoints) with settings that change what is trained (model,
+    # diffusion, loss, optimiser, batch size, seed, the step count under a step-dependent learning-rate
+    # schedule) is refused, naming what changed; True resumes anyway: the restored step continues under
+    # the new settings (a schedule is the new one read at the restored step, so the rate can jump).
+    c.train.allow_resume_changes = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.fpr_target = 0.01  # label threshold: this FPR on held-out normal validation images
-    c.eval.threshold = -1.0  # >= 0: use this image-score threshold instead
+    c.eval.threshold = CALIBRATE_THRESHOLD  # >= 0: use this image-score threshold instead
     c.eval.aupro_limit = 0.3
     c.eval.num_panels = 6
-    c.eval.pixel_bins = 10000  # ignored: pixel metrics are exact since issue 11; kept so older runs load
+    # REFERENCE_DETECTORS: baselines fitted on the training normals only and scored on the same test
+    # split ('global_stats': the best of four grey-level image statistics; 'pixel_gaussian': a per-pixel
+    # Gaussian of the normals, z-score map, top-K score)
+    c.eval.reference = "all"
 
     return c

@@ -6,8 +6,9 @@ r"""The paper's k-fold protocol over the normal images: train and evaluate each 
 Example:
   python -m diff_fastener_jax.crossval --config configs/demo.py --workdir runs/demo_cv --folds 5
 
-Fold k holds out the k-th fifth of the normal training images: the model trains on the rest and is
-evaluated on the held-out normals plus the test split's anomalies. Each fold is an ordinary run in
+Fold k holds out the k-th of `--folds` equal parts of the normal training images: the model trains on
+the rest and is evaluated on the held-out normals plus the test split's anomalies. Each fold is an
+ordinary run in
 `<workdir>/fold_<k>` (resumable); the summary (mean ± std per metric) goes to
 `<workdir>/crossval.json` and `<workdir>/crossval.html`, one row per fold to `<workdir>/crossval.csv`.
 """

@@ -1,4 +1,4 @@
-"""Diffusion maths as pure functions (DESIGN.md §2): schedules, noising, norm-guided one-step
+"""Diffusion maths as pure functions (DDPM, DiffusionAD): schedules, noising, norm-guided one-step
 reconstruction, iterative DDIM/DDPM reconstruction, per-example randomness.
 
 Conventions: images are NHWC in [-1, 1]; timesteps are int32 (B,) indices into the schedule, 0-based
@@ -57,8 +57,7 @@ def _cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarr
     return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
 
 
-def make_schedule(T: int = 1000, kind: str = "linear", beta_start: float = 1e-4,
-                  beta_end: float = 0.02) -> Schedule:
+def make_schedule(T: int = 1000, kind: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
     """Builds the schedule tables in float64 and stores them float32.
 
     kind: 'linear' (betas evenly spaced from beta_start to beta_end, DDPM) or 'cosine' (improved DDPM,
@@ -69,8 +68,10 @@ def make_schedule(T: int = 1000, kind: str = "linear", beta_start: float = 1e-4,
     T = int(T)
     if kind == "linear":
         if not (0.0 < beta_start <= beta_end < 1.0):
-            raise ValueError("diffusion.beta_start/beta_end: need 0 < beta_start <= beta_end < 1, "
-                             f"got beta_start={beta_start}, beta_end={beta_end}")
+            raise ValueError(
+                "diffusion.beta_start/beta_end: need 0 < beta_start <= beta_end < 1, "
+                f"got beta_start={beta_start}, beta_end={beta_end}"
+            )
         betas = _linear_betas(T, beta_start, beta_end)
     elif kind == "cosine":
         betas = _cosine_betas(T)
@@ -107,6 +108,7 @@ def schedule_from_config(diffusion_cfg: Any) -> Schedule:
 
 # ----------------------------------------------------------------------------- noising
 
+
 def _per_sample(table: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
     """table[t] shaped (B, 1, 1, ...) to broadcast over every axis of `like` after the batch axis."""
     coef = table[jnp.asarray(t, jnp.int32)]  # (B,)
@@ -132,20 +134,31 @@ def x0_from_eps(sched: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -
 
 # ----------------------------------------------------------------------------- norm-guided one step
 
+
 def _eps_both(eps_fn: EpsFn, x_small, t_small, x_big, t_big, fuse_passes: bool):
     """eps for both noise scales; fused = one eps_fn call on the batch-concatenation (2B, ...)."""
     if fuse_passes:
         b = x_small.shape[0]
-        eps = eps_fn(jnp.concatenate([x_small, x_big], axis=0),
-                     jnp.concatenate([jnp.asarray(t_small, jnp.int32), jnp.asarray(t_big, jnp.int32)]))
+        eps = eps_fn(
+            jnp.concatenate([x_small, x_big], axis=0),
+            jnp.concatenate([jnp.asarray(t_small, jnp.int32), jnp.asarray(t_big, jnp.int32)]),
+        )
         return _float(eps[:b]), _float(eps[b:])
     return _float(eps_fn(x_small, t_small)), _float(eps_fn(x_big, t_big))
 
 
-def norm_guided_reconstruction(eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_small: jax.Array,
-                               t_big: jax.Array, noise_small: jax.Array, noise_big: jax.Array,
-                               w: float = 1.0, fuse_passes: bool = True) -> dict[str, jax.Array]:
-    """One-step norm-guided reconstruction (DESIGN.md §2, steps 1-6).
+def norm_guided_reconstruction(
+    eps_fn: EpsFn,
+    sched: Schedule,
+    x: jax.Array,
+    t_small: jax.Array,
+    t_big: jax.Array,
+    noise_small: jax.Array,
+    noise_big: jax.Array,
+    w: float = 1.0,
+    fuse_passes: bool = True,
+) -> dict[str, jax.Array]:
+    """One-step norm-guided reconstruction (DiffusionAD's norm-guided one-step denoising, steps 1-6 below).
 
     x (B, H, W, C) in [-1, 1]; t_small, t_big (B,) int with t_small < t_big; noise_* like x.
       1. x_s = q_sample(x, t_s, n1), x_b = q_sample(x, t_b, n2)
@@ -169,11 +182,20 @@ def norm_guided_reconstruction(eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_s
     x_guide = q_sample(sched, x0_big, t_small, eps_small)
     eps_hat = eps_small - w * _per_sample(sched.sqrt_1m_ab, t_small, x) * (x_guide - x_small)
     recon = jnp.clip(x0_from_eps(sched, x_small, t_small, eps_hat), -1.0, 1.0)
-    return {"recon": recon, "x_small": x_small, "x_big": x_big, "eps_small": eps_small,
-            "eps_big": eps_big, "x0_big": x0_big, "x_guide": x_guide, "eps_hat": eps_hat}
+    return {
+        "recon": recon,
+        "x_small": x_small,
+        "x_big": x_big,
+        "eps_small": eps_small,
+        "eps_big": eps_big,
+        "x0_big": x0_big,
+        "x_guide": x_guide,
+        "eps_hat": eps_hat,
+    }
 
 
 # ----------------------------------------------------------------------------- per-example randomness
+
 
 def example_keys(key: jax.Array, step: jax.Array | int, global_indices: jax.Array) -> jax.Array:
     """keys[i] = fold_in(fold_in(key, step), global_indices[i]).
@@ -186,8 +208,7 @@ def example_keys(key: jax.Array, step: jax.Array | int, global_indices: jax.Arra
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.asarray(global_indices, jnp.int32))
 
 
-def per_example_normal(keys: jax.Array, shape_per_example: tuple[int, ...],
-                       dtype: Any = jnp.float32) -> jax.Array:
+def per_example_normal(keys: jax.Array, shape_per_example: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     """Standard normals (B, *shape_per_example), row i drawn from keys[i] alone."""
     return jax.vmap(lambda k: jax.random.normal(k, tuple(shape_per_example), dtype))(keys)
 
@@ -209,6 +230,7 @@ def _normal_like(key: jax.Array, x: jax.Array, salt: jax.Array | int) -> jax.Arr
 
 # ----------------------------------------------------------------------------- iterative reconstruction
 
+
 def _check_t_start(sched: Schedule, t_start: int) -> int:
     if isinstance(t_start, bool) or not isinstance(t_start, (int, np.integer)) or not 0 <= t_start < sched.T:
         raise ValueError(f"t_start must be a Python int in [0, T={sched.T}), got {t_start!r}")
@@ -226,8 +248,9 @@ def ddim_timesteps(t_start: int, num_steps: int) -> np.ndarray:
     return np.round(np.linspace(t_start, 0, num_steps)).astype(np.int32)
 
 
-def ddim_reconstruct(eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_start: int, num_steps: int,
-                     key: jax.Array) -> jax.Array:
+def ddim_reconstruct(
+    eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_start: int, num_steps: int, key: jax.Array
+) -> jax.Array:
     """Noise x to t_start, then deterministic DDIM (eta = 0) down to a clean image.
 
     x (B, H, W, C) in [-1, 1]; t_start, num_steps Python ints. eps is evaluated at num_steps times
@@ -258,8 +281,7 @@ def ddim_reconstruct(eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_start: int,
     return jnp.clip(x_out, -1.0, 1.0)
 
 
-def ddpm_reconstruct(eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_start: int,
-                     key: jax.Array) -> jax.Array:
+def ddpm_reconstruct(eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_start: int, key: jax.Array) -> jax.Array:
     """Noise x to t_start, then ancestral DDPM sampling t_start, t_start-1, ..., 0.
 
     Each step predicts x0 (clipped to [-1, 1]) and draws x_{t-1} ~ N(c0[t] x0 + ct[t] x_t, var[t])
@@ -286,9 +308,20 @@ def ddpm_reconstruct(eps_fn: EpsFn, sched: Schedule, x: jax.Array, t_start: int,
 
 # ----------------------------------------------------------------------------- GLAD adaptive step
 
-def adaptive_reconstruct(eps_fn: EpsFn, sched: Schedule, x: jax.Array, noise: jax.Array, *, t_max: int,
-                         num_steps: int, delta: float, margin: int, fusion_gain: float,
-                         score_fn: Callable[[jax.Array], jax.Array]) -> dict[str, jax.Array]:
+
+def adaptive_reconstruct(
+    eps_fn: EpsFn,
+    sched: Schedule,
+    x: jax.Array,
+    noise: jax.Array,
+    *,
+    t_max: int,
+    num_steps: int,
+    delta: float,
+    margin: int,
+    fusion_gain: float,
+    score_fn: Callable[[jax.Array], jax.Array],
+) -> dict[str, jax.Array]:
     """GLAD's adaptive denoising step (seed 003 §3.3) with spatial-adaptive fusion (§3.4), per image,
     batched in one program.
 
@@ -346,8 +379,13 @@ def adaptive_reconstruct(eps_fn: EpsFn, sched: Schedule, x: jax.Array, noise: ja
         return (x_next, found | hit, stop, d_stop, x0_in_stop), s
 
     x_start = q_sample(sched, x, jnp.full((b,), t_max, jnp.int32), noise)
-    init = (x_start, jnp.zeros((b,), bool), jnp.full((b,), n_steps - 1, jnp.int32),
-            jnp.zeros(x.shape[:-1], jnp.float32), jnp.zeros_like(x))
+    init = (
+        x_start,
+        jnp.zeros((b,), bool),
+        jnp.full((b,), n_steps - 1, jnp.int32),
+        jnp.zeros(x.shape[:-1], jnp.float32),
+        jnp.zeros_like(x),
+    )
     xs = (idx, jnp.asarray(times), ab_next)
     (_, _, stop, d_stop, x0_in_stop), step_scores = lax.scan(detect, init, xs)
     start = jnp.maximum(stop - margin, 0)  # (B,)
@@ -366,8 +404,12 @@ def adaptive_reconstruct(eps_fn: EpsFn, sched: Schedule, x: jax.Array, noise: ja
 
     recon, _ = lax.scan(reconstruct, x_start, xs)
     times_j = jnp.asarray(times)
-    return {"recon": jnp.clip(recon, -1.0, 1.0), "start_step": times_j[start], "stop_step": times_j[stop],
-            "step_scores": jnp.moveaxis(step_scores, 0, 1)}
+    return {
+        "recon": jnp.clip(recon, -1.0, 1.0),
+        "start_step": times_j[start],
+        "stop_step": times_j[stop],
+        "step_scores": jnp.moveaxis(step_scores, 0, 1),
+    }
 
 
 def recon_error_map(x: jax.Array, recon: jax.Array) -> jax.Array:

@@ -29,18 +29,32 @@ def define_flags() -> None:
     """This command's flags (defined only when it runs, so importing the module defines none)."""
     cli.define_config("run")
     flags.DEFINE_string("workdir", None, "training run folder (holds config.json and checkpoints/)")
-    flags.DEFINE_integer("checkpoint", None, "step to evaluate (default: the step selected on validation, else the latest)")
+    flags.DEFINE_integer(
+        "checkpoint", None, "step to evaluate (default: the step selected on validation, else the latest)"
+    )
     flags.DEFINE_string("out", None, "output folder (default: <workdir>/eval)")
-    flags.DEFINE_boolean("recalibrate", False,
-                         "calibrate the threshold again on the held-out normals instead of using detector.json's")
+    flags.DEFINE_boolean(
+        "recalibrate", False, "calibrate the threshold again on the held-out normals instead of using detector.json's"
+    )
 
 
 def main(argv) -> int:
     config = cli.get_config(workdir=FLAGS.workdir)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
     result = evaluate_workdir(FLAGS.workdir, out, FLAGS.checkpoint, config=config, recalibrate=FLAGS.recalibrate)
-    keys = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro",
-            "threshold", "precision", "recall", "images_per_second", "num_images"]
+    keys = [
+        "image_auroc",
+        "image_ap",
+        "image_f1_max",
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_aupro",
+        "threshold",
+        "precision",
+        "recall",
+        "images_per_second",
+        "num_images",
+    ]
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=1))
     print(f"wrote {out}/metrics.json and {out}/report.html")
     return 0

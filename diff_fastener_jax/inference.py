@@ -1,8 +1,13 @@
 """The one inference program (`make_infer_fn`) and batched, data-parallel scoring with it.
 
-Inference noise is FIXED per model: drawn once from `infer.seed` for the model's image shape and used
+Inference noise is FIXED per model: drawn once from `infer.seed` for the network's input shape and used
 for every image, so a score is a function of the parameters and the image alone (the same in
 evaluate, predict, the exported programs and the service, whatever the batch size or order).
+
+A model trained on `data.patch_size` P x P crops scores a whole image at `data.image_size` inside the
+same program: overlapping P x P tiles (`infer.tiling='tiles'`, every `infer.tile_stride` px) run through
+the networks as one batch and are stitched into one full-size map (`tiling`), or the networks run once on
+the whole image (`infer.tiling='whole'`). Every tile gets the same P x P noise.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from diff_fastener_jax import diffusion
-from diff_fastener_jax.config import ANOMALY_MAPS, INFER_METHODS
+from diff_fastener_jax import diffusion, parallel, tiling
+from diff_fastener_jax.config_schema import (
+    ANOMALY_MAPS,
+    INFER_METHODS,
+    PATCH_OFF,
+    TILE_STRIDE_HALF_PATCH,
+    TILINGS,
+)
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models, tile_rows
 from diff_fastener_jax.perf import xla_options
-from diff_fastener_jax.training import parallel
 
 
 class InferOutputs(NamedTuple):
@@ -47,8 +57,9 @@ def prepare_inference(config, params):
     return make_infer_fn(config), place_params(params, mesh), mesh
 
 
-def run_infer(infer: Callable, params, images: np.ndarray, mesh=None, pad_to: int = 0,
-              class_ids: np.ndarray | None = None):
+def run_infer(
+    infer: Callable, params, images: np.ndarray, mesh=None, pad_to: int = 0, class_ids: np.ndarray | None = None
+):
     """One batch through `infer`, padded (to `pad_to` rows, then to the device count) and split over the mesh.
 
     Padding every batch to one size means one compilation. `class_ids` (N,) int: each image's category
@@ -77,17 +88,25 @@ def run_infer(infer: Callable, params, images: np.ndarray, mesh=None, pad_to: in
 def sample_batches(samples, size: int, batch_size: int, with_masks: bool = False):
     """Yields (images (b, H, W, 3) in [-1, 1],) [+ masks (b, H, W)] per chunk of dataset samples."""
     for i0 in range(0, len(samples), batch_size):
-        arrays = datasets.load_arrays(samples[i0:i0 + batch_size], size)
+        arrays = datasets.load_arrays(samples[i0 : i0 + batch_size], size)
         if with_masks:
             yield arrays["image"], arrays["mask"][..., 0]
         else:
             yield (arrays["image"],)
 
 
-def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray, ...]], *,
-                     mesh=None, total: int | None = None, on_batch: Callable | None = None,
-                     show_progress: bool = True, pad_to: int = 0,
-                     class_ids: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+def score_in_batches(
+    infer: Callable,
+    params,
+    batches: Iterable[tuple[np.ndarray, ...]],
+    *,
+    mesh=None,
+    total: int | None = None,
+    on_batch: Callable | None = None,
+    show_progress: bool = True,
+    pad_to: int = 0,
+    class_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, float]:
     """Scores every (images, *extra) batch; returns (scores (N,), seconds inside inference).
 
     `on_batch(i0, images, outputs, *extra)` sees each batch's `InferOutputs` (for streaming metrics);
@@ -98,7 +117,7 @@ def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray
     bar = ProgressBar(total or 0, "images", disable=not (show_progress and total))
     for images, *extra in batches:
         t = time.perf_counter()
-        cls = None if class_ids is None else class_ids[done:done + images.shape[0]]
+        cls = None if class_ids is None else class_ids[done : done + images.shape[0]]
         out = run_infer(infer, params, images, mesh, pad_to, class_ids=cls)
         infer_s += time.perf_counter() - t
         if on_batch is not None:
@@ -111,10 +130,59 @@ def score_in_batches(infer: Callable, params, batches: Iterable[tuple[np.ndarray
 
 
 def model_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """(H, W, C) of the images the model takes."""
+    """(H, W, C) of the images the inference program takes (`data.image_size`, the evaluation resolution)."""
     size = config.data.image_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(h), int(w), int(config.model.in_channels)
+
+
+def patch_size(config: ml_collections.ConfigDict) -> int:
+    """P of the P x P crops a patch-trained model learns from; PATCH_OFF (0) = the model sees whole images."""
+    return int(config.data.patch_size)
+
+
+def network_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(h, w, C) of the networks' input: (P, P, C) for a patch-trained model, else `model_image_shape`."""
+    p = patch_size(config)
+    return (p, p, int(config.model.in_channels)) if p != PATCH_OFF else model_image_shape(config)
+
+
+def tile_stride(config: ml_collections.ConfigDict) -> int:
+    """`infer.tile_stride` in px (TILE_STRIDE_HALF_PATCH: half the patch size, at least 1)."""
+    stride = int(config.infer.tile_stride)
+    return stride if stride != TILE_STRIDE_HALF_PATCH else max(1, patch_size(config) // 2)
+
+
+def uses_tiles(config: ml_collections.ConfigDict) -> bool:
+    """Whether inference cuts images into patch-size tiles (a patch-trained model with `infer.tiling='tiles'`
+    on images larger than one patch)."""
+    p = patch_size(config)
+    h, w, _ = model_image_shape(config)
+    return p != PATCH_OFF and config.infer.tiling == "tiles" and (h, w) != (p, p)
+
+
+def tiling_record(config: ml_collections.ConfigDict) -> dict:
+    """How the program covers an image, for detector.json: {} for a whole-image model, else the patch,
+    the mode and, for tiles, the stride and the tile grid."""
+    p = patch_size(config)
+    if p == PATCH_OFF:
+        return {}
+    out = {"patch_size": p, "tiling": str(config.infer.tiling)}
+    if uses_tiles(config):
+        plan_h, plan_w = tile_plans(config)
+        out.update(
+            tile_stride=tile_stride(config),
+            tiles=[len(plan_h.origins), len(plan_w.origins)],
+            stitch="Hann-weighted, weights normalised to sum to one at every pixel; every tile the same noise",
+        )
+    return out
+
+
+def tile_plans(config: ml_collections.ConfigDict) -> tuple[tiling.AxisPlan, tiling.AxisPlan]:
+    """The row and column tile plans of the evaluation resolution (see `tiling.axis_plan`)."""
+    h, w, _ = model_image_shape(config)
+    p, stride = patch_size(config), tile_stride(config)
+    return tiling.axis_plan(h, p, stride), tiling.axis_plan(w, p, stride)
 
 
 def top_k_count(config: ml_collections.ConfigDict, height: int, width: int) -> int:
@@ -153,38 +221,61 @@ def smoothing_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
 
 
 def map_smoothing(config: ml_collections.ConfigDict, height: int, width: int) -> tuple[float, float]:
-    """(sigma_h, sigma_w) in pixels of the model's map: `infer.map_sigma` at 256², scaled with each side."""
-    sigma = float(config.infer.map_sigma)
-    return sigma * height / 256.0, sigma * width / 256.0
+    """(sigma_h, sigma_w) in pixels of the model's map: `infer.map_sigma` at 256², scaled with the square
+    root of the map's area (the side of a square map), the same in both directions so a non-square map
+    is smoothed isotropically."""
+    sigma = float(config.infer.map_sigma) * float(np.sqrt(height * width)) / 256.0
+    return sigma, sigma
 
 
 def smooth_map(amap: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
-    """Gaussian-smoothed anomaly map: rows @ amap @ cols.T per image. (N, H, W) -> (N, H, W)."""
+    """Gaussian-smoothed anomaly map: rows @ amap @ cols.T per image, clipped to [0, 1]. (N, H, W) -> (N, H, W).
+
+    The weights sum to 1 only up to float32 rounding: a saturated region comes out a few ulp above 1
+    (1.0000001), which the metrics refuse as a probability, so the map is clipped here, inside the
+    one program that evaluate, predict and the exported files all run.
+    """
     amap = jnp.einsum("hk,nkw->nhw", rows.astype(np.float32), amap)
-    return jnp.einsum("nhk,wk->nhw", amap, cols.astype(np.float32))
+    return jnp.clip(jnp.einsum("nhk,wk->nhw", amap, cols.astype(np.float32)), 0.0, 1.0)
 
 
 def fixed_noise(config: ml_collections.ConfigDict) -> np.ndarray:
-    """The model's inference noise, float32 (2, H, W, C): [0] for t_small, [1] for t_big, from `infer.seed`.
+    """The model's inference noise, float32 (2, h, w, C) at the network's input shape
+    (`network_image_shape`): [0] for t_small, [1] for t_big, from `infer.seed`. Every tile gets this noise.
 
     A numpy constant (not a PRNG key) so the exported StableHLO and ONNX programs embed it as data.
     """
-    shape = (2,) + model_image_shape(config)
+    shape = (2,) + network_image_shape(config)
     return np.asarray(jax.random.normal(jax.random.key(config.infer.seed), shape, jnp.float32))
+
+
+def whole_image_noise(noise: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The patch noise (2, P, P, C) repeated over a whole (height, width) image: (2, height, width, C).
+    A whole-image pass then sees, at every tile-aligned position, the noise that tile would get."""
+    p_h, p_w = noise.shape[1:3]
+    reps = (1, -(-height // p_h), -(-width // p_w), 1)
+    return np.tile(noise, reps)[:, :height, :width]
 
 
 def check_infer_config(config: ml_collections.ConfigDict) -> None:
     """Refuses inference settings the program cannot run (before anything is traced)."""
     d = config.diffusion
     if not 0 <= d.eval_t_small < d.eval_t_big < d.T:
-        raise ValueError(f"diffusion: need 0 <= eval_t_small ({d.eval_t_small}) < eval_t_big ({d.eval_t_big}) < T ({d.T})")
+        raise ValueError(
+            f"diffusion: need 0 <= eval_t_small ({d.eval_t_small}) < eval_t_big ({d.eval_t_big}) < T ({d.T})"
+        )
     if config.infer.method not in INFER_METHODS:
-        raise ValueError(f"infer.method must be {', '.join(INFER_METHODS[:-1])} or {INFER_METHODS[-1]}, "
-                         f"got {config.infer.method!r}")
+        raise ValueError(
+            f"infer.method must be {', '.join(INFER_METHODS[:-1])} or {INFER_METHODS[-1]}, got {config.infer.method!r}"
+        )
     if config.infer.map not in ANOMALY_MAPS:
         raise ValueError(f"infer.map must be 'segmentation' or 'recon_error', got {config.infer.map!r}")
     if not config.infer.map_sigma >= 0:
         raise ValueError(f"infer.map_sigma must be >= 0 (pixels at 256²), got {config.infer.map_sigma}")
+    if config.infer.tiling not in TILINGS:
+        raise ValueError(f"infer.tiling must be one of {TILINGS}, got {config.infer.tiling!r}")
+    if uses_tiles(config):
+        tile_plans(config)  # raises if the patch does not fit the image or the stride is out of range
 
 
 def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool = True) -> Callable:
@@ -192,7 +283,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     denoise_step)` (for jit, jax.export, ONNX). `class_ids` (N,) int32, each image's category, is
     required by (and only by) a unified multi-category model.
 
-    images (N, H, W, C) in [-1, 1] at the model's size; recon (N, H, W, C); anomaly_map (N, H, W) in
+    images (N, H, W, C) in [-1, 1] at `data.image_size` (tiled for a patch-trained model: module docstring); recon (N, H, W, C); anomaly_map (N, H, W) in
     [0, 1] (segmentation probability, or |x - recon| averaged over channels / 2 for
     `infer.map='recon_error'`), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
     top-K map values; denoise_step (N,) int32, the
@@ -208,21 +299,46 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     sched = diffusion.schedule_from_config(config.diffusion)
     d = config.diffusion
     shape = model_image_shape(config)
-    noise = fixed_noise(config)  # (2, H, W, C)
+    noise = fixed_noise(config)  # (2, h, w, C) at the network's input shape
+    tiled = uses_tiles(config)
+    if tiled:
+        plan_h, plan_w = tile_plans(config)
+        num_tiles = len(plan_h.origins) * len(plan_w.origins)
+    elif noise.shape[1:] != shape:  # a patch-trained model run on the whole image at once
+        noise = whole_image_noise(noise, shape[0], shape[1])  # (2, H, W, C)
     # ddim/ddpm: every row gets the same raw uint32 key, hence the same noise at every step.
     raw_key = np.asarray(jax.random.key_data(jax.random.key(config.infer.seed)))  # (2,) uint32
     k = top_k_count(config, shape[0], shape[1])
+    k_pass = top_k_count(config, noise.shape[1], noise.shape[2])  # adaptive: per network input (tile)
     sigma_h, sigma_w = map_smoothing(config, shape[0], shape[1])
     smooth_rows, smooth_cols = smoothing_matrix(shape[0], sigma_h), smoothing_matrix(shape[1], sigma_w)
     method = config.infer.method
 
     def infer(params, images, class_ids=None):
         if tuple(images.shape[1:]) != shape:
-            raise ValueError(f"infer: images must be (N, {', '.join(map(str, shape))}) for this model, "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(
+                f"infer: images must be (N, {', '.join(map(str, shape))}) for this model, got {tuple(images.shape)}"
+            )
         if bool(recon_net.num_classes) != (class_ids is not None):
-            raise ValueError(f"infer: this model has {recon_net.num_classes} classes; pass class_ids (N,) "
-                             "exactly when it has some")
+            raise ValueError(
+                f"infer: this model has {recon_net.num_classes} classes; pass class_ids (N,) exactly when it has some"
+            )
+        if not tiled:
+            recon, amap, step = network_pass(params, images, class_ids)
+        else:  # every image's tiles in one batch, image after image; one class id per tile
+            tile_ids = None if class_ids is None else jnp.repeat(class_ids, num_tiles)
+            recon, amap, step = network_pass(
+                params, tiling.extract_tiles(images, plan_h, plan_w, noise.shape[1]), tile_ids
+            )
+            recon = tiling.stitch_tiles(recon, plan_h, plan_w)  # (N, H, W, C)
+            amap = tiling.stitch_tiles(amap, plan_h, plan_w)  # (N, H, W)
+            step = jnp.max(step.reshape(-1, num_tiles), axis=1)  # (N,): the latest start of any tile
+        if sigma_h > 0:
+            amap = smooth_map(amap, smooth_rows, smooth_cols)
+        return InferOutputs(recon, amap, top_k_score(amap, k), step)
+
+    def network_pass(params, images, class_ids):
+        """The networks on (n, h, w, C) inputs at the noise's shape: (recon, raw map (n, h, w), step (n,))."""
         n = images.shape[0]
         n1 = jnp.broadcast_to(noise[0], images.shape)  # (N, H, W, C)
         n2 = jnp.broadcast_to(noise[1], images.shape)
@@ -236,32 +352,41 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
 
         if method == "norm_guided":
             recon = diffusion.norm_guided_reconstruction(
-                eps_fn, sched, images, t_s, t_b, n1, n2, w=d.guidance_w, fuse_passes=fuse_passes)["recon"]
+                eps_fn, sched, images, t_s, t_b, n1, n2, w=d.guidance_w, fuse_passes=fuse_passes
+            )["recon"]
         elif method == "one_step":
             x_b = diffusion.q_sample(sched, images, t_b, n2)
             recon = jnp.clip(diffusion.x0_from_eps(sched, x_b, t_b, eps_fn(x_b, t_b)), -1.0, 1.0)
         elif method == "adaptive":
             a = config.infer
             out = diffusion.adaptive_reconstruct(
-                eps_fn, sched, images, n2, t_max=int(a.adaptive_t_max), num_steps=int(a.ddim_steps),
-                delta=float(a.adaptive_delta), margin=int(a.adaptive_margin),
-                fusion_gain=float(a.adaptive_fusion_gain), score_fn=lambda d: top_k_score(d, k))
+                eps_fn,
+                sched,
+                images,
+                n2,
+                t_max=int(a.adaptive_t_max),
+                num_steps=int(a.ddim_steps),
+                delta=float(a.adaptive_delta),
+                margin=int(a.adaptive_margin),
+                fusion_gain=float(a.adaptive_fusion_gain),
+                score_fn=lambda d: top_k_score(d, k_pass),
+            )
             recon, step = out["recon"], out["start_step"]
         else:
             keys = jnp.broadcast_to(raw_key, (n, raw_key.shape[0]))  # (N, 2)
             if method == "ddim":
-                recon = diffusion.ddim_reconstruct(eps_fn, sched, images, int(d.eval_t_big),
-                                                   int(config.infer.ddim_steps), keys)
+                recon = diffusion.ddim_reconstruct(
+                    eps_fn, sched, images, int(d.eval_t_big), int(config.infer.ddim_steps), keys
+                )
             else:
                 recon = diffusion.ddpm_reconstruct(eps_fn, sched, images, int(d.eval_t_big), keys)
         if config.infer.map == "segmentation":
-            amap = seg_net.apply({"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1),
-                                 class_ids=class_ids)[..., 0]
+            amap = seg_net.apply(
+                {"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1), class_ids=class_ids
+            )[..., 0]
         else:
             amap = diffusion.recon_error_map(images, recon) / 2.0  # [-1, 1] images: error in [0, 2]
-        if sigma_h > 0:
-            amap = smooth_map(amap, smooth_rows, smooth_cols)
-        return InferOutputs(recon, amap, top_k_score(amap, k), step)
+        return recon, amap, step
 
     return infer
 

@@ -8,8 +8,6 @@ import os
 import sys
 import time
 
-import jax
-
 
 def format_seconds(s: float) -> str:
     """12345 -> '3h25m45s'."""
@@ -24,11 +22,19 @@ def format_seconds(s: float) -> str:
 class ProgressBar:
     """A tqdm bar on a terminal; plain lines (at most one per `every_s` seconds, and the last) otherwise.
 
-        bar = ProgressBar(total, "images"); bar.update(n); ...; bar.close()
+    bar = ProgressBar(total, "images"); bar.update(n); ...; bar.close()
     """
 
-    def __init__(self, total: int, label: str = "images", *, initial: int = 0, file=None,
-                 every_s: float = 10.0, disable: bool = False):
+    def __init__(
+        self,
+        total: int,
+        label: str = "images",
+        *,
+        initial: int = 0,
+        file=None,
+        every_s: float = 10.0,
+        disable: bool = False,
+    ):
         self.total, self.label, self.n = int(total), label, int(initial)
         self.file = sys.stderr if file is None else file
         self.disable = disable
@@ -39,8 +45,9 @@ class ProgressBar:
         if not disable and _is_terminal(self.file):
             from tqdm.auto import tqdm
 
-            self._tqdm = tqdm(total=self.total, initial=self.n, unit=" " + label, file=self.file,
-                              dynamic_ncols=True, leave=True)
+            self._tqdm = tqdm(
+                total=self.total, initial=self.n, unit=" " + label, file=self.file, dynamic_ncols=True, leave=True
+            )
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -82,6 +89,8 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str, filename: str = "metrics.jsonl", quiet: bool = False):
+        import jax  # here, not at the top: ProgressBar serves the JAX-free predict command too
+
         self.is_writer = jax.process_index() == 0
         self.path = os.path.join(workdir, filename)
         self.quiet = quiet
@@ -95,8 +104,11 @@ class MetricsWriter:
         try:
             from tensorboardX import SummaryWriter
         except ImportError as e:
-            print(f"[warn] train.tensorboard=True but tensorboardX is not installed ({e}); JSON lines only. "
-                  f"Install it with: pip install 'diff-fastener-jax[tensorboard]'", file=sys.stderr)
+            print(
+                f"[warn] train.tensorboard=True but tensorboardX is not installed ({e}); JSON lines only. "
+                f"Install it with: pip install 'diff-fastener-jax[tensorboard]'",
+                file=sys.stderr,
+            )
             return
         self._tb = SummaryWriter(logdir)
 
@@ -105,12 +117,37 @@ class MetricsWriter:
         if self.is_writer and not self.quiet and _is_terminal(sys.stdout):
             self._bar = ProgressBar(total, "steps", initial=initial, file=sys.stdout)
 
+    def resume_at(self, step: int) -> None:
+        """Makes the file what it was at checkpoint `step`, before a resumed (or restarted, step 0) run
+        writes again: drops every record of a later step (those steps are redone), the events that the
+        run writes again ("start"/"resume" at `step`, "selected", "done") and a torn last line."""
+        if not self.is_writer or not os.path.isfile(self.path):
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the crash
+                    continue
+                at = record.get("step")
+                later = isinstance(at, (int, float)) and at > step
+                rewritten = record.get("event") in ("selected", "done") or (
+                    record.get("event") in ("start", "resume") and at == step
+                )
+                if line.endswith("\n") and not later and not rewritten:
+                    kept.append(line)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
     def write(self, record: dict, console: str | None = None) -> None:
         if not self.is_writer:
             return
         record = {"time": time.time(), **{k: _plain(v) for k, v in record.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: non-finite values are null
         if self._tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
@@ -134,7 +171,9 @@ class MetricsWriter:
 
 
 def _plain(v):
+    """A numpy/JAX scalar as a Python one; NaN and infinities as None (JSON has no such numbers)."""
     try:
-        return v.item()
+        v = v.item()
     except AttributeError:
-        return v
+        pass
+    return None if isinstance(v, float) and not math.isfinite(v) else v

@@ -14,4 +14,10 @@ fi
 config=$1; workdir=$2; shift 2
 # Let XLA use most of the GPU memory up front and keep the input pipeline off the GPU.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# malloc huge pages for XLA:CPU's temporaries (docs/configuration.md#huge-pages): glibc reads the
+# tunable at process start; a tunable the caller set already is kept.
+case "${GLIBC_TUNABLES:-}" in
+  *glibc.malloc.hugetlb=*) ;;
+  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
+esac
 exec python -m diff_fastener_jax.train --config "$config" --workdir "$workdir" "$@"

@@ -1,7 +1,7 @@
 """One trained smoke model shared by the deployment tests (detector, export, predict, serve).
 
-The trained model is conftest's session-wide `smoke_run` fixture (the whole suite trains it once);
-`smoke_export(tmp_path_factory, run)` exports it once per session.
+The trained model is conftest's `smoke_run` fixture (the whole suite trains it once);
+`smoke_export(tmp_path_factory, run)` exports it once per pytest run (`helpers.shared_once`).
 """
 
 import os
@@ -18,11 +18,36 @@ def smoke_test_images(workdir: str, n: int | None = None) -> list[str]:
 
 
 def smoke_export(tmp_path_factory, run: str) -> str:
-    """An export folder (model.stablehlo, model.onnx with a fixed batch of 2, params, detector.json)
-    of the smoke run, written once per session (across xdist workers, like the run itself)."""
-    from conftest import shared_once
+    """An export folder (model.stablehlo, model.onnx with a dynamic batch, params, detector.json)
+    of the smoke run, written once per pytest run (across xdist workers, like the run itself)."""
+    from helpers import shared_once
 
     from diff_fastener_jax.deploy.export import export_run
 
-    return shared_once(tmp_path_factory, "smoke_export",
-                       lambda out: export_run(run, out, onnx_batch=2, log=lambda *_: None))
+    return shared_once(tmp_path_factory, "smoke_export", lambda out: export_run(run, out, log=lambda *_: None))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """An 8-bit RGB PNG of width x height whose pixel data stops after the first row: a valid
+    signature, IHDR and one short IDAT. `Image.open` reads its size from it: a few dozen bytes that
+    declare any number of pixels (a decompression bomb to a header check)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    first_row = zlib.compress(b"\0" * (1 + 3 * min(width, 1024)))  # the start of the pixel data only
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", first_row)
+
+
+def png_bytes(a) -> bytes:
+    """A uint8 array encoded as PNG."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed, tiny_config
+from helpers import perturbed, tiny_config
 
 from diff_fastener_jax import diffusion
 from diff_fastener_jax.inference import make_infer_fn
@@ -112,17 +112,27 @@ def test_adaptive_matches_a_per_image_float64_reference_and_grows_with_the_anoma
     template = _template()
     images = _images_with_growing_anomalies(template)  # (5, H, W, 3)
     noise = np.random.default_rng(0).standard_normal((1, H, W, 3)).repeat(len(images), 0)  # the model's one noise
-    out = jax.jit(lambda x, n: diffusion.adaptive_reconstruct(
-        _eps_fn_jax(sched, template), sched, x, n, t_max=T_MAX, num_steps=STEPS, delta=DELTA, margin=MARGIN,
-        fusion_gain=GAIN, score_fn=lambda d: jnp.mean(jax.lax.top_k(d.reshape(d.shape[0], -1), TOP_K)[0], -1)))(
-        jnp.asarray(images, jnp.float32), jnp.asarray(noise, jnp.float32))
+    out = jax.jit(
+        lambda x, n: diffusion.adaptive_reconstruct(
+            _eps_fn_jax(sched, template),
+            sched,
+            x,
+            n,
+            t_max=T_MAX,
+            num_steps=STEPS,
+            delta=DELTA,
+            margin=MARGIN,
+            fusion_gain=GAIN,
+            score_fn=lambda d: jnp.mean(jax.lax.top_k(d.reshape(d.shape[0], -1), TOP_K)[0], -1),
+        )
+    )(jnp.asarray(images, jnp.float32), jnp.asarray(noise, jnp.float32))
     eps_np = _eps_fn_np(sched, template)
     starts, stops = [], []
     for i in range(len(images)):
         recon, start, stop, scores = _reference_one_image(eps_np, sched, images[i], noise[i])
         starts.append(start), stops.append(stop)
         np.testing.assert_allclose(np.asarray(out["recon"][i]), recon, atol=2e-4)
-        np.testing.assert_allclose(np.asarray(out["step_scores"][i, :len(scores)]), scores, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out["step_scores"][i, : len(scores)]), scores, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out["start_step"]), starts)
     np.testing.assert_array_equal(np.asarray(out["stop_step"]), stops)
     # GLAD's observation: the stronger the anomaly, the larger the step it needs (and gets).
@@ -143,10 +153,10 @@ def test_adaptive_refuses_bad_settings():
         diffusion.adaptive_reconstruct(lambda x, t: x, sched, x, x, t_max=900, margin=-1, **kwargs)
 
 
-@pytest.mark.slow  # compiles the adaptive program (30 U-Net passes) twice
 def test_adaptive_infer_program_reports_each_images_step_and_is_batch_independent():
-    config = tiny_config(**{"infer.method": "adaptive", "infer.ddim_steps": 4, "infer.adaptive_t_max": 600,
-                            "infer.adaptive_delta": 0.02})
+    config = tiny_config(
+        **{"infer.method": "adaptive", "infer.ddim_steps": 4, "infer.adaptive_t_max": 600, "infer.adaptive_delta": 0.02}
+    )
     # Perturbed: the zero-initialised output layers would give eps = 0.
     params = perturbed(init_params(config, jax.random.key(0)), 1)
     rng = np.random.default_rng(0)
@@ -157,7 +167,7 @@ def test_adaptive_infer_program_reports_each_images_step_and_is_batch_independen
     steps = np.asarray(out.denoise_step)
     assert steps.dtype == np.int32 and set(steps.tolist()) <= set(diffusion.ddim_timesteps(600, 4).tolist())
     for i in range(3):
-        one = infer(params, jnp.asarray(images[i:i + 1]))
+        one = infer(params, jnp.asarray(images[i : i + 1]))
         assert int(one.denoise_step[0]) == steps[i]
         np.testing.assert_allclose(np.asarray(one.score)[0], np.asarray(out.score)[i], rtol=1e-5, atol=1e-6)
 
@@ -171,8 +181,9 @@ def test_evaluate_with_adaptive_steps_writes_each_images_step(smoke_run, tmp_pat
     from diff_fastener_jax.evaluation import evaluate
     from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
-    config = load_run_config(smoke_run, {"infer.method": "adaptive", "infer.ddim_steps": "3",
-                                         "infer.adaptive_t_max": "600"})
+    config = load_run_config(
+        smoke_run, {"infer.method": "adaptive", "infer.ddim_steps": "3", "infer.adaptive_t_max": "600"}
+    )
     params, _ = load_run_params(smoke_run, config)
     out = tmp_path / "eval"
     evaluate.evaluate_run(config, params, str(out), show_progress=False)

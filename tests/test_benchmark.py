@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMOKE_CONFIG, TWO_LEVELS, perturbed, run_cli, subprocess_env, tiny_config
+from helpers import SMOKE_CONFIG, TWO_LEVELS, perturbed, run_cli, subprocess_env, tiny_config
 
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.inference import make_infer_fn
@@ -15,9 +15,9 @@ from diff_fastener_jax.models import count_params, init_params
 from diff_fastener_jax.perf import benchmark, block_profile, hardware, hostenv, xla_options
 from diff_fastener_jax.training.train_step import make_loss_fn
 
-# bfloat16 vs float32 one-step inference on the two-level smoke config of 2026-11-28 (32 px, channel
-# mults (1, 2), attention at 16 x 16) with perturbed params (measured on
-# XLA:CPU, jax 0.10.2: map max |diff| 0.013-0.015, mean 0.002; score max |diff| 0.0006-0.0013;
+# bfloat16 vs float32 one-step inference on the smoke config with two levels (TWO_LEVELS: 32 px,
+# channel mults (1, 2), attention at 16 x 16) and perturbed params, on XLA:CPU: map max |diff|
+# 0.013-0.015, mean 0.002; score max |diff| 0.0006-0.0013;
 # recon max |diff| 0.007-0.023; the 64 px demo config gives map max 0.02-0.036, score 0.001-0.0015).
 # The tolerances leave about 3x headroom over the smoke config's measurements.
 BF16_MAP_MAX_ABS = 0.05
@@ -31,7 +31,6 @@ def perturbed_params(config, scale=0.05, seed=0):
     return perturbed(init_params(config, jax.random.key(seed)), seed + 1, scale)
 
 
-@pytest.mark.slow  # compiles whole programs in two dtypes or for several batches: outside the inner loop
 def test_bfloat16_inference_close_to_float32():
     # The two-level model that the tolerances were measured on: under these perturbed weights the
     # one-level smoke model's maps are nearly flat (std 0.050) and differ 10x less (max 0.0013).
@@ -56,9 +55,11 @@ def test_bfloat16_inference_close_to_float32():
 def _grads(config, params):
     b, s = 4, config.data.image_size
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
-             "mask": jnp.asarray(rng.uniform(size=(b, s, s, 1)) > 0.9, jnp.float32),
-             "is_synthetic": jnp.asarray([0.0, 1.0, 0.0, 1.0])}
+    batch = {
+        "image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
+        "mask": jnp.asarray(rng.uniform(size=(b, s, s, 1)) > 0.9, jnp.float32),
+        "is_synthetic": jnp.asarray([0.0, 1.0, 0.0, 1.0]),
+    }
     t = jnp.arange(b, dtype=jnp.int32) * 10
     n1 = jax.random.normal(jax.random.key(5), (b, s, s, 3))
     n2 = jax.random.normal(jax.random.key(6), (b, s, s, 3))
@@ -66,7 +67,6 @@ def _grads(config, params):
     return jax.jit(jax.grad(lambda p: loss_fn(p, batch, t, t + 300, n1, n2, jax.random.key(0))[0]))(params)
 
 
-@pytest.mark.slow  # compiles whole programs in two dtypes or for several batches: outside the inner loop
 def test_bfloat16_loss_terms_are_float32():
     config = tiny_config(**{"model.dtype": "bfloat16"})
     params = perturbed_params(config)
@@ -79,12 +79,12 @@ def test_bfloat16_loss_terms_are_float32():
     assert total.dtype == jnp.float32
     assert all(v.dtype == jnp.float32 and bool(jnp.isfinite(v)) for v in terms.values())
     # Gradients reach the float32 params as float32 (shapes and dtypes only: no compile needed).
-    grads = jax.eval_shape(jax.grad(lambda p: loss_fn(p, batch, t, t + 300, noise, noise, jax.random.key(0))[0]),
-                           params)
+    grads = jax.eval_shape(
+        jax.grad(lambda p: loss_fn(p, batch, t, t + 300, noise, noise, jax.random.key(0))[0]), params
+    )
     assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
 
 
-@pytest.mark.slow  # compiles whole programs in two dtypes or for several batches: outside the inner loop
 def test_bfloat16_gradients_close_to_float32():
     """bf16 compute keeps gradients close to float32 (bias adds, and so bias gradients, stay float32)."""
     c32 = tiny_config()
@@ -100,17 +100,29 @@ def test_bfloat16_gradients_close_to_float32():
         ratio = float(np.linalg.norm(b)) / norm
         worst.append((rel, ratio, jax.tree_util.keystr(path)))
     worst.sort(reverse=True)
-    # bf16 rounding gives a few percent (median ~2%); measured with float32 bias adds: max 0.18 (the
-    # one-level smoke model since 2026-11-29: max 0.15, median 0.7%, norm ratios 0.99-1.09).
+    # bf16 rounding gives a few percent (median ~2%); with float32 bias adds: max 0.18 (on the
+    # one-level smoke model: max 0.15, median 0.7%, norm ratios 0.99-1.09).
     assert worst[0][0] < 0.35, worst[:3]
     assert all(0.75 < ratio < 1.33 for _, ratio, _ in worst), [w for w in worst if not 0.75 < w[1] < 1.33]
 
 
-@pytest.mark.slow  # runs the whole benchmark command: end to end
 def test_benchmark_command_writes_record(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_cli("benchmark", "--config", SMOKE_CONFIG, "--batch_sizes", "1,4", "--train_batch", "4",
-                   "--repeats", "1", "--dtype", "float32", "--out", out)
+    proc = run_cli(
+        "benchmark",
+        "--config",
+        SMOKE_CONFIG,
+        "--batch_sizes",
+        "1,4",
+        "--train_batch",
+        "4",
+        "--repeats",
+        "1",
+        "--dtype",
+        "float32",
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "infer" in proc.stdout and f"wrote {out}" in proc.stdout
     # Progress on stderr, one line per stage, so a killed GPU run still shows where the time went.
@@ -150,7 +162,6 @@ def test_benchmark_command_writes_record(tmp_path):
     assert ("malloc huge pages on" in proc.stdout) == (hostenv.TUNABLE in (tunables or ""))
 
 
-@pytest.mark.slow  # runs the whole benchmark command: end to end
 def test_benchmark_profile_lists_every_block():
     config = tiny_config()
     params = init_params(config, jax.random.key(0))
@@ -203,7 +214,6 @@ def test_batch_sizes_parse():
     assert benchmark.parse_batch_sizes("0") == benchmark.parse_batch_sizes("") == []
 
 
-@pytest.mark.slow  # compiles whole programs in two dtypes or for several batches: outside the inner loop
 def test_compile_only_records_memory_and_flops_without_running():
     """compile_only: the same programs compiled from abstract inputs, with costs and planned memory.
     The smoke config as in test_benchmark_command_writes_record (the same file runs it first), so the
@@ -234,17 +244,45 @@ def test_init_only_times_both_initialisations():
 
 def test_old_spellings_and_set_become_todays_flags():
     with pytest.warns(DeprecationWarning, match="--set"):
-        argv = benchmark.modern_argv(["benchmark", "--batch-sizes", "4", "--train-batch=2", "--compile-only",
-                                      "--set", "model.base_channels=8", "--set=config.data.image_size=32"])
-    assert argv == ["benchmark", "--batch_sizes", "4", "--train_batch=2", "--compile_only",
-                    "--config.model.base_channels=8", "--config.data.image_size=32"]
+        argv = benchmark.modern_argv(
+            [
+                "benchmark",
+                "--batch-sizes",
+                "4",
+                "--train-batch=2",
+                "--compile-only",
+                "--set",
+                "model.base_channels=8",
+                "--set=config.data.image_size=32",
+            ]
+        )
+    assert argv == [
+        "benchmark",
+        "--batch_sizes",
+        "4",
+        "--train_batch=2",
+        "--compile_only",
+        "--config.model.base_channels=8",
+        "--config.data.image_size=32",
+    ]
 
 
-@pytest.mark.slow  # a subprocess that compiles: the shared speed_vs_peer.sh still uses --set and --batch-sizes
 def test_set_alias_runs_like_a_config_override(tmp_path):
     out = tmp_path / "a.json"
-    proc = run_cli("benchmark", "--config", SMOKE_CONFIG, "--batch-sizes", "2", "--train-batch", "0",
-                   "--compile-only", "--set", "model.base_channels=8", "--out", out)
+    proc = run_cli(
+        "benchmark",
+        "--config",
+        SMOKE_CONFIG,
+        "--batch-sizes",
+        "2",
+        "--train-batch",
+        "0",
+        "--compile-only",
+        "--set",
+        "model.base_channels=8",
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "deprecated" in proc.stderr
     ra = json.loads(out.read_text())
@@ -256,18 +294,38 @@ def test_set_alias_runs_like_a_config_override(tmp_path):
 
 def test_peer_script_command_needs_no_dataset(tmp_path):
     """../shared/bench/speed_vs_peer.sh benchmarks an MVTec-preset config with no data.root: the
-    benchmark feeds synthetic arrays, so the data location is not checked (it once was: exit 2)."""
+    benchmark feeds synthetic arrays, so the data location is not checked (no exit 2 for a missing root)."""
     out = tmp_path / "ref.json"
-    proc = run_cli("benchmark", "--config", "configs/dense_reference.py", "--set", "data.image_size=32",
-                   "--set", "model.base_channels=8", "--set", "model.channel_mults=(1,2)",
-                   "--set", "model.attention_resolutions=(16,)", "--set", "model.num_groups=4",
-                   "--set", "model.seg_channels=(8,16)", "--batch-sizes", "2", "--train-batch", "0",
-                   "--dtype", "float32", "--compile-only", "--out", out)
+    proc = run_cli(
+        "benchmark",
+        "--config",
+        "configs/dense_reference.py",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "model.base_channels=8",
+        "--set",
+        "model.channel_mults=(1,2)",
+        "--set",
+        "model.attention_resolutions=(16,)",
+        "--set",
+        "model.num_groups=4",
+        "--set",
+        "model.seg_channels=(8,16)",
+        "--batch-sizes",
+        "2",
+        "--train-batch",
+        "0",
+        "--dtype",
+        "float32",
+        "--compile-only",
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["infer"][0]["batch"] == 2
 
 
-@pytest.mark.slow  # compiles a train step
 def test_microbatched_train_step_costs_the_same_flops_per_image():
     """XLA counts a loop body once; the benchmark scales the microbatch loop by its trip count, so the
     FLOPs per image of an accumulated step match the whole-batch step's. The jaxpr count multiplies

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMOKE_CONFIG
+from helpers import SMOKE_CONFIG
 
 from diff_fastener_jax.config import load_config
 from diff_fastener_jax.training.checkpoint import (
@@ -95,7 +95,8 @@ def test_ema_off_carries_no_copy_and_reads_checkpoints_that_did(tmp_path):
     ckpt.close()
     abstract = jax.eval_shape(lambda: state)
     step, restored, _ = Checkpointer(directory, read_only=True).restore_latest(
-        abstract, expected_shapes=param_shapes(state.params))
+        abstract, expected_shapes=param_shapes(state.params)
+    )
     assert step == 3 and restored.ema_params == {}
     for a, b in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -123,7 +124,8 @@ def _slice_compiles_while_saving(directory, tree, *, replica_parallel: bool | No
     ckpt = Checkpointer(directory, async_save=False)
     if replica_parallel is not None:
         ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel), override=True)
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel), override=True
+        )
     recorder, logger = Recorder(), logging.getLogger("jax")
     logger.addHandler(recorder)
     try:
@@ -139,7 +141,7 @@ def _slice_compiles_while_saving(directory, tree, *, replica_parallel: bool | No
 def test_replicated_save_on_cpu_compiles_no_per_device_slices(tmp_path):
     """On CPU the Checkpointer saves each replicated array whole. Orbax's default splits it into one
     slice per device, each slice shape a freshly compiled program (131 of them, 20 s of a smoke run)."""
-    from diff_fastener_jax.training import parallel
+    from diff_fastener_jax import parallel
 
     assert len(jax.devices()) >= 4, "needs XLA_FLAGS=--xla_force_host_platform_device_count=4"
     mesh = parallel.make_mesh(jax.devices()[:4])

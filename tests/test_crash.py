@@ -1,5 +1,5 @@
 """Crash-safe training, proven: a training process SIGKILLed after a checkpoint, or in the middle of one,
-resumes with the same command to the same parameters bit for bit as the session's uninterrupted
+resumes with the same command to the same parameters bit for bit as the suite's uninterrupted
 smoke run; an unreadable latest checkpoint falls back to the previous one with a warning."""
 
 import os
@@ -11,11 +11,9 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, SMOKE_CONFIG, copy_run, run_cli, subprocess_env
+from helpers import ROOT, SMOKE_CONFIG, copy_run, run_cli, subprocess_env
 
 from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
-
-pytestmark = pytest.mark.slow
 
 # The train command with one hook: after checkpoint STEP is handed to orbax, either SIGKILL ourselves at
 # once (the asynchronous write is still in flight: "during") or wait for the write, say so on stdout and
@@ -61,10 +59,14 @@ def _assert_same_params(run_a, run_b):
 
 
 def _killable(mode: str, step: int, demo_root, workdir):
-    return subprocess.Popen([sys.executable, "-c", _KILLABLE_TRAIN, mode, str(step),
-                             *_train_args(demo_root, workdir)],
-                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE_TRAIN, mode, str(step), *_train_args(demo_root, workdir)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _rerun(demo_root, workdir):

@@ -19,8 +19,11 @@ def _img(path, value=None, mode="RGB", size=(20, 12)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rng = np.random.default_rng(zlib.crc32(str(path).encode()))
     channels = {"RGB": (3,), "L": ()}[mode]
-    a = (np.full((size[1], size[0]) + channels, value, np.uint8) if value is not None
-         else rng.integers(0, 256, (size[1], size[0]) + channels, dtype=np.uint8))
+    a = (
+        np.full((size[1], size[0]) + channels, value, np.uint8)
+        if value is not None
+        else rng.integers(0, 256, (size[1], size[0]) + channels, dtype=np.uint8)
+    )
     Image.fromarray(a, mode).save(path)
     return str(path)
 
@@ -234,8 +237,7 @@ def test_missing_test_folder(mvtec):
 def test_corrupt_image_names_the_file(mvtec, damage):
     path = mvtec / "widget" / "train" / "good" / "003.png"
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not an image" * 10,
-                      "empty": b""}[damage])
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not an image" * 10, "empty": b""}[damage])
     with pytest.raises(DatasetError, match=f"cannot decode image {path}"):
         image_io.load_image(str(path), SIZE)
     samples = list_samples(_cfg("mvtec", mvtec, val_fraction=0.0), "train", seed=0)
@@ -330,3 +332,72 @@ def test_ensure_demo_data_generates_once(tmp_path):
     stamp = os.path.getmtime(os.path.join(root, "fastener", "train", "good", "000.png"))
     assert demo.ensure_demo_data(c.data, "/unused") == root  # data.root wins; nothing regenerated
     assert os.path.getmtime(os.path.join(root, "fastener", "train", "good", "000.png")) == stamp
+
+
+def test_mvtec_category_without_ground_truth_has_image_labels_only(mvtec):
+    """No ground_truth/ folder at all (e.g. a category released with image labels only): the defective
+    test images have no masks and `has_pixel_labels` says pixel metrics are undefined."""
+    import shutil
+
+    full = list_samples(_cfg("mvtec", mvtec), "test", seed=0)
+    assert datasets.has_pixel_labels(full)
+    shutil.rmtree(mvtec / "widget" / "ground_truth")
+    test = list_samples(_cfg("mvtec", mvtec), "test", seed=0)
+    assert [(s.path, s.label, s.defect) for s in test] == [(s.path, s.label, s.defect) for s in full]
+    assert all(s.mask_path is None for s in test)
+    assert not datasets.has_pixel_labels(test)
+    assert not datasets.has_pixel_labels([s for s in full if s.label == 0])  # no anomalies: undefined too
+    arrays = datasets.load_arrays(test, SIZE)
+    assert arrays["mask"].shape == (len(test), SIZE, SIZE, 1) and not arrays["mask"].any()
+
+
+def test_mvtec_ground_truth_folder_missing_one_defect_type_is_still_an_error(mvtec):
+    import shutil
+
+    shutil.rmtree(mvtec / "widget" / "ground_truth" / "hole")
+    with pytest.raises(DatasetError, match="ground_truth/hole"):
+        list_samples(_cfg("mvtec", mvtec), "test", seed=0)
+
+
+def _val_anomalies(tmp_path, with_masks=True):
+    folder = tmp_path / "real_defects"
+    _img(str(folder / "a.png"))
+    _img(str(folder / "scratch" / "b.png"))
+    if with_masks:
+        _mask(str(folder / "masks" / "a_mask.png"))
+        _mask(str(folder / "masks" / "scratch" / "b.png"))
+    return folder
+
+
+def test_val_anomalies_are_listed_apart_from_every_split(mvtec, tmp_path):
+    folder = _val_anomalies(tmp_path)
+    cfg = _cfg("mvtec", mvtec, val_anomalies=str(folder))
+    real = datasets.list_val_anomalies(cfg)
+    assert [(os.path.basename(s.path), s.label, s.defect, os.path.basename(s.mask_path)) for s in real] == [
+        ("a.png", 1, "real", "a_mask.png"),
+        ("b.png", 1, "scratch", "b.png"),
+    ]
+    assert all(s.category == "widget" for s in real) and datasets.has_pixel_labels(real)
+    splits = datasets.list_splits(cfg, seed=0)
+    listed = {s.path for split in splits.values() for s in split}
+    assert not listed & {s.path for s in real}
+    datasets.check_disjoint(real, splits)
+    assert datasets.list_val_anomalies(_cfg("mvtec", mvtec)) == []
+    # images without a masks/ folder: image labels only
+    no_masks = _val_anomalies(tmp_path / "other", with_masks=False)
+    assert not datasets.has_pixel_labels(datasets.list_val_anomalies(_cfg("mvtec", mvtec, val_anomalies=str(no_masks))))
+
+
+def test_val_anomalies_errors(mvtec, tmp_path):
+    folder = _val_anomalies(tmp_path)
+    os.remove(folder / "masks" / "scratch" / "b.png")
+    with pytest.raises(DatasetError, match="b.png has no mask"):
+        datasets.list_val_anomalies(_cfg("mvtec", mvtec, val_anomalies=str(folder)))
+    test_image = list_samples(_cfg("mvtec", mvtec), "test", seed=0)[-1]
+    with pytest.raises(DatasetError, match="is also in the 'test' split"):
+        datasets.check_disjoint([test_image], datasets.list_splits(_cfg("mvtec", mvtec), seed=0))
+    with pytest.raises(DatasetError, match="multi-category run"):
+        datasets.list_val_anomalies(_cfg("mvtec", mvtec, category="widget,gadget", val_anomalies=str(folder)))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="holds neither images"):
+        datasets.list_val_anomalies(_cfg("mvtec", mvtec, val_anomalies=str(tmp_path / "empty")))

@@ -54,8 +54,8 @@ def test_deterministic_under_seed(tmp_path):
 def test_defects_are_visible_and_localised(defect, fastener):
     """A defective scene differs from its normal twin (same random state) strongly inside the mask and
     hardly anywhere else, for both fastener types: every clearly visible change is labelled, the clip's
-    drop shadow included (it used to be left out: ~100 changed pixels per missing omega clip at 64 px
-    counted as normal)."""
+    drop shadow included (without it, ~100 changed pixels per missing omega clip at 64 px would count
+    as normal)."""
     for seed in range(4):
         good, empty = demo.render_scene(64, np.random.default_rng(seed), fastener=fastener)
         bad, mask = demo.render_scene(64, np.random.default_rng(seed), defect, fastener)
@@ -134,8 +134,16 @@ def test_an_older_generators_dataset_is_reported_not_silently_reused(tmp_path, c
 
     from diff_fastener_jax.data.demo import ensure_demo_data
 
-    data = ml_collections.ConfigDict({"root": str(tmp_path), "category": "fastener", "image_size": 32,
-                                      "demo_n_train": 2, "demo_n_test": 4, "demo_framing": "fastener"})
+    data = ml_collections.ConfigDict(
+        {
+            "root": str(tmp_path),
+            "category": "fastener",
+            "image_size": 32,
+            "demo_n_train": 2,
+            "demo_n_test": 4,
+            "demo_framing": "fastener",
+        }
+    )
     ensure_demo_data(data, "unused")
     stamp = tmp_path / "fastener" / demo.GENERATOR_FILE
     assert stamp.read_text().strip() == demo.GENERATOR_VERSION

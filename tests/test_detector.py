@@ -49,16 +49,19 @@ def test_detector_json_holds_the_contract_and_a_calibrated_threshold(run):
     val = [s for s in datasets.list_samples(config.data, "val", seed=config.seed) if s.label == 0]
     assert rec["threshold"]["num_images"] == len(val) > 0
     scores = np.asarray(make_infer_fn(config)(params, datasets.load_arrays(val, 32)["image"])[2])
-    assert rec["threshold"]["value"] == pytest.approx(M.calibrate_threshold(scores, config.eval.fpr_target),
-                                                      rel=1e-6)
+    assert rec["threshold"]["value"] == pytest.approx(M.calibrate_threshold(scores, config.eval.fpr_target), rel=1e-6)
 
 
 def test_detector_predict_matches_the_evaluation_path(run, det):
     config = load_run_config(run)
     params, _ = load_run_params(run, config)
     paths = smoke_test_images(run, 5)
-    ref_maps, ref_scores = (np.asarray(o) for o in make_infer_fn(config)(
-        params, datasets.load_arrays([datasets.Sample(p, 0, "good") for p in paths], 32)["image"])[1:3])
+    ref_maps, ref_scores = (
+        np.asarray(o)
+        for o in make_infer_fn(config)(
+            params, datasets.load_arrays([datasets.Sample(p, 0, "good") for p in paths], 32)["image"]
+        )[1:3]
+    )
     out = det.predict(paths)
     np.testing.assert_allclose(out.scores, ref_scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out.labels, ref_scores > det.threshold)
@@ -113,11 +116,18 @@ def test_evaluate_uses_the_stored_threshold_unless_asked(run, tmp_path):
 
     config = load_run_config(run)
     params, _ = load_run_params(run, config)
-    res = evaluate_run(config, params, str(tmp_path / "a"), show_progress=False,
-                       stored_threshold={"value": 0.123, "source": "test"})
+    res = evaluate_run(
+        config, params, str(tmp_path / "a"), show_progress=False, stored_threshold={"value": 0.123, "source": "test"}
+    )
     assert res["threshold"] == pytest.approx(0.123) and "detector.json" in res["threshold_source"]
-    res = evaluate_run(config, params, str(tmp_path / "b"), show_progress=False,
-                       stored_threshold={"value": 0.123, "source": "test"}, recalibrate=True)
+    res = evaluate_run(
+        config,
+        params,
+        str(tmp_path / "b"),
+        show_progress=False,
+        stored_threshold={"value": 0.123, "source": "test"},
+        recalibrate=True,
+    )
     assert res["threshold"] == pytest.approx(threshold.read(run)["threshold"]["value"], rel=1e-6)
 
 

@@ -15,6 +15,7 @@ B, H, W, C = 3, 8, 8, 3
 
 # ----------------------------------------------------------------------------- float64 references
 
+
 def ref_linear(T, b0=1e-4, b1=0.02):
     betas = np.array([b0 + (b1 - b0) * i / (T - 1) for i in range(T)], dtype=np.float64)
     return betas, np.cumprod(1.0 - betas)
@@ -47,8 +48,9 @@ class LinearEps:
         self.v = r.normal(size=(C,))
 
     def jax(self, x, t):
-        return jnp.einsum("bhwc,cd->bhwd", x, jnp.asarray(self.m, jnp.float32)) + \
-            1e-3 * t.astype(jnp.float32)[:, None, None, None] * jnp.asarray(self.v, jnp.float32)
+        return jnp.einsum("bhwc,cd->bhwd", x, jnp.asarray(self.m, jnp.float32)) + 1e-3 * t.astype(jnp.float32)[
+            :, None, None, None
+        ] * jnp.asarray(self.v, jnp.float32)
 
     def np(self, x, t):
         return np.einsum("bhwc,cd->bhwd", x, self.m) + 1e-3 * t.astype(np.float64)[:, None, None, None] * self.v
@@ -73,6 +75,7 @@ def data(seed=0, b=B):
 
 
 # ----------------------------------------------------------------------------- schedules
+
 
 def test_linear_schedule_matches_reference():
     s = D.make_schedule(1000, "linear", 1e-4, 0.02)
@@ -124,6 +127,7 @@ def test_schedule_errors_and_config():
 
 # ----------------------------------------------------------------------------- noising
 
+
 def test_q_sample_and_x0_from_eps():
     s = D.make_schedule(1000)
     _, ab = ref_linear(1000)
@@ -135,10 +139,13 @@ def test_q_sample_and_x0_from_eps():
     np.testing.assert_allclose(np.asarray(x0), ref_x0(ab, np.asarray(xt, np.float64), t, n1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(x0), x, atol=1e-3)  # round trip (t = 999 divides by ~0.006)
     # bf16 input is promoted, so the output is float32
-    assert D.q_sample(s, jnp.asarray(x, jnp.bfloat16), jnp.asarray(t), jnp.asarray(n1, jnp.bfloat16)).dtype == jnp.float32
+    assert (
+        D.q_sample(s, jnp.asarray(x, jnp.bfloat16), jnp.asarray(t), jnp.asarray(n1, jnp.bfloat16)).dtype == jnp.float32
+    )
 
 
 # ----------------------------------------------------------------------------- norm-guided one step
+
 
 def test_norm_guided_each_step_matches_numpy():
     s = D.make_schedule(1000)
@@ -146,17 +153,33 @@ def test_norm_guided_each_step_matches_numpy():
     net = LinearEps()
     x, n1, n2 = data(1)
     ts, tb, w = np.array([0, 150, 299]), np.array([300, 420, 650]), 0.7
-    out = D.norm_guided_reconstruction(net.jax, s, jnp.asarray(x, jnp.float32), jnp.asarray(ts), jnp.asarray(tb),
-                                       jnp.asarray(n1, jnp.float32), jnp.asarray(n2, jnp.float32), w=w)
-    # float64 reference, DESIGN.md §2 steps 1-6
-    xs, xb = ref_q(ab, x, ts, n1), ref_q(ab, x, tb, n2)                      # 1
-    es, eb = net.np(xs, ts), net.np(xb, tb)                                  # 2
-    x0b = np.clip(ref_x0(ab, xb, tb, eb), -1, 1)                             # 3
-    xg = ref_q(ab, x0b, ts, es)                                              # 4
-    ehat = es - w * bcast(np.sqrt(1 - ab[ts])) * (xg - xs)                   # 5
-    recon = np.clip(ref_x0(ab, xs, ts, ehat), -1, 1)                         # 6
-    for key, ref in [("x_small", xs), ("x_big", xb), ("eps_small", es), ("eps_big", eb), ("x0_big", x0b),
-                     ("x_guide", xg), ("eps_hat", ehat), ("recon", recon)]:
+    out = D.norm_guided_reconstruction(
+        net.jax,
+        s,
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(ts),
+        jnp.asarray(tb),
+        jnp.asarray(n1, jnp.float32),
+        jnp.asarray(n2, jnp.float32),
+        w=w,
+    )
+    # float64 reference of DiffusionAD's norm-guided one-step denoising, steps 1-6
+    xs, xb = ref_q(ab, x, ts, n1), ref_q(ab, x, tb, n2)  # 1
+    es, eb = net.np(xs, ts), net.np(xb, tb)  # 2
+    x0b = np.clip(ref_x0(ab, xb, tb, eb), -1, 1)  # 3
+    xg = ref_q(ab, x0b, ts, es)  # 4
+    ehat = es - w * bcast(np.sqrt(1 - ab[ts])) * (xg - xs)  # 5
+    recon = np.clip(ref_x0(ab, xs, ts, ehat), -1, 1)  # 6
+    for key, ref in [
+        ("x_small", xs),
+        ("x_big", xb),
+        ("eps_small", es),
+        ("eps_big", eb),
+        ("x0_big", x0b),
+        ("x_guide", xg),
+        ("eps_hat", ehat),
+        ("recon", recon),
+    ]:
         assert out[key].shape == (B, H, W, C) and out[key].dtype == jnp.float32, key
         np.testing.assert_allclose(np.asarray(out[key]), ref, atol=2e-4, err_msg=key)
     assert float(np.max(np.abs(recon))) <= 1.0
@@ -168,8 +191,9 @@ def test_norm_guided_oracle_returns_clean_image():
     x = jnp.asarray(x, jnp.float32)
     ts, tb = jnp.full((B,), 200, jnp.int32), jnp.full((B,), 400, jnp.int32)
     for fuse in (True, False):
-        out = D.norm_guided_reconstruction(oracle(s, x), s, x, ts, tb, jnp.asarray(n1, jnp.float32),
-                                           jnp.asarray(n2, jnp.float32), fuse_passes=fuse)
+        out = D.norm_guided_reconstruction(
+            oracle(s, x), s, x, ts, tb, jnp.asarray(n1, jnp.float32), jnp.asarray(n2, jnp.float32), fuse_passes=fuse
+        )
         np.testing.assert_allclose(np.asarray(out["recon"]), np.asarray(x), atol=1e-4)
         np.testing.assert_allclose(np.asarray(out["x_guide"]), np.asarray(out["x_small"]), atol=1e-4)
 
@@ -200,6 +224,7 @@ def test_fused_and_separate_passes_agree_and_jit():
 
 # ----------------------------------------------------------------------------- timesteps and randomness
 
+
 def test_training_timesteps_cover_their_ranges():
     from diff_fastener_jax.training.train_step import example_noise
 
@@ -227,14 +252,19 @@ def test_training_timestep_window_narrows_draws_to_the_inference_steps():
     assert len(np.unique(ts)) == 101 and len(np.unique(tb)) == 101
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"diffusion.train_t_window": -1}, "must be an integer >= 0"),
-    ({"diffusion.train_t_window": 50, "diffusion.eval_t_small": 320, "diffusion.eval_t_big": 400},
-     "needs eval_t_small < tau <= eval_t_big"),
-    ({"diffusion.train_t_window": 50, "infer.method": "ddim"}, "denoises through steps it never trains"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"diffusion.train_t_window": -1}, "must be an integer >= 0"),
+        (
+            {"diffusion.train_t_window": 50, "diffusion.eval_t_small": 320, "diffusion.eval_t_big": 400},
+            "needs eval_t_small < tau <= eval_t_big",
+        ),
+        ({"diffusion.train_t_window": 50, "infer.method": "ddim"}, "denoises through steps it never trains"),
+    ],
+)
 def test_training_timestep_window_config_errors(overrides, match):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from diff_fastener_jax import config as C
 
@@ -247,7 +277,7 @@ def test_per_example_noise_independent_of_batch_slot():
     key = jax.random.PRNGKey(42)
     step = 7
     keys4 = D.example_keys(key, step, jnp.arange(10, 14))  # global examples 10..13 as their own batch
-    keys8 = D.example_keys(key, step, jnp.arange(6, 14))   # the same examples in slots 4..7 of a batch of 8
+    keys8 = D.example_keys(key, step, jnp.arange(6, 14))  # the same examples in slots 4..7 of a batch of 8
     assert keys4.shape == (4, 2)
     manual = jax.random.fold_in(jax.random.fold_in(key, step), 12)
     np.testing.assert_array_equal(np.asarray(keys4[2]), np.asarray(manual))
@@ -266,6 +296,7 @@ def test_per_example_noise_independent_of_batch_slot():
 
 
 # ----------------------------------------------------------------------------- iterative reconstruction
+
 
 def test_ddim_timesteps():
     assert D.ddim_timesteps(100, 5).tolist() == [100, 75, 50, 25, 0]

@@ -9,16 +9,26 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from helpers import run_cli, tiny_config
 from PIL import Image
 
-from diff_fastener_jax.evaluation import evaluate
+from diff_fastener_jax.evaluation import evaluate, outputs
 from diff_fastener_jax.training.run_loading import load_run_config
 
-pytestmark = pytest.mark.slow  # end to end: every test here needs the session's trained smoke run
-
-REQUIRED = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
-            "pixel_aupro", "threshold", "precision", "recall", "images_per_second", "num_images"]
+REQUIRED = [
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_aupro",
+    "threshold",
+    "precision",
+    "recall",
+    "images_per_second",
+    "num_images",
+]
 
 
 @pytest.fixture
@@ -45,8 +55,10 @@ def test_evaluate_writes_metrics_and_self_contained_report(trained_run, tmp_path
     assert metrics["num_images"] == 12 and metrics["images_per_second"] > 0
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert set(metrics["per_defect"]) == {"missing_clip", "broken_clip", "displaced_clip"} & set(
-        metrics["per_defect"]) and metrics["per_defect"]
+    assert (
+        set(metrics["per_defect"]) == {"missing_clip", "broken_clip", "displaced_clip"} & set(metrics["per_defect"])
+        and metrics["per_defect"]
+    )
     for entry in metrics["per_defect"].values():
         assert "image_auroc" in entry and "pixel_auroc" in entry
     html = open(os.path.join(out, "report.html")).read()
@@ -61,11 +73,17 @@ def test_evaluate_writes_metrics_and_self_contained_report(trained_run, tmp_path
     import csv
 
     rows = list(csv.DictReader(open(os.path.join(out, "scores.csv"))))
-    assert len(rows) == 12 and all(os.path.isfile(r["path"]) for r in rows)
+    root = load_run_config(trained_run).data.root  # paths are relative to it
+    assert len(rows) == 12 and all(not os.path.isabs(r["path"]) for r in rows)
+    assert all(os.path.isfile(os.path.join(root, r["path"])) for r in rows)
+    assert tuple(rows[0]) == outputs.SCORE_COLUMNS
+    assert all(int(r["predicted_label"]) == int(float(r["score"]) > float(r["threshold"])) for r in rows)
+    assert {r["true_label"] for r in rows} == {"0", "1"}
     t_big = load_run_config(trained_run).diffusion.eval_t_big  # norm-guided starts every image there
     assert {int(r["denoise_step"]) for r in rows} == {t_big}
     assert [float(r["score"]) for r in rows] == pytest.approx(
-        [float(r["score"]) for r in csv.DictReader(open(os.path.join(out2, "scores.csv")))])
+        [float(r["score"]) for r in csv.DictReader(open(os.path.join(out2, "scores.csv")))]
+    )
 
 
 def test_evaluate_with_given_threshold_and_bad_override(trained_run, tmp_path):
@@ -76,8 +94,10 @@ def test_evaluate_with_given_threshold_and_bad_override(trained_run, tmp_path):
     bad_out = tmp_path / "bad"
     proc = run_cli("evaluate", "--workdir", trained_run, "--out", bad_out, "--config.eval.thresold=0.5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == ["error: unknown config key eval.thresold (--config.eval.thresold)",
-                                        "hint: did you mean eval.threshold?"]
+    assert proc.stderr.splitlines() == [
+        "error: unknown config key eval.thresold (--config.eval.thresold)",
+        "hint: did you mean eval.threshold?",
+    ]
     assert not bad_out.exists()
 
 
@@ -120,6 +140,7 @@ def test_per_defect_pixel_metrics_use_every_normal_image(trained_run, tmp_path, 
                     seen[i0 + j] = (np.asarray(out.anomaly_map[j]), np.asarray(extra[0][j]))
             if on_batch is not None:
                 on_batch(i0, images, out, *extra)
+
         return real(*args, on_batch=record, **kwargs)
 
     monkeypatch.setattr(evaluate, "score_in_batches", recording)

@@ -14,8 +14,15 @@ from diff_fastener_jax.perf.xla_stats import compiled_cost
 
 
 def _conv(x, w, groups=1, stride=1, dilation=1):
-    return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", rhs_dilation=(dilation, dilation),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        (stride, stride),
+        "SAME",
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
 
 
 def test_convolution_closed_form():
@@ -61,13 +68,15 @@ def test_nested_jit_scan_and_cond():
 
     assert program_flops(loop, a, m) == 6 * one
     # cond: the costlier branch (two products) counts
-    two = program_flops(lambda p, a, m: jax.lax.cond(p, lambda: a @ m @ m, lambda: a @ m),
-                        jax.ShapeDtypeStruct((), jnp.bool_), a, m)
+    two = program_flops(
+        lambda p, a, m: jax.lax.cond(p, lambda: a @ m @ m, lambda: a @ m), jax.ShapeDtypeStruct((), jnp.bool_), a, m
+    )
     assert two == 2 * one
 
 
 def test_custom_derivatives_count_once():
     """custom_vjp / custom_jvp hold the primal program once; their gradients add the rules' products."""
+
     @jax.custom_vjp
     def f(a, b):
         return a @ b
@@ -94,8 +103,9 @@ def test_shard_map_counts_every_device():
     mesh = jax.sharding.Mesh(np.array(devices[:4]), ("data",))
     x = jax.ShapeDtypeStruct((8, 9, 9, 6), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 6, 5), jnp.float32)
-    sharded = jax.shard_map(_conv, mesh=mesh, in_specs=(PartitionSpec("data"), PartitionSpec()),
-                            out_specs=PartitionSpec("data"))
+    sharded = jax.shard_map(
+        _conv, mesh=mesh, in_specs=(PartitionSpec("data"), PartitionSpec()), out_specs=PartitionSpec("data")
+    )
     xs = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec("data")))
     assert program_flops(jax.jit(sharded), xs, w) == program_flops(_conv, x, w)
 
@@ -122,7 +132,7 @@ def test_matches_xla_cpu_count_on_the_networks(monkeypatch):
     """On CPU XLA counts convolutions too, and element-wise work besides: the two counts of the smoke
     config's inference agree within that share (13% at its 8-16-channel widths, where the softmax over
     the middle attention's 1024 x 1024 logits is a large part; under 0.1% at the paper config: 1054.7
-    against 1054.9 GFLOP per image on 2026-11-29)."""
+    against 1054.9 GFLOP per image)."""
     from diff_fastener_jax.config import load_config
     from diff_fastener_jax.perf import programs
 

@@ -112,8 +112,9 @@ def test_empty_foreground_means_anywhere_and_empty_supplied_mask_uses_the_config
     m = synthesis.anomaly_mask((32, 32), rng, np.zeros((32, 32), bool))
     assert m.any()
     image = np.full((32, 32, 3), -0.5, np.float32)
-    _, mask, _ = synthesis.synthesize_anomaly(image, np.random.default_rng(2), foreground=np.zeros((32, 32)),
-                                              fg_mode="full")
+    _, mask, _ = synthesis.synthesize_anomaly(
+        image, np.random.default_rng(2), foreground=np.zeros((32, 32)), fg_mode="full"
+    )
     assert mask.any()
 
 
@@ -140,6 +141,6 @@ def test_demo_fastening_zone_puts_synthetic_anomalies_on_the_clips(capsys):
             touched[name] += [(synthesis.anomaly_mask((64, 64), srng, fg) & clip).any() for _ in range(10)]
     summary = {k: (float(np.mean(inside[k])), float(np.mean(touched[k]))) for k in inside}
     print("clip pixels inside the foreground, synthetic masks touching the clip:", summary)
-    # Blobs (cells >= 8 px) touch a clip less often than the old speckle did (0.40 vs 0.47), but cover it.
+    # Blobs (cells >= 8 px) touch a clip less often than unfiltered speckle (0.40 vs 0.47), but cover it.
     assert summary["zone"][0] == 1.0 and summary["zone"][1] > 0.3
     assert summary["otsu"][0] < 0.2 and summary["otsu"][1] < 0.2

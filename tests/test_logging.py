@@ -17,8 +17,8 @@ def _tensorboard_scalars(logdir) -> dict:
         data = open(path, "rb").read()
         pos = 0
         while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             for v in event.summary.value:
                 out[(v.tag, event.step)] = v.simple_value
@@ -53,3 +53,34 @@ def test_progress_prints_plain_lines_when_not_a_terminal():
 
 def test_format_seconds():
     assert format_seconds(12345) == "3h25m45s" and format_seconds(65) == "1m05s" and format_seconds(float("inf")) == "?"
+
+
+def test_resume_drops_the_lines_a_resumed_run_writes_again(tmp_path):
+    """A run checkpointed at step 3 that died after logging steps 4 and 5 (and half a line): the resume
+    from step 3 keeps what the checkpoint covers, so no step is in the file twice; the values are
+    strict JSON (NaN is null)."""
+    writer = MetricsWriter(str(tmp_path), quiet=True)
+    writer.write({"event": "start", "step": 0})
+    for step in (1, 2, 3, 4, 5):
+        writer.write({"step": step, "total": 1.0 / step})
+    writer.write({"step": 3, "event": "validation", "val_image_auroc": float("nan")})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "tot')  # the crash cut this line short
+    writer.resume_at(3)
+    writer.write({"event": "resume", "step": 3})
+    for step in (4, 5, 6):
+        writer.write({"step": step, "total": 1.0 / step})
+    writer.write({"event": "done", "step": 6})
+    text = open(tmp_path / "metrics.jsonl").read()
+    assert "NaN" not in text
+    lines = [json.loads(x) for x in text.splitlines()]
+    keys = [(x.get("event"), x["step"]) for x in lines]
+    assert len(keys) == len(set(keys)), keys
+    assert [x["step"] for x in lines if "total" in x] == [1, 2, 3, 4, 5, 6]
+    assert [x for x in lines if x.get("event") == "validation"][0]["val_image_auroc"] is None
+    # Resumed again from the same checkpoint: still one resume line, one done line.
+    writer.resume_at(3)
+    writer.write({"event": "resume", "step": 3})
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [x["step"] for x in lines if x.get("event") == "resume"] == [3]
+    assert [x for x in lines if x.get("event") == "done"] == []

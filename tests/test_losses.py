@@ -21,6 +21,7 @@ def const(values, shape=(H, W, C), dtype=jnp.float32):
 
 # ----------------------------------------------------------------------------- noise loss
 
+
 def test_noise_loss_hand_values():
     es, eb = const([1.0, 2.0, 3.0, 4.0]), const([0.5, 0.0, -1.0, 2.0])
     zeros = jnp.zeros_like(es)
@@ -50,6 +51,7 @@ def test_noise_loss_nonzero_targets_and_bf16():
 
 # ----------------------------------------------------------------------------- focal
 
+
 def ref_focal(p, y, alpha, gamma, eps=1e-6):
     p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
     pt = p * y + (1 - p) * (1 - y)
@@ -61,10 +63,12 @@ def test_focal_hand_values():
     p = jnp.array([0.8, 0.3, 0.0, 1.0]).reshape(4, 1, 1, 1)
     y = jnp.array([1.0, 0.0, 1.0, 1.0]).reshape(4, 1, 1, 1)
     # alpha = 0.25: alpha_t = 0.25 for y = 1, 0.75 for y = 0
-    hand = [0.25 * 0.2 ** 4 * -math.log(0.8),
-            0.75 * 0.3 ** 4 * -math.log(0.7),
-            0.25 * 1.0 * -math.log(1e-6),   # p = 0, y = 1: clipped, finite
-            0.0]                            # p = 1, y = 1: perfect
+    hand = [
+        0.25 * 0.2**4 * -math.log(0.8),
+        0.75 * 0.3**4 * -math.log(0.7),
+        0.25 * 1.0 * -math.log(1e-6),  # p = 0, y = 1: clipped, finite
+        0.0,
+    ]  # p = 1, y = 1: perfect
     out = L.focal_loss(p, y, alpha=0.25, gamma=4.0)
     np.testing.assert_allclose(float(out), np.mean(hand), rtol=1e-5)
     # defaults alpha 0.5, gamma 4
@@ -101,16 +105,17 @@ def test_focal_from_logits_agrees_with_probabilities():
 
 # ----------------------------------------------------------------------------- smooth L1
 
+
 def test_smooth_l1_both_branches():
     pred = jnp.array([0.5, 2.0, -0.2, 1.0])
     zero = jnp.zeros(4)
     # beta 1: |d| = 0.5 -> 0.125 (quadratic); 2 -> 1.5 (linear); 0.2 -> 0.02; 1 -> 0.5 (boundary, linear)
     np.testing.assert_allclose(float(L.smooth_l1_loss(pred, zero)), np.mean([0.125, 1.5, 0.02, 0.5]), rtol=1e-6)
     # beta 0.5: 0.5 -> 0.25; 2 -> 1.75; 0.2 -> 0.5*0.04/0.5 = 0.04; 1 -> 0.75
-    np.testing.assert_allclose(float(L.smooth_l1_loss(pred, zero, beta=0.5)), np.mean([0.25, 1.75, 0.04, 0.75]),
-                               rtol=1e-6)
-    np.testing.assert_allclose(float(L.smooth_l1_loss(pred, zero, beta=0.0)), np.mean([0.5, 2.0, 0.2, 1.0]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(L.smooth_l1_loss(pred, zero, beta=0.5)), np.mean([0.25, 1.75, 0.04, 0.75]), rtol=1e-6
+    )
+    np.testing.assert_allclose(float(L.smooth_l1_loss(pred, zero, beta=0.0)), np.mean([0.5, 2.0, 0.2, 1.0]), rtol=1e-6)
     with pytest.raises(ValueError, match="smoothl1_beta"):
         L.smooth_l1_loss(pred, zero, beta=-1.0)
 
@@ -132,8 +137,9 @@ def test_anomaly_oriented_target_recovers_clean_image():
     xt = D.q_sample(s, f(anom), jnp.asarray(t), f(eps))
     np.testing.assert_allclose(np.asarray(D.x0_from_eps(s, xt, jnp.asarray(t), target)), clean, atol=1e-4)
     # outside the anomaly the target is the plain noise; with the mask it is the same here
-    np.testing.assert_allclose(np.asarray(target)[np.broadcast_to(mask, eps.shape) == 0],
-                               eps[np.broadcast_to(mask, eps.shape) == 0], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(target)[np.broadcast_to(mask, eps.shape) == 0], eps[np.broadcast_to(mask, eps.shape) == 0], atol=1e-5
+    )
     masked = L.anomaly_oriented_noise_target(s, f(eps), f(anom), f(clean), jnp.asarray(t), f(mask))
     np.testing.assert_allclose(np.asarray(masked), np.asarray(target), atol=1e-5)
 
@@ -161,16 +167,20 @@ def test_anomaly_oriented_noise_loss():
     np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
     # a network predicting exactly the targets has zero loss
     perfect = {"eps_small": f(tgt_s), "eps_big": f(tgt_b)}
-    assert float(L.anomaly_oriented_noise_loss(s, perfect, f(n1), f(n2), batch, jnp.asarray(ts),
-                                               jnp.asarray(tb))) < 1e-8
+    assert (
+        float(L.anomaly_oriented_noise_loss(s, perfect, f(n1), f(n2), batch, jnp.asarray(ts), jnp.asarray(tb))) < 1e-8
+    )
     # with no synthetic rows it reduces to the ordinary noise loss
     normal_batch = dict(batch, is_synthetic=jnp.zeros(4))
     np.testing.assert_allclose(
         float(L.anomaly_oriented_noise_loss(s, out, f(n1), f(n2), normal_batch, jnp.asarray(ts), jnp.asarray(tb))),
-        float(L.noise_loss(f(es), f(n1), f(eb), f(n2), jnp.zeros(4))), rtol=1e-6)
+        float(L.noise_loss(f(es), f(n1), f(eb), f(n2), jnp.zeros(4))),
+        rtol=1e-6,
+    )
     with pytest.raises(KeyError, match="clean"):
-        L.anomaly_oriented_noise_loss(s, out, f(n1), f(n2), {"image": f(image), "is_synthetic": f(synth)},
-                                      jnp.asarray(ts), jnp.asarray(tb))
+        L.anomaly_oriented_noise_loss(
+            s, out, f(n1), f(n2), {"image": f(image), "is_synthetic": f(synth)}, jnp.asarray(ts), jnp.asarray(tb)
+        )
 
 
 def test_losses_jit():
@@ -182,12 +192,13 @@ def test_losses_jit():
 
     @jax.jit
     def all_terms(z, y, e):
-        terms = {"noise": L.noise_loss(e[0], e[1], e[2], e[3], synth),
-                 "focal": L.focal_loss_from_logits(z, y),
-                 "smoothl1": L.smooth_l1_loss(jax.nn.sigmoid(z), y)}
+        terms = {
+            "noise": L.noise_loss(e[0], e[1], e[2], e[3], synth),
+            "focal": L.focal_loss_from_logits(z, y),
+            "smoothl1": L.smooth_l1_loss(jax.nn.sigmoid(z), y),
+        }
         return terms["noise"] + 5.0 * terms["focal"] + terms["smoothl1"], terms
 
     total, parts = all_terms(z, y, e)
-    np.testing.assert_allclose(float(total), float(parts["noise"] + 5 * parts["focal"] + parts["smoothl1"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(total), float(parts["noise"] + 5 * parts["focal"] + parts["smoothl1"]), rtol=1e-6)
     np.testing.assert_allclose(float(jax.jit(L.focal_loss)(jax.nn.sigmoid(z), y)), float(parts["focal"]), rtol=1e-4)

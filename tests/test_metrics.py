@@ -121,7 +121,7 @@ def _blob_maps(seed, n=5, size=16, quantise=None):
         for _ in range(rng.integers(1, 4)):
             r, c = rng.integers(0, size - 4, 2)
             h, w = rng.integers(1, 5, 2)
-            masks[i, r:r + h, c:c + w] = 1
+            masks[i, r : r + h, c : c + w] = 1
     masks[0, 12, 12] = masks[0, 13, 13] = 1  # a diagonal pair: one region under 8-connectivity
     maps = np.clip(rng.uniform(0, 0.7, masks.shape) + 0.3 * masks * rng.uniform(0, 1, masks.shape), 0, 1)
     if quantise:
@@ -169,17 +169,17 @@ def _saturated_maps(seed, n=24, size=64):
     masks = np.zeros((n, size, size), np.uint8)
     for i in range(n // 2):
         r, c = rng.integers(4, size - 20, 2)
-        masks[i, r:r + rng.integers(3, 16), c:c + rng.integers(3, 16)] = 1
+        masks[i, r : r + rng.integers(3, 16), c : c + rng.integers(3, 16)] = 1
     logits = rng.normal(-11.0, 2.5, masks.shape) + masks * rng.normal(12.0, 6.0, masks.shape)
     return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32), masks
 
 
 def test_pixel_metrics_exact_on_full_saturated_maps():
-    # The binned accumulator (10,000 bins) was off by 0.03 on maps like these.
+    # A binned accumulator (10,000 bins) is off by 0.03 on maps like these; this one is exact.
     maps, masks = _saturated_maps(11)
     acc = M.PixelMetricAccumulator()
     for i in range(0, len(maps), 5):
-        acc.update(maps[i:i + 5], masks[i:i + 5])
+        acc.update(maps[i : i + 5], masks[i : i + 5])
     out = acc.compute()
     y, s = masks.ravel(), maps.ravel()
     assert out["pixel_auroc"] == pytest.approx(skm.roc_auc_score(y, s), abs=1e-9)
@@ -187,7 +187,8 @@ def test_pixel_metrics_exact_on_full_saturated_maps():
     # Brute-force AUPRO on a subset small enough to loop over every threshold.
     sub_maps, sub_masks = np.round(maps[::4], 3), masks[::4]
     assert M.aupro_exact(sub_maps, sub_masks, 0.3) == pytest.approx(
-        _aupro_brute_force(sub_maps.astype(np.float32), sub_masks, 0.3), abs=1e-9)
+        _aupro_brute_force(sub_maps.astype(np.float32), sub_masks, 0.3), abs=1e-9
+    )
     assert out["pixel_num_pixels"] == maps.size and acc.num_pixels == (int(y.sum()), int((1 - y).sum()))
 
 
@@ -281,19 +282,24 @@ def test_per_defect_metrics_and_no_masks():
 
     no_masks = M.per_defect_metrics(scores, labels, defects)
     assert no_masks["crack"]["has_masks"] is False
-    assert not any(k.startswith("pixel_") for k in no_masks["crack"])
+    assert all(v is None for k, v in no_masks["crack"].items() if k.startswith("pixel_"))
     allm = M.compute_all_metrics(scores, labels, threshold=0.5)
-    assert allm["has_masks"] is False and "image_auroc" in allm and "pixel_auroc" not in allm
+    assert allm["has_masks"] is False and "image_auroc" in allm
+    # a split without pixel labels: null pixel metrics (not NaN, not missing) and one line saying so
+    assert [allm[k] for k in ("pixel_auroc", "pixel_ap", "pixel_aupro")] == [None, None, None]
+    assert allm["pixel_metrics_note"] == M.NO_PIXEL_LABELS_NOTE
 
 
 def _direct_per_defect(scores, labels, defects, maps, masks, name):
     """Reference: one defect's images + every normal image, metrics straight from sklearn / brute force."""
     sel = np.array([(y == 1 and d == name) or y == 0 for y, d in zip(labels, defects, strict=True)])
     y_px, s_px = masks[sel].ravel(), maps[sel].astype(np.float32).ravel()
-    return {"num_normal": int((labels[sel] == 0).sum()),
-            "image_auroc": skm.roc_auc_score(labels[sel], scores[sel]),
-            "pixel_auroc": skm.roc_auc_score(y_px, s_px),
-            "pixel_aupro": _aupro_brute_force(maps[sel].astype(np.float32), masks[sel], 0.3)}
+    return {
+        "num_normal": int((labels[sel] == 0).sum()),
+        "image_auroc": skm.roc_auc_score(labels[sel], scores[sel]),
+        "pixel_auroc": skm.roc_auc_score(y_px, s_px),
+        "pixel_aupro": _aupro_brute_force(maps[sel].astype(np.float32), masks[sel], 0.3),
+    }
 
 
 def test_streaming_per_defect_includes_every_normal_image_whatever_the_order():
@@ -309,7 +315,7 @@ def test_streaming_per_defect_includes_every_normal_image_whatever_the_order():
     scores = rng.uniform(size=10)
     ev = M.StreamingEvaluation(with_pixels=True)
     for i in range(0, 10, 3):  # batches of 3: 'missing' first appears in the third batch
-        ev.update(scores[i:i + 3], labels[i:i + 3], defects[i:i + 3], maps[i:i + 3], masks[i:i + 3])
+        ev.update(scores[i : i + 3], labels[i : i + 3], defects[i : i + 3], maps[i : i + 3], masks[i : i + 3])
     out = ev.compute(threshold=0.5)
     assert sorted(out["per_defect"]) == ["broken", "missing"]
     for name in ("broken", "missing"):

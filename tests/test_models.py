@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, TWO_LEVELS, perturbed, tiny_config
+from helpers import ROOT, TWO_LEVELS, perturbed, tiny_config
 
 from diff_fastener_jax.config import load_config
 from diff_fastener_jax.models import DACM, build_models, count_params, init_params, kept_skips
@@ -54,7 +54,7 @@ def test_sparse_skip_saves_params_and_flops():
     assert s_sparse["params_seg"] == s_dense["params_seg"]
 
 
-@pytest.mark.parametrize("size", [32, pytest.param(64, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("size", [32, 64])
 def test_output_shapes_and_resolution_independent_params(size):
     config = tiny_config(**TWO_LEVELS)  # with down- and up-sampling
     recon, seg = build_models(config)
@@ -136,7 +136,6 @@ def test_seg_head_prior_sets_the_initial_probability():
     assert 0.002 < float(np.median(prob_low)) < 0.05
 
 
-@pytest.mark.slow  # compiles the U-Nets forward and backward: outside the 2-minute inner loop
 def test_bf16_compute_float32_params():
     config = tiny_config(**{"model.dtype": "bfloat16"})
     recon, seg = build_models(config)
@@ -187,10 +186,10 @@ def test_bad_sizes_raise_clear_errors():
         recon.apply({"params": params["recon"]}, jnp.zeros((1, 33, 33, 3)), jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match="model.activation"):
         build_models(tiny_config(**{"model.activation": "tanh"}))[0].init(
-            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32))
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+        )
 
 
-@pytest.mark.slow  # compiles the U-Nets forward and backward: outside the 2-minute inner loop
 def test_remat_blocks_keeps_params_and_gradients():
     """model.remat='blocks' recomputes inside blocks: same parameter tree, same loss, same gradients,
     much less planned memory."""
@@ -209,16 +208,21 @@ def test_remat_blocks_keeps_params_and_gradients():
     params = perturbed(params, 1)
     b, s = 2, plain.data.image_size
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
-             "mask": jnp.asarray(rng.uniform(size=(b, s, s, 1)) > 0.9, jnp.float32),
-             "is_synthetic": jnp.asarray([0.0, 1.0])}
+    batch = {
+        "image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
+        "mask": jnp.asarray(rng.uniform(size=(b, s, s, 1)) > 0.9, jnp.float32),
+        "is_synthetic": jnp.asarray([0.0, 1.0]),
+    }
     t = jnp.array([10, 100], jnp.int32)
     n1, n2 = jax.random.normal(jax.random.key(5), (2, b, s, s, 3))
 
     def grads(config):
         loss_fn = make_loss_fn(config)
-        compiled = jax.jit(jax.value_and_grad(
-            lambda p: loss_fn(p, batch, t, t + 300, n1, n2, jax.random.key(0))[0])).lower(params).compile()
+        compiled = (
+            jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, t, t + 300, n1, n2, jax.random.key(0))[0]))
+            .lower(params)
+            .compile()
+        )
         return compiled(params), compiled.memory_analysis().temp_size_in_bytes
 
     ((l_plain, g_plain), temp_plain), ((l_remat, g_remat), temp_remat) = grads(plain), grads(remat)
@@ -226,25 +230,26 @@ def test_remat_blocks_keeps_params_and_gradients():
     for a, r in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_remat)):
         np.testing.assert_allclose(r, a, rtol=1e-4, atol=1e-6)
     # And XLA plans less memory for it: every block's recomputation waits for that block's output
-    # gradient. (2.10 MiB without, 0.81 MiB with. On the two-level smoke model of 2026-11-28, plain
-    # nn.remat planned 47.7 MiB against 45.7 MiB without remat, and this 20.4 MiB.)
+    # gradient. (2.10 MiB without, 0.81 MiB with at these 8 px and 32 channels. On the two-level smoke
+    # model, plain nn.remat plans 47.7 MiB against 45.7 MiB without remat, and this 20.4 MiB.)
     assert temp_remat < 0.6 * temp_plain, (temp_remat, temp_plain)
 
 
-def test_attention_implementation_choice():
-    from diff_fastener_jax.models.layers import attention_implementation
+def test_attention_kernel_choice():
+    from diff_fastener_jax.models.backend import attention_kernel
 
-    assert attention_implementation("auto", jnp.bfloat16, (64, 128), backend="gpu") == "cudnn"
-    assert attention_implementation("auto", jnp.float32, (64,), backend="gpu") is None  # cuDNN: 16-bit only
-    assert attention_implementation("auto", jnp.bfloat16, (64, 256), backend="gpu") is None  # head dim > 128
-    assert attention_implementation("auto", jnp.bfloat16, (64,), backend="cpu") is None
-    assert attention_implementation("xla", jnp.bfloat16, (64,), backend="gpu") is None
-    assert attention_implementation("cudnn", jnp.bfloat16, (64,), backend="cpu") == "cudnn"
+    assert attention_kernel("auto", jnp.bfloat16, (64, 128), backend="gpu") == "cudnn"
+    assert attention_kernel("auto", jnp.float32, (64,), backend="gpu") is None  # cuDNN: 16-bit only
+    assert attention_kernel("auto", jnp.bfloat16, (64, 256), backend="gpu") is None  # head dim > 128
+    assert attention_kernel("auto", jnp.bfloat16, (64,), backend="cpu") is None
+    assert attention_kernel("xla", jnp.bfloat16, (64,), backend="gpu") is None
+    assert attention_kernel("cudnn", jnp.bfloat16, (64,), backend="cpu") == "cudnn"
     with pytest.raises(ValueError, match="model.attention"):
-        attention_implementation("flash", jnp.bfloat16, (64,))
+        attention_kernel("flash", jnp.bfloat16, (64,))
     with pytest.raises(ValueError, match="model.remat"):
         build_models(tiny_config(**{"model.remat": "all"}))[0].init(
-            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32))
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+        )
 
 
 def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_gpu():
@@ -255,6 +260,44 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_gpu():
     assert resolve_dtype_name("float32", backend="gpu") == "float32"
     with pytest.raises(ValueError, match="model.dtype"):
         resolve_dtype_name("int8")
+
+
+def test_implementations_are_resolved_once_per_backend_with_the_environment_overrides():
+    from diff_fastener_jax.models.backend import CPU_CHUNK_BYTES, resolve_implementations
+
+    config = tiny_config(**{"model.dtype": "auto"})
+    cpu = resolve_implementations(config, "cpu", environ={})
+    assert (cpu.dtype, cpu.groupnorm, cpu.attention, cpu.attention_chunk_bytes, cpu.attention_chunk_rows) == (
+        "float32",
+        "hand_written",
+        None,
+        CPU_CHUNK_BYTES,
+        0,
+    )
+    gpu = resolve_implementations(config, "gpu", environ={})
+    # the smoke model's heads are 8 wide: cuDNN's kernel applies in bf16
+    assert (gpu.dtype, gpu.groupnorm, gpu.attention, gpu.attention_chunk_bytes) == ("bfloat16", "flax", "cudnn", 0)
+    forced = resolve_implementations(
+        config, "gpu", environ={"DFJ_GROUPNORM": "hand_written", "DFJ_ATTENTION_CHUNK": "16"}
+    )
+    assert (forced.groupnorm, forced.attention_chunk_rows) == ("hand_written", 16)
+    off = resolve_implementations(config, "cpu", environ={"DFJ_ATTENTION_CHUNK": "0"})
+    assert (off.attention_chunk_bytes, off.attention_chunk_rows) == (0, 0)
+    with pytest.raises(ValueError, match="DFJ_ATTENTION_CHUNK='half'"):
+        resolve_implementations(config, "cpu", environ={"DFJ_ATTENTION_CHUNK": "half"})
+    with pytest.raises(ValueError, match="DFJ_GROUPNORM='fast'"):
+        resolve_implementations(config, "cpu", environ={"DFJ_GROUPNORM": "fast"})
+
+
+def test_layers_read_neither_the_environment_nor_the_backend():
+    import inspect
+
+    from diff_fastener_jax.models import dacm, layers, norm, segmentation, unet
+
+    for module in (layers, norm, unet, segmentation, dacm):
+        source = inspect.getsource(module)
+        for word in ("os.environ", "getenv", "default_backend", "DFJ_"):
+            assert word not in source, (module.__name__, word)
 
 
 def test_composed_attention_matches_float64_softmax_attention():
@@ -271,8 +314,10 @@ def test_composed_attention_matches_float64_softmax_attention():
     np.testing.assert_allclose(np.asarray(composed_attention(q, k, v)), expected, rtol=1e-5, atol=1e-5)
 
     cot = jax.random.normal(jax.random.key(1), q.shape)
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
-             for f in (composed_attention, jax.nn.dot_product_attention)]
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+        for f in (composed_attention, jax.nn.dot_product_attention)
+    ]
     for ours, theirs in zip(*grads):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-5)
 
@@ -327,50 +372,66 @@ def test_chunked_attention_matches_composed_attention_and_float64():
         assert out.shape == q.shape and out.dtype == q.dtype
         np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
     cot = jax.random.normal(jax.random.key(3), q.shape)
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
-             for f in (lambda *a: chunked_attention(*a, 8), composed_attention)]
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+        for f in (lambda *a: chunked_attention(*a, 8), composed_attention)
+    ]
     for ours, theirs in zip(*grads):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_query_chunk_rule(monkeypatch):
-    from diff_fastener_jax.models.layers import cpu_query_chunk
+def test_query_chunk_rule():
+    from diff_fastener_jax.models.backend import CPU_CHUNK_BYTES, Implementations
 
-    monkeypatch.delenv("DFJ_ATTENTION_CHUNK", raising=False)
-    assert cpu_query_chunk(1024, backend="cpu") == 512  # (512, 1024) float32 logits = 2 MiB
-    assert cpu_query_chunk(4096, backend="cpu") == 128
-    assert cpu_query_chunk(1000, backend="cpu") == 500  # a divisor of N
-    assert cpu_query_chunk(256, backend="cpu") is None  # (256, 256) logits fit the cache whole
-    assert cpu_query_chunk(1024, backend="gpu") is None
-    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "0")
-    assert cpu_query_chunk(1024, backend="cpu") is None
-    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "16")
-    assert cpu_query_chunk(64, backend="gpu") == 16
+    cpu = Implementations(attention_chunk_bytes=CPU_CHUNK_BYTES)
+    assert cpu.query_chunk(1024) == 512  # (512, 1024) float32 logits = 2 MiB
+    assert cpu.query_chunk(4096) == 128
+    assert cpu.query_chunk(1000) == 500  # a divisor of N
+    assert cpu.query_chunk(256) is None  # (256, 256) logits fit the cache whole
+    assert Implementations().query_chunk(1024) is None  # no budget: off the CPU, or DFJ_ATTENTION_CHUNK=0
+    forced = Implementations(attention_chunk_rows=16)
+    assert forced.query_chunk(64) == 16
     with pytest.raises(ValueError, match="DFJ_ATTENTION_CHUNK=16 does not divide the 24"):
-        cpu_query_chunk(24)
-    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "half")
-    with pytest.raises(ValueError, match="DFJ_ATTENTION_CHUNK='half'"):
-        cpu_query_chunk(64)
+        forced.query_chunk(24)
 
 
-def test_unet_chunks_attention_only_outside_training(monkeypatch):
-    """The reconstruction U-Net gives the same output with chunked attention as without; the chunked
-    form (a scan in the program) is taken for train=False only."""
-    config = tiny_config()  # the middle block's attention at 32x32: 1024 positions
-    recon, _ = build_models(config)
+def test_every_implementation_choice_gives_the_same_networks_on_cpu():
+    """GroupNorm (flax's or hand-written), attention (XLA ops batched or in query chunks, or
+    jax.nn.dot_product_attention's 'xla' kernel): the same parameter tree and, in float32, the same
+    outputs of both networks to 1e-5. Chunked attention is taken for train=False only."""
+    from diff_fastener_jax.models.backend import Implementations
+
+    config = tiny_config(**{"model.dtype": "float32"})  # the middle block's attention at 32x32: 1024 positions
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     t = jnp.array([3, 500], jnp.int32)
-    # proj_out starts at zero, which would hide the attention: give every parameter some noise
-    params = {"params": perturbed(init_params(config, jax.random.key(1))["recon"], 2)}
+    # proj_out and the zero-initialised convs would hide the attention: give every parameter some noise
+    params = perturbed(init_params(config, jax.random.key(1)), 2)
+    variants = {
+        "flax": Implementations(groupnorm="flax"),
+        "hand_written": Implementations(groupnorm="hand_written"),
+        "chunked": Implementations(groupnorm="flax", attention_chunk_rows=128),
+        "xla_kernel": Implementations(groupnorm="flax", attention="xla"),
+    }
+    outputs, jaxprs, trees = {}, {}, {}
+    for name, impl in variants.items():
+        recon, seg = build_models(config, impl)
 
-    def program(train):
-        """The forward's jaxpr and its output (one jitted program: DFJ_ATTENTION_CHUNK is read when traced)."""
-        fn = jax.jit(lambda p: recon.apply(p, x, t, train=train))
-        return jax.make_jaxpr(fn)(params), (None if train else fn(params))
+        def forward(p, recon=recon, seg=seg):
+            eps = recon.apply({"params": p["recon"]}, x, t)
+            return eps, seg.apply({"params": p["seg"]}, jnp.concatenate([x, x - eps], axis=-1))
 
-    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "16")
-    (chunked_jaxpr, chunked), (train_jaxpr, _) = program(False), program(True)
-    monkeypatch.setenv("DFJ_ATTENTION_CHUNK", "0")
-    plain_jaxpr, plain = program(False)
-    assert "scan" in str(chunked_jaxpr) and "scan" not in str(plain_jaxpr) and "scan" not in str(train_jaxpr)
-    np.testing.assert_allclose(np.asarray(chunked), np.asarray(plain), rtol=1e-4, atol=1e-5)
+        trees[name] = jax.tree_util.tree_structure(
+            jax.eval_shape(lambda k, recon=recon: recon.init(k, x, t)["params"], jax.random.key(0))
+        )
+        jaxprs[name] = str(jax.make_jaxpr(forward)(params))
+        outputs[name] = [np.asarray(a) for a in jax.jit(forward)(params)]
+    train_jaxpr = str(
+        jax.make_jaxpr(
+            lambda p: build_models(config, variants["chunked"])[0].apply({"params": p["recon"]}, x, t, train=True)
+        )(params)
+    )
+    assert "scan" in jaxprs["chunked"] and "scan" not in jaxprs["flax"] and "scan" not in train_jaxpr
+    assert len(set(trees.values())) == 1
+    for name in variants:
+        for ours, reference in zip(outputs[name], outputs["flax"]):
+            np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturbed, tiny_config
+from helpers import perturbed, tiny_config
 
 from diff_fastener_jax import config as config_lib
 from diff_fastener_jax.data import datasets, demo, pipeline
@@ -47,8 +47,11 @@ def test_class_conditioning_adds_pinned_params_and_changes_the_output(conditioni
     m = config.model
     temb = 4 * m.base_channels
     assert count_params(params["recon"]) == count_params(single["recon"]) + 2 * temb  # Embed(2, 4 * base)
-    seg_extra = (2 * 3 * 3 * m.seg_channels[0] if conditioning == "channels"  # one-hot planes into the 1st conv
-                 else sum(2 * 2 * ch for ch in m.seg_channels))  # FiLM: (scale, shift) per level and class
+    seg_extra = (
+        2 * 3 * 3 * m.seg_channels[0]
+        if conditioning == "channels"  # one-hot planes into the 1st conv
+        else sum(2 * 2 * ch for ch in m.seg_channels)
+    )  # FiLM: (scale, shift) per level and class
     assert count_params(params["seg"]) == count_params(single["seg"]) + seg_extra
 
     recon, seg = build_models(config)
@@ -80,7 +83,8 @@ def test_two_categories_are_listed_split_and_tagged(two_category_root):
             mine = [s for s in splits[split] if s.category == name]
             assert [s.path for s in mine] == [s.path for s in one[split]]
     assert datasets.class_ids_of(config, splits["train"]) == [
-        0 if s.category == "fastener" else 1 for s in splits["train"]]
+        0 if s.category == "fastener" else 1 for s in splits["train"]
+    ]
     everything = tiny_config(**{"data.root": two_category_root, "data.category": "all"})
     assert datasets.resolve_categories(everything.data) == ["fastener", "fastener_bar"]
 
@@ -98,7 +102,6 @@ def test_training_batches_mix_categories_and_stay_half_synthetic(two_category_ro
     assert seen == {0, 1}
 
 
-@pytest.mark.slow  # compiles the unified inference program
 def test_the_infer_program_takes_class_ids_exactly_when_unified():
     from diff_fastener_jax.inference import make_infer_fn
 
@@ -123,7 +126,6 @@ def unified_run(two_category_root, tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow  # trains a unified model end to end
 def test_unified_run_calibrates_evaluates_and_predicts_per_category(unified_run, tmp_path):
     from diff_fastener_jax import Detector, evaluate, predict
 
@@ -145,22 +147,28 @@ def test_unified_run_calibrates_evaluates_and_predicts_per_category(unified_run,
 
     det = Detector.load(unified_run)
     assert det.categories == ["fastener", "fastener_bar"]
-    bar_images = sorted(r["path"] for r in rows if r["category"] == "fastener_bar")[:2]
+    bar_relative = sorted(r["path"] for r in rows if r["category"] == "fastener_bar")[:2]  # to data.root
+    bar_images = [os.path.join(saved["data"]["root"], p) for p in bar_relative]
     with pytest.raises(UserError, match="give each image's category"):
         det.predict(bar_images)
     with pytest.raises(UserError, match="unknown category"):
         det.predict(bar_images, "sleeper")
     pred = det.predict(bar_images, "fastener_bar")
     by_path = {r["path"]: float(r["score"]) for r in rows}
-    np.testing.assert_allclose(pred.scores, [by_path[p] for p in bar_images], atol=1e-5)
+    np.testing.assert_allclose(pred.scores, [by_path[p] for p in bar_relative], atol=1e-5)
     np.testing.assert_allclose(pred.thresholds, record["per_category"]["fastener_bar"])
     # predict --category from_folder: each image's folder names its category.
     incoming = tmp_path / "incoming" / "fastener_bar"
     incoming.mkdir(parents=True)
     for p in bar_images:
         os.link(p, incoming / os.path.basename(p))
-    res = predict.predict(det, sorted(str(p) for p in incoming.iterdir()), str(tmp_path / "pred"),
-                          show_progress=False, category=predict.FROM_FOLDER)
+    res = predict.predict(
+        det,
+        sorted(str(p) for p in incoming.iterdir()),
+        str(tmp_path / "pred"),
+        show_progress=False,
+        category=predict.FROM_FOLDER,
+    )
     assert res["scored"] == 2
     pred_rows = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
     assert {r["category"] for r in pred_rows} == {"fastener_bar"}

@@ -5,8 +5,7 @@ import socket
 import subprocess
 import sys
 
-import pytest
-from conftest import ROOT, assert_same_training_result, tiny_config
+from helpers import ROOT, assert_same_training_result, tiny_config
 
 from diff_fastener_jax.training.loop import train_and_evaluate
 from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
@@ -18,12 +17,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process(demo_root, tmp_path):
     steps = 2
-    root = demo_root  # the session's smoke demo data
-    overrides = [f"--config.data.root={root}", f"--config.train.num_steps={steps}",
-                 "--config.train.batch_size=8", "--config.train.eval_every=0"]
+    root = demo_root  # the suite's smoke demo data
+    overrides = [
+        f"--config.data.root={root}",
+        f"--config.train.num_steps={steps}",
+        "--config.train.batch_size=8",
+        "--config.train.eval_every=0",
+    ]
 
     single = str(tmp_path / "single")
     config = tiny_config(**{"train.num_steps": steps, "train.batch_size": 8, "train.eval_every": 0})
@@ -32,13 +34,33 @@ def test_two_processes_match_one_process(demo_root, tmp_path):
 
     multi = str(tmp_path / "multi")
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "diff_fastener_jax.train", f"--config={ROOT}/configs/demo.py:smoke",
-         f"--workdir={multi}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-         f"--process_id={i}", *overrides],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "diff_fastener_jax.train",
+                f"--config={ROOT}/configs/demo.py:smoke",
+                f"--workdir={multi}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *overrides,
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]

@@ -54,8 +54,9 @@ def test_group_norm_gradient_matches_float64_finite_differences():
     def ref_loss(x64, s64, b64):
         return float(np.sum(w * _np_group_norm(x64, s64, b64, groups)))
 
-    gx, gs, gb = jax.grad(lambda x, s, b: jnp.sum(jnp.asarray(w, jnp.float32) * norm.group_norm(x, s, b, groups, 1e-5)),
-                          argnums=(0, 1, 2))(x, scale, bias)
+    gx, gs, gb = jax.grad(
+        lambda x, s, b: jnp.sum(jnp.asarray(w, jnp.float32) * norm.group_norm(x, s, b, groups, 1e-5)), argnums=(0, 1, 2)
+    )(x, scale, bias)
     h = 1e-4
     x64, s64, b64 = x.astype(np.float64), scale.astype(np.float64), bias.astype(np.float64)
     rng = np.random.default_rng(4)
@@ -88,20 +89,20 @@ def test_group_norm_matches_flax_values_and_gradients():
     def loss_ours(x, s, b):
         return jnp.sum(w * jax.nn.silu(norm.group_norm(x, s, b, groups, 1e-5)))
 
-    for a, b in zip(jax.grad(loss_flax, argnums=(0, 1, 2))(x, scale, bias),
-                    jax.grad(loss_ours, argnums=(0, 1, 2))(x, scale, bias)):
+    for a, b in zip(
+        jax.grad(loss_flax, argnums=(0, 1, 2))(x, scale, bias), jax.grad(loss_ours, argnums=(0, 1, 2))(x, scale, bias)
+    ):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(loss_ours(x, scale, bias), loss_flax(x, scale, bias), rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_group_norm32_implementations_share_parameters_and_values(monkeypatch, dtype):
+def test_group_norm32_implementations_share_parameters_and_values(dtype):
     """The switch changes neither the parameter tree (checkpoints move between backends) nor the output."""
     x = jnp.asarray(_inputs((2, 8, 8, 64))[0])
     out, trees = {}, {}
     for impl in ("flax", "hand_written"):
-        monkeypatch.setenv("DFJ_GROUPNORM", impl)
-        module = layers.GroupNorm32(groups=32, dtype=dtype)
+        module = layers.GroupNorm32(groups=32, dtype=dtype, implementation=impl)
         variables = module.init(jax.random.key(0), x)
         trees[impl] = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), variables)
         out[impl] = np.asarray(module.apply(variables, x).astype(jnp.float32))
@@ -112,12 +113,12 @@ def test_group_norm32_implementations_share_parameters_and_values(monkeypatch, d
     np.testing.assert_allclose(out["hand_written"], out["flax"], rtol=tol, atol=tol)
 
 
-def test_group_norm_switch_follows_backend_and_rejects_unknown_values(monkeypatch):
-    monkeypatch.delenv("DFJ_GROUPNORM", raising=False)
-    assert layers.hand_written_group_norm("cpu") is True
-    assert layers.hand_written_group_norm("gpu") is False
-    monkeypatch.setenv("DFJ_GROUPNORM", "flax")
-    assert layers.hand_written_group_norm("cpu") is False
-    monkeypatch.setenv("DFJ_GROUPNORM", "fast")
+def test_group_norm_switch_follows_backend_and_rejects_unknown_values():
+    from diff_fastener_jax.models.backend import groupnorm_impl
+
+    assert groupnorm_impl("cpu", environ={}) == "hand_written"
+    assert groupnorm_impl("gpu", environ={}) == "flax"
+    assert groupnorm_impl("cpu", environ={"DFJ_GROUPNORM": "flax"}) == "flax"
+    assert groupnorm_impl("gpu", environ={"DFJ_GROUPNORM": "hand_written"}) == "hand_written"
     with pytest.raises(ValueError, match="DFJ_GROUPNORM='fast'"):
-        layers.hand_written_group_norm("cpu")
+        groupnorm_impl("cpu", environ={"DFJ_GROUPNORM": "fast"})

@@ -11,13 +11,16 @@ def _draws(cells, n=300, size=64, seed=0):
     return [perlin.perlin_noise((size, size), cells, rng, rng.uniform(-90.0, 90.0)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("cells, min_nonempty, min_peak", [
-    ((1, 1), 0.25, 0.8),  # a wrapped lattice gave 0% non-empty masks and peak 0.29 here
-    ((1, 8), 0.9, 0.9),   # ... and peak 0.69 here
-    ((8, 1), 0.9, 0.9),
-    ((2, 2), 0.7, 0.9),
-    ((32, 32), 0.99, 0.9),
-])
+@pytest.mark.parametrize(
+    "cells, min_nonempty, min_peak",
+    [
+        ((1, 1), 0.25, 0.8),  # a wrapped lattice gave 0% non-empty masks and peak 0.29 here
+        ((1, 8), 0.9, 0.9),  # ... and peak 0.69 here
+        ((8, 1), 0.9, 0.9),
+        ((2, 2), 0.7, 0.9),
+        ((32, 32), 0.99, 0.9),
+    ],
+)
 def test_every_scale_reaches_the_mask_threshold(cells, min_nonempty, min_peak):
     noises = _draws(cells)
     nonempty = np.mean([(n > 0.5).any() for n in noises])

@@ -107,8 +107,10 @@ def test_seeds_and_epochs_differ(demo_root):
 def test_process_shards_concatenate_to_the_global_batch(demo_root):
     config = _config(demo_root, batch_size=8)
     whole = _take(pipeline.make_train_iterator(config, seed=0, num_workers=0), 2)
-    parts = [_take(pipeline.make_train_iterator(config, seed=0, process_index=p, process_count=2,
-                                                num_workers=0), 2) for p in range(2)]
+    parts = [
+        _take(pipeline.make_train_iterator(config, seed=0, process_index=p, process_count=2, num_workers=0), 2)
+        for p in range(2)
+    ]
     for k in range(2):
         assert parts[0][k]["image"].shape[0] == 4
         joined = {key: np.concatenate([parts[0][k][key], parts[1][k][key]]) for key in whole[k]}
@@ -129,8 +131,9 @@ def test_clean_rows_for_anomaly_oriented_noise(demo_root):
     assert batch["clean"].shape == batch["image"].shape
     np.testing.assert_array_equal(batch["clean"][0::2], batch["image"][0::2])
     outside = batch["mask"][1::2] == 0  # synthetic rows equal their clean image outside the mask
-    np.testing.assert_array_equal(np.broadcast_to(outside, batch["image"][1::2].shape)
-                                  * (batch["clean"][1::2] - batch["image"][1::2]), 0)
+    np.testing.assert_array_equal(
+        np.broadcast_to(outside, batch["image"][1::2].shape) * (batch["clean"][1::2] - batch["image"][1::2]), 0
+    )
 
 
 def test_val_batches_are_fixed_and_half_synthetic(demo_root):

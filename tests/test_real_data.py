@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 
 from diff_fastener_jax.data import datasets
 

@@ -45,19 +45,30 @@ def _fake_run(rng, n=24, size=32, with_masks=True):
     masks[labels == 1, 8:16, 8:20] = 1
     maps = np.clip(rng.uniform(0, 0.6, masks.shape) + 0.4 * masks, 0, 1)
     threshold = M.calibrate_threshold(scores[:12], 0.1)
-    metrics = M.compute_all_metrics(scores, labels, maps=maps if with_masks else None,
-                                    masks=masks if with_masks else None, threshold=threshold)
-    per_defect = M.per_defect_metrics(scores, labels, defects, maps if with_masks else None,
-                                      masks if with_masks else None, threshold=threshold)
+    metrics = M.compute_all_metrics(
+        scores, labels, maps=maps if with_masks else None, masks=masks if with_masks else None, threshold=threshold
+    )
+    per_defect = M.per_defect_metrics(
+        scores, labels, defects, maps if with_masks else None, masks if with_masks else None, threshold=threshold
+    )
     panels = []
     for idx, kind in report.select_panels(scores, labels, 4):
         img = rng.uniform(-1, 1, (size, size, 3)).astype(np.float32)
-        panels.append({"image": img, "reconstruction": (np.clip(img * 0.9, -1, 1) * 127.5 + 127.5).astype(np.uint8),
-                       "mask": masks[idx] if with_masks else None, "anomaly_map": maps[idx],
-                       "pred_mask": maps[idx] >= 0.5, "score": float(scores[idx]), "label": int(labels[idx]),
-                       "defect": defects[idx], "path": f"test/{defects[idx]}/{idx:03d}<&>.png", "kind": kind})
-    return dict(metrics=metrics, per_defect=per_defect, scores=scores, labels=labels, defects=defects,
-                panels=panels)
+        panels.append(
+            {
+                "image": img,
+                "reconstruction": (np.clip(img * 0.9, -1, 1) * 127.5 + 127.5).astype(np.uint8),
+                "mask": masks[idx] if with_masks else None,
+                "anomaly_map": maps[idx],
+                "pred_mask": maps[idx] >= 0.5,
+                "score": float(scores[idx]),
+                "label": int(labels[idx]),
+                "defect": defects[idx],
+                "path": f"test/{defects[idx]}/{idx:03d}<&>.png",
+                "kind": kind,
+            }
+        )
+    return dict(metrics=metrics, per_defect=per_defect, scores=scores, labels=labels, defects=defects, panels=panels)
 
 
 def _parse(path):
@@ -115,8 +126,17 @@ def test_report_single_class_still_renders(tmp_path):
     labels = np.zeros(6, int)
     metrics = M.compute_all_metrics(scores, labels, threshold=0.5)
     out = tmp_path / "r.html"
-    report.write_report(str(out), metrics=metrics, per_defect={}, scores=scores, labels=labels,
-                        defects=["good"] * 6, panels=[], config_json="{}", title="one class")
+    report.write_report(
+        str(out),
+        metrics=metrics,
+        per_defect={},
+        scores=scores,
+        labels=labels,
+        defects=["good"] * 6,
+        panels=[],
+        config_json="{}",
+        title="one class",
+    )
     text, c = _parse(out)
     _decode_all(c.imgs)
     assert len(c.imgs) == 3 and "image metrics undefined" in text
@@ -138,7 +158,9 @@ def test_select_panels():
 
 def test_write_summary_html(tmp_path):
     out = tmp_path / "cv.html"
-    report.write_summary_html(str(out), "5-fold <cv>", {"image_auroc": (0.95, 0.01), "pixel_aupro": (0.8, float("nan"))})
+    report.write_summary_html(
+        str(out), "5-fold <cv>", {"image_auroc": (0.95, 0.01), "pixel_aupro": (0.8, float("nan"))}
+    )
     text, c = _parse(out)
     assert "0.9500" in text and "0.0100" in text and "n/a" in text and "5-fold &lt;cv&gt;" in text
     assert not c.external

@@ -1,4 +1,4 @@
-"""Checkpoint selection on validation (`train.select_on`, issue 11): the rule, its persistence across a
+"""Checkpoint selection on validation (`train.select_on`): the rule, its persistence across a
 resume, the kept checkpoint, and that calibration, evaluate and the Detector use the selected step."""
 
 import json
@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from diff_fastener_jax.config import validate_config
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.training.selection import SELECTION_FILE, Selection
-from tests.conftest import tiny_config
 
 
 def test_min_metric_selects_lowest_and_ties_go_to_the_later_step():
@@ -79,7 +79,6 @@ def test_checkpointer_keeps_a_protected_step_beyond_keep(tmp_path):
     ckpt.close()
 
 
-@pytest.mark.slow
 def test_training_keeps_calibrates_and_evaluates_the_selected_step(demo_root, tmp_path, monkeypatch):
     """Scripted validation values pick step 4 of 6; with keep_checkpoints=1 and checkpoints only at the
     end, step 4 must still be saved and kept, detector.json calibrated for it, and evaluate / the
@@ -101,8 +100,15 @@ def test_training_keeps_calibrates_and_evaluates_the_selected_step(demo_root, tm
     fake_validation.step = 0
     monkeypatch.setattr(loop, "_validation_scores", fake_validation)
     workdir = str(tmp_path / "run")
-    config = tiny_config(**{"data.root": demo_root, "train.select_on": "val_recon_error", "train.eval_every": 2,
-                            "train.checkpoint_every": 6, "train.keep_checkpoints": 1})
+    config = tiny_config(
+        **{
+            "data.root": demo_root,
+            "train.select_on": "val_recon_error",
+            "train.eval_every": 2,
+            "train.checkpoint_every": 6,
+            "train.keep_checkpoints": 1,
+        }
+    )
     loop.train_and_evaluate(config, workdir, quiet=True)
 
     assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) == [4, 6]
@@ -119,8 +125,9 @@ def test_training_keeps_calibrates_and_evaluates_the_selected_step(demo_root, tm
     params4, step = load_run_params(workdir, run_config)
     assert step == 4
     params6, _ = load_run_params(workdir, run_config, 6)
-    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params4),
-                                                      jax.tree_util.tree_leaves(params6)))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params4), jax.tree_util.tree_leaves(params6))
+    )
     assert record["threshold"]["value"] == pytest.approx(calibrate(run_config, params4)["value"], rel=1e-5)
 
     result = evaluate_workdir(workdir, str(tmp_path / "eval"))

@@ -168,8 +168,12 @@ def test_cutpaste_pastes_a_shifted_copy_of_the_image_opaquely():
         inside = m[..., 0] > 0
         assert beta == 0.0 and inside.any()
         assert np.array_equal(out[~inside], x[~inside])
-        offsets = [(dy, dx) for dy in range(-H // 2 + 1, H // 2 + 1) for dx in range(-W // 2 + 1, W // 2 + 1)
-                   if np.array_equal(out[inside], np.roll(x, (dy, dx), axis=(0, 1))[inside])]
+        offsets = [
+            (dy, dx)
+            for dy in range(-H // 2 + 1, H // 2 + 1)
+            for dx in range(-W // 2 + 1, W // 2 + 1)
+            if np.array_equal(out[inside], np.roll(x, (dy, dx), axis=(0, 1))[inside])
+        ]
         assert len(offsets) == 1
         dy, dx = offsets[0]
         assert max(abs(dy) / H, abs(dx) / W) >= 1 / 8
@@ -188,8 +192,9 @@ def test_cutpaste_labels_only_visible_changes():
     stripes[:, : W // 2] = 0.8  # left half bright: only pastes across the edge are labelled
     cut = 0
     for seed in range(6):
-        out, m, beta = synthesis.synthesize_anomaly(stripes, np.random.default_rng(seed), fg_mode="full",
-                                                    cutpaste_prob=1.0)
+        out, m, beta = synthesis.synthesize_anomaly(
+            stripes, np.random.default_rng(seed), fg_mode="full", cutpaste_prob=1.0
+        )
         if beta == 0.0:
             cut += 1
             assert np.abs(out - stripes).mean(-1)[m[..., 0] > 0].min() > 0.5

@@ -7,7 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import copy_run, tiny_config
+from helpers import copy_run, tiny_config
 
 from diff_fastener_jax.config import ConfigError, validate_config
 from diff_fastener_jax.training.checkpoint import Checkpointer, IncompatibleCheckpointError
@@ -27,9 +27,8 @@ def _params(workdir, step=None):
     return jax.tree_util.tree_leaves(jax.device_get(params))
 
 
-@pytest.mark.slow
 def test_smoke_train_writes_metrics_config_checkpoints(smoke_run):
-    workdir = smoke_run  # the session's shared 6-step smoke run
+    workdir = smoke_run  # the suite's shared 6-step smoke run
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     last = [x for x in lines if "total" in x][-1]
     assert np.isfinite(last["total"])
@@ -45,7 +44,6 @@ def test_smoke_train_writes_metrics_config_checkpoints(smoke_run):
     assert sorted(steps) == [3, 6]
 
 
-@pytest.mark.slow
 def test_resume_equals_uninterrupted(demo_root, smoke_run, tmp_path):
     full = smoke_run  # the same config, 6 steps uninterrupted
     part = str(tmp_path / "part")
@@ -55,11 +53,12 @@ def test_resume_equals_uninterrupted(demo_root, smoke_run, tmp_path):
     assert last["step"] == 6
     lines = [json.loads(x) for x in open(os.path.join(part, "metrics.jsonl"))]
     assert any(x.get("event") == "resume" and x["step"] == 3 for x in lines)
+    keys = [(x.get("event"), x["step"]) for x in lines]  # no line of the first run is written again
+    assert len(keys) == len(set(keys)) and [x["step"] for x in lines if x.get("event") == "done"] == [6]
     for a, b in zip(_params(full), _params(part)):
         np.testing.assert_array_equal(a, b)  # bit for bit on CPU
 
 
-@pytest.mark.slow
 def test_interrupted_save_leaves_previous_checkpoint_usable(demo_root, tmp_path):
     workdir = str(tmp_path / "run")
     train_and_evaluate(_config(demo_root, **{"train.num_steps": 3}), workdir, quiet=True)
@@ -76,26 +75,27 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(demo_root, tmp_path)
     assert sorted(Checkpointer(ckdir).all_steps()) == [3, 6]
 
 
-@pytest.mark.slow
 def test_resume_with_other_model_shapes_is_refused(demo_root, smoke_run, tmp_path):
     workdir = copy_run(smoke_run, tmp_path / "run")
     before = {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)}
     with pytest.raises(IncompatibleCheckpointError, match="other shapes"):
-        train_and_evaluate(_config(demo_root, **{"train.num_steps": 8, "model.base_channels": 32}),
-                           workdir, quiet=True)
+        train_and_evaluate(_config(demo_root, **{"train.num_steps": 8, "model.base_channels": 32}), workdir, quiet=True)
     # Refused before anything was written: config.json and the checkpoints are untouched.
     assert {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)} == before
     assert json.load(open(os.path.join(workdir, "config.json")))["model"]["base_channels"] == 16
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"train.batch_size": 5}, "must be even"),
-    ({"train.batch_size": 6}, "not divisible by 2 x 4 devices"),
-    ({"diffusion.eval_t_small": 400, "diffusion.eval_t_big": 200}, "t_s < t_b"),
-    ({"data.format": "mvtec", "data.root": "/nonexistent/root"}, "data.root"),
-    ({"model.activation": "tanh"}, "model.activation"),
-    ({"data.image_size": 36, "model.channel_mults": (1, 2, 2, 2)}, "data.image_size"),  # 36 % 8
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"train.batch_size": 5}, "must be even"),
+        ({"train.batch_size": 6}, "not divisible by 2 x 4 devices"),
+        ({"diffusion.eval_t_small": 400, "diffusion.eval_t_big": 200}, "t_s < t_b"),
+        ({"data.format": "mvtec", "data.root": "/nonexistent/root"}, "data.root"),
+        ({"model.activation": "tanh"}, "model.activation"),
+        ({"data.image_size": 36, "model.channel_mults": (1, 2, 2, 2)}, "data.image_size"),  # 36 % 8
+    ],
+)
 def test_invalid_configs_fail_before_compiling(overrides, match):
     config = tiny_config(**overrides)
     with pytest.raises(ConfigError, match=match):
@@ -130,8 +130,9 @@ def test_a_failed_start_writes_nothing(demo_root, tmp_path):
     with pytest.raises(DatasetError, match=f"cannot decode image {victim}"):
         train_and_evaluate(_config(str(root)), str(workdir), quiet=True)
     with pytest.raises(ConfigError, match="data.root"):
-        train_and_evaluate(tiny_config(**{"data.format": "mvtec", "data.root": str(tmp_path / "nope")}),
-                           str(workdir), quiet=True)
+        train_and_evaluate(
+            tiny_config(**{"data.format": "mvtec", "data.root": str(tmp_path / "nope")}), str(workdir), quiet=True
+        )
     (root / "fastener" / "train" / "good").rename(root / "fastener" / "train" / "elsewhere")
     with pytest.raises(DatasetError, match="train/good"):
         train_and_evaluate(_config(str(root)), str(workdir), quiet=True)
@@ -146,6 +147,7 @@ def test_prepare_run_lists_each_split_once(demo_root, tmp_path, monkeypatch):
     original = datasets.list_splits
     monkeypatch.setattr(datasets, "list_splits", lambda *a, **k: calls.append(1) or original(*a, **k))
     config, samples = prepare_run(_config(demo_root), str(tmp_path / "run"), num_devices=4)
-    assert len(calls) == 1 and set(samples) == {"train", "val", "test"}
+    assert len(calls) == 1 and set(samples) == {"train", "val", "test", "val_anomalies"}
+    assert samples["val_anomalies"] == []  # data.val_anomalies unset
     assert len(samples["train"]) + len(samples["val"]) == 12 and config.data.root == demo_root
     assert not (tmp_path / "run").exists()

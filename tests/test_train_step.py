@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import pytest
-from conftest import assert_same_training_result, tiny_config
+from helpers import assert_same_training_result, tiny_config
 
-from diff_fastener_jax.training import parallel
+from diff_fastener_jax import parallel
 from diff_fastener_jax.training.train_step import create_train_state, make_train_step
 
 
@@ -53,7 +53,6 @@ def test_train_step_draws_timesteps_from_the_configured_window(monkeypatch):
     assert seen == [((180, 221), (380, 421))]  # eval steps 200 / 400, each +- 20
 
 
-@pytest.mark.slow  # compiles whole train steps: outside the 2-minute inner loop
 def test_one_device_equals_four_devices():
     assert len(jax.devices()) >= 4, "needs XLA_FLAGS=--xla_force_host_platform_device_count=4"
     config = tiny_config()
@@ -67,7 +66,6 @@ def test_one_device_equals_four_devices():
     assert int(s4.step) == 2
 
 
-@pytest.mark.slow  # compiles whole train steps: outside the 2-minute inner loop
 def test_step_compiles_once_and_reports_metrics():
     config = tiny_config(**{"train.batch_size": 8})
     _, metrics, step = _run_steps(config, parallel.make_mesh(jax.devices()[:4]), _batch(8), 3)
@@ -80,11 +78,10 @@ def test_step_compiles_once_and_reports_metrics():
     np.testing.assert_allclose(m["total"], m["noise"] + 5 * m["focal"] + m["smoothl1"], rtol=1e-5)
 
 
-@pytest.mark.slow  # a 50-step training loop
 def test_loss_falls_on_fixed_batch():
     config = tiny_config(**FAST_LR)
-    # 50 steps: the mean total loss of the last 10 falls to about 1/2.4 of the first 5 (measured
-    # 2026-11-29; 1/3.3 after 80 steps, 1/3.7 after 300), so requiring 1/2 leaves room without a long
+    # 50 steps: the mean total loss of the last 10 falls to about 1/2.4 of the first 5 (1/3.3 after
+    # 80 steps, 1/3.7 after 300), so requiring 1/2 leaves room without a long
     # loop (each step is about 0.25 s of the suite's time).
     _, metrics, _ = _run_steps(config, parallel.make_mesh(jax.devices()[:1]), _batch(4), 50)
     first = np.mean([m["total"] for m in metrics[:5]])
@@ -92,7 +89,6 @@ def test_loss_falls_on_fixed_batch():
     assert last < first / 2.0, (first, last)
 
 
-@pytest.mark.slow  # compiles a whole train step
 def test_non_finite_loss_skips_update():
     config = tiny_config(**FAST_LR)
     batch = _batch(4)
@@ -111,7 +107,6 @@ def test_batch_not_divisible_by_devices_is_refused():
         parallel.check_global_batch(6, parallel.make_mesh(jax.devices()[:4]))
 
 
-@pytest.mark.slow  # compiles whole train steps
 def test_microbatches_give_the_whole_batch_update():
     """train.microbatch=2 on 2 devices accumulates 2 microbatches of 2 rows per device: the same losses,
     gradient norm and parameters as the whole batch on one device at once."""
@@ -125,7 +120,9 @@ def test_microbatches_give_the_whole_batch_update():
     micro, m_micro, micro_step = _run_steps(config, two, batch, 2)
 
     def loops(step, state, mesh):  # while loops in the lowered program
-        return step.lower(state, parallel.shard_batch(batch, mesh), jax.random.key(42)).as_text().count("stablehlo.while")
+        return (
+            step.lower(state, parallel.shard_batch(batch, mesh), jax.random.key(42)).as_text().count("stablehlo.while")
+        )
 
     # The accumulation loop is there: equal results alone would not show it (the step without
     # microbatches has loops of its own).
@@ -150,8 +147,14 @@ def test_demo_recipe_trains_from_the_pipeline(demo_root):
     end: pipeline batches carry the clean rows the loss needs, and two steps on 4 devices give finite losses."""
     from diff_fastener_jax.data import pipeline
 
-    config = tiny_config(**{"data.root": demo_root, "data.cutpaste_prob": 0.5,
-                            "loss.anomaly_oriented_noise": True, "diffusion.train_t_window": 50})
+    config = tiny_config(
+        **{
+            "data.root": demo_root,
+            "data.cutpaste_prob": 0.5,
+            "loss.anomaly_oriented_noise": True,
+            "diffusion.train_t_window": 50,
+        }
+    )
     mesh = parallel.make_mesh()
     it = pipeline.make_train_iterator(config, seed=0)
     state = parallel.replicate(create_train_state(config, jax.random.key(0)), mesh)

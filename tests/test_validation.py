@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 from sklearn.metrics import roc_auc_score
 
 from diff_fastener_jax.data import pipeline
@@ -14,11 +14,11 @@ from diff_fastener_jax.training import loop
 from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
 
-@pytest.mark.slow
 def test_validation_logs_ema_scores_equal_to_a_direct_computation(tmp_path):
     workdir = str(tmp_path / "run")
-    config = tiny_config(**{"train.num_steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3,
-                            "optim.ema_decay": 0.5})
+    config = tiny_config(
+        **{"train.num_steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3, "optim.ema_decay": 0.5}
+    )
     loop.train_and_evaluate(config, workdir, quiet=True)
     logged = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     val = [x for x in logged if x.get("event") == "validation"][-1]
@@ -39,14 +39,21 @@ def test_validation_logs_ema_scores_equal_to_a_direct_computation(tmp_path):
     assert val["val_recon_error"] == pytest.approx(np.mean(np.concatenate(errors)), rel=1e-5)
     assert val["val_image_auroc"] == pytest.approx(roc_auc_score(labels, np.concatenate(scores)), abs=1e-9)
     assert val["val_pixel_auroc"] == pytest.approx(
-        roc_auc_score(masks.ravel() > 0.5, np.concatenate(maps).astype(np.float32).ravel()), abs=1e-9)
+        roc_auc_score(masks.ravel() > 0.5, np.concatenate(maps).astype(np.float32).ravel()), abs=1e-9
+    )
 
 
 def test_warmup_cosine_schedule_and_constant_default():
     from diff_fastener_jax.training.train_step import learning_rate_schedule
 
-    config = tiny_config(**{"optim.schedule": "warmup_cosine", "optim.warmup_steps": 4,
-                            "optim.final_lr_fraction": 0.1, "train.num_steps": 20})
+    config = tiny_config(
+        **{
+            "optim.schedule": "warmup_cosine",
+            "optim.warmup_steps": 4,
+            "optim.final_lr_fraction": 0.1,
+            "train.num_steps": 20,
+        }
+    )
     lr = learning_rate_schedule(config, 1e-3)
     assert float(lr(0)) == 0.0 and float(lr(2)) == pytest.approx(5e-4) and float(lr(4)) == pytest.approx(1e-3)
     # Cosine from step 4 to 20: half-way (step 12) is the mean of peak and end.

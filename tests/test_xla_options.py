@@ -37,10 +37,11 @@ def test_options_do_not_change_the_numbers():
     # float64 reference: y = sum over the 3x3 window; dL/dw = sum_{b,h,w} xpad * 2 tanh(y) (1 - tanh(y)^2)
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = sum(np.einsum("bhwc,co->bhwo", xp[:, i:i + 16, j:j + 16], w64[i, j]) for i in range(3) for j in range(3))
+    y = sum(np.einsum("bhwc,co->bhwo", xp[:, i : i + 16, j : j + 16], w64[i, j]) for i in range(3) for j in range(3))
     g = 2 * np.tanh(y) * (1 - np.tanh(y) ** 2)
-    ref = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + 16, j:j + 16], g) for j in range(3)])
-                    for i in range(3)])
+    ref = np.stack(
+        [np.stack([np.einsum("bhwc,bhwo->co", xp[:, i : i + 16, j : j + 16], g) for j in range(3)]) for i in range(3)]
+    )
     for value, grad in (default, with_options):
         np.testing.assert_allclose(float(value), np.sum(np.tanh(y) ** 2), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-4, atol=1e-5)
@@ -61,7 +62,9 @@ def test_reductions_go_to_ynnpack_and_filter_gradients_stay_eigen():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 32, 32, 32)).astype(np.float32)
     w = (0.1 * rng.standard_normal((3, 3, 32, 32))).astype(np.float32)
-    compiled = jax.jit(_reduce_and_conv_grad, compiler_options=xla_options.compiler_options("cpu")).lower(x, w).compile()
+    compiled = (
+        jax.jit(_reduce_and_conv_grad, compiler_options=xla_options.compiler_options("cpu")).lower(x, w).compile()
+    )
     hlo = compiled.as_text()
     bodies = {}  # computation name -> its text
     for block in hlo.split("\n\n"):
@@ -72,8 +75,9 @@ def test_reductions_go_to_ynnpack_and_filter_gradients_stay_eigen():
     assert any(" reduce(" in body for body in ynn_called), "the channel sum is not a YNNPACK fusion"
     # The filter gradient: a convolution whose window is the whole 32 x 32 feature map.
     assert re.search(r"convolution\([^\n]*window=\{size=32x32", hlo), "no filter-gradient convolution found"
-    assert not any(re.search(r"convolution\([^\n]*window=\{size=32x32", body) for body in ynn_called), \
+    assert not any(re.search(r"convolution\([^\n]*window=\{size=32x32", body) for body in ynn_called), (
         "a filter gradient went to YNNPACK"
+    )
     total, grad = compiled(x, w)
     np.testing.assert_allclose(np.asarray(total), x.astype(np.float64).sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.jit(_conv_loss_grad)(x, w)[1]), rtol=1e-4, atol=1e-2)

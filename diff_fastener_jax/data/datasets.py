@@ -1,4 +1,4 @@
-"""Dataset readers (DESIGN.md §6): MVTec AD layout, VisA's split CSV, a generic folder layout, and
+"""Dataset readers: MVTec AD layout, VisA's split CSV, a generic folder layout, and
 the built-in synthetic demo (MVTec layout).
 
 Layouts (paths below `data.root`):
@@ -6,6 +6,8 @@ Layouts (paths below `data.root`):
   mvtec / demo  <category>/train/good/*.png                  normal training images
                 <category>/test/<defect>/*.png               test images ('good' = normal)
                 <category>/ground_truth/<defect>/<stem>_mask.png   one mask per defective test image
+                (a category without any ground_truth/ folder has image labels only: its defective
+                samples have no mask and `has_pixel_labels` is False)
   visa          split_csv/1cls.csv  columns object,split,label,image,mask (paths relative to root,
                 label 'normal' / 'anomaly'); `data.category` picks one object ('' = all objects)
   folder        <category>/<normal_dir>/*.png                normal images (split train/test below)
@@ -42,8 +44,8 @@ from diff_fastener_jax.data.image_io import (
     image_to_float,
     load_image,
     load_mask,
-    size_hw,
 )
+from diff_fastener_jax.data.sizing import as_resize
 from diff_fastener_jax.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
@@ -69,21 +71,56 @@ class Sample:
 # Decoding a split
 
 
+def load_sample(sample: Sample, size) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 (H, W, 3), mask float32 (H, W, 1)) of one sample, the mask at its image's size.
+    `size`: an int / (H, W) (exactly that size) or a `sizing.Resize` (`sizing.resize_of(config)`)."""
+    image = load_image(sample.path, size)
+    return image, load_mask(sample.mask_path, image.shape[:2])
+
+
 def load_arrays(samples: Sequence[Sample], size) -> dict:
-    """Decodes `samples` for evaluation.
+    """Decodes `samples` for evaluation; `size` as in `load_sample`.
 
     Returns image float32 (N, H, W, 3) in [-1, 1], mask float32 (N, H, W, 1), label int32 (N,),
-    defect list[str], path list[str].
+    defect list[str], path list[str]. Under a resize rule that keeps the aspect ratio the images must
+    come out the same size (else DatasetError: load them one by one with `load_sample`).
     """
-    h, w = size_hw(size)
+    rule = as_resize(size)
     n = len(samples)
-    images = np.empty((n, h, w, 3), np.float32)
-    masks = np.empty((n, h, w, 1), np.float32)
-    for i, s in enumerate(samples):
-        images[i] = image_to_float(load_image(s.path, (h, w)))
-        masks[i] = load_mask(s.mask_path, (h, w))
-    return {"image": images, "mask": masks, "label": np.array([s.label for s in samples], np.int32),
-            "defect": [s.defect for s in samples], "path": [s.path for s in samples]}
+    if rule.fixed_hw is not None:
+        h, w = rule.fixed_hw
+        images = np.empty((n, h, w, 3), np.float32)
+        masks = np.empty((n, h, w, 1), np.float32)
+        for i, s in enumerate(samples):
+            image, masks[i] = load_sample(s, rule)
+            images[i] = image_to_float(image)
+    else:
+        decoded = [load_sample(s, rule) for s in samples]
+        shapes = sorted({image.shape[:2] for image, _ in decoded})
+        if len(shapes) > 1:
+            raise DatasetError(
+                f"images of {len(shapes)} sizes under data.resize={rule.mode!r} "
+                f"(e.g. {shapes[0]} and {shapes[-1]}) do not stack into one array",
+                hint="score them one at a time (datasets.load_sample) or use data.resize=square",
+            )
+        hw = shapes[0] if shapes else (rule.size, rule.size)
+        images = np.stack([image_to_float(i) for i, _ in decoded]) if decoded else np.empty((0, *hw, 3), np.float32)
+        masks = np.stack([m for _, m in decoded]) if decoded else np.empty((0, *hw, 1), np.float32)
+    return {
+        "image": images,
+        "mask": masks,
+        "label": np.array([s.label for s in samples], np.int32),
+        "defect": [s.defect for s in samples],
+        "path": [s.path for s in samples],
+    }
+
+
+def has_pixel_labels(samples: Sequence[Sample]) -> bool:
+    """True when `samples` has anomalous images and every one of them has a mask (pixel metrics are
+    defined); False for an image-label-only split (e.g. an MVTec category without ground_truth/, a
+    folder layout without masks) or one without anomalous images."""
+    anomalous = [s for s in samples if s.label == 1]
+    return bool(anomalous) and all(s.mask_path is not None for s in anomalous)
 
 
 def verify_images(samples: Sequence[Sample], max_workers: int = 8) -> None:
@@ -125,16 +162,16 @@ def _require_dir(path: str, what: str) -> None:
 def _images_in(folder: str, what: str, allow_empty: bool = False) -> list[str]:
     """Sorted image paths directly inside `folder` (which must exist and, unless allowed, hold images)."""
     _require_dir(folder, what)
-    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                   if _is_image(n) and os.path.isfile(os.path.join(folder, n)))
+    paths = sorted(
+        os.path.join(folder, n) for n in os.listdir(folder) if _is_image(n) and os.path.isfile(os.path.join(folder, n))
+    )
     if not paths and not allow_empty:
         raise DatasetError(f"{what}: folder {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
     return paths
 
 
 def _subdirs(folder: str) -> list[str]:
-    return sorted(n for n in os.listdir(folder)
-                  if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+    return sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
 
 
 def _stem(path: str) -> str:
@@ -167,13 +204,15 @@ def _attach_foregrounds(normals: list[Sample], data_cfg) -> list[Sample]:
         return normals
     masks = _images_in(folder, "data.foreground_dir", allow_empty=True)
     by_stem = {_stem(m): m for m in masks}
-    by_stem.update({_stem(m)[:-len("_mask")]: m for m in masks if _stem(m).endswith("_mask")})
+    by_stem.update({_stem(m)[: -len("_mask")]: m for m in masks if _stem(m).endswith("_mask")})
     out = []
     for s in normals:
         fg = by_stem.get(_stem(s.path))
         if fg is None:
-            raise DatasetError(f"foreground masks: normal image {s.path} has no mask in {folder} "
-                               f"(expected {_stem(s.path)}.png; remove {folder} to use data.foreground)")
+            raise DatasetError(
+                f"foreground masks: normal image {s.path} has no mask in {folder} "
+                f"(expected {_stem(s.path)}.png; remove {folder} to use data.foreground)"
+            )
         out.append(dataclasses.replace(s, foreground_path=fg))
     return out
 
@@ -181,10 +220,12 @@ def _attach_foregrounds(normals: list[Sample], data_cfg) -> list[Sample]:
 def _parse_mvtec(data_cfg) -> tuple[list[Sample], list[Sample]]:
     """(normal training pool, test split) of an MVTec-layout category."""
     cat = _category_dir(data_cfg)
-    train = [Sample(p, 0, "good") for p in _images_in(os.path.join(cat, "train", "good"),
-                                                      "MVTec layout train/good")]
+    train = [Sample(p, 0, "good") for p in _images_in(os.path.join(cat, "train", "good"), "MVTec layout train/good")]
     test_dir, gt_dir = os.path.join(cat, "test"), os.path.join(cat, "ground_truth")
     _require_dir(test_dir, "MVTec layout test split")
+    # No ground_truth/ at all: image labels only. A ground_truth/ folder that lacks some masks is an
+    # error below (a half-annotated split would give wrong pixel metrics).
+    image_labels_only = not os.path.exists(gt_dir)
     defects = _subdirs(test_dir)
     if not defects:
         raise DatasetError(f"MVTec layout: {test_dir} has no <defect>/ sub-folders (expected good/ and defects)")
@@ -194,29 +235,41 @@ def _parse_mvtec(data_cfg) -> tuple[list[Sample], list[Sample]]:
         if defect == "good":
             test += [Sample(p, 0, "good") for p in images]
             continue
-        masks = _images_in(os.path.join(gt_dir, defect), f"MVTec layout ground_truth/{defect} "
-                           f"(every defective test image needs a mask)", allow_empty=True)
+        if image_labels_only:
+            test += [Sample(p, 1, defect) for p in images]
+            continue
+        masks = _images_in(
+            os.path.join(gt_dir, defect),
+            f"MVTec layout ground_truth/{defect} (every defective test image needs a mask)",
+            allow_empty=True,
+        )
         # <stem>_mask.png (MVTec) or, failing that, <stem>.png (some MVTec-style exports).
         by_stem = {_stem(m): m for m in masks if not _stem(m).endswith("_mask")}
-        by_stem.update({_stem(m)[:-len("_mask")]: m for m in masks if _stem(m).endswith("_mask")})
+        by_stem.update({_stem(m)[: -len("_mask")]: m for m in masks if _stem(m).endswith("_mask")})
         used = set()
         for p in images:
             stem = _stem(p)
             mask = by_stem.get(stem)
             if mask is None:
-                raise DatasetError(f"MVTec layout: defective image {p} has no mask "
-                                   f"(expected {os.path.join(gt_dir, defect, stem + '_mask.png')})")
+                raise DatasetError(
+                    f"MVTec layout: defective image {p} has no mask "
+                    f"(expected {os.path.join(gt_dir, defect, stem + '_mask.png')})"
+                )
             used.add(mask)
             test.append(Sample(p, 1, defect, mask))
         orphans = sorted(set(masks) - used)
         if orphans:
-            raise DatasetError(f"MVTec layout: mask {orphans[0]} has no image in {os.path.join(test_dir, defect)}"
-                               + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
+            raise DatasetError(
+                f"MVTec layout: mask {orphans[0]} has no image in {os.path.join(test_dir, defect)}"
+                + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else "")
+            )
     if os.path.isdir(gt_dir):
         for defect in _subdirs(gt_dir):
             if defect != "good" and defect not in defects:
-                raise DatasetError(f"MVTec layout: masks in {os.path.join(gt_dir, defect)} have no images "
-                                   f"(folder {os.path.join(test_dir, defect)} does not exist)")
+                raise DatasetError(
+                    f"MVTec layout: masks in {os.path.join(gt_dir, defect)} have no images "
+                    f"(folder {os.path.join(test_dir, defect)} does not exist)"
+                )
     return train, test
 
 
@@ -233,15 +286,18 @@ def _parse_visa(data_cfg) -> tuple[list[Sample], list[Sample]]:
         reader = csv.DictReader(f)
         missing = [c for c in VISA_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise DatasetError(f"VisA layout: {csv_path} lacks column(s) {missing} "
-                               f"(has {reader.fieldnames}; expected {list(VISA_COLUMNS)})")
+            raise DatasetError(
+                f"VisA layout: {csv_path} lacks column(s) {missing} "
+                f"(has {reader.fieldnames}; expected {list(VISA_COLUMNS)})"
+            )
         rows = list(enumerate(reader, start=2))  # line numbers for error messages (line 1 = header)
     objects = sorted({r["object"] for _, r in rows})
     if category:
         rows = [(i, r) for i, r in rows if r["object"] == category]
         if not rows:
-            raise DatasetError(f"VisA layout: no rows for data.category={category!r} in {csv_path} "
-                               f"(objects there: {objects})")
+            raise DatasetError(
+                f"VisA layout: no rows for data.category={category!r} in {csv_path} (objects there: {objects})"
+            )
     train, test = [], []
     for line, r in rows:
         where = f"{csv_path} line {line}"
@@ -280,17 +336,21 @@ def _match_masks(images: list[str], mask_folder: str, what: str) -> dict[str, st
         # The longest image stem that prefixes the mask name (so img1 never steals img10's mask).
         cands = [s for s in stems if ms == s or (ms.startswith(s) and ms[len(s)] in "_-.")]
         if not cands:
-            raise DatasetError(f"folder layout: mask {m} matches no defective image "
-                               f"(its name must start with an image's stem: <stem>.png, <stem>_mask.png)")
+            raise DatasetError(
+                f"folder layout: mask {m} matches no defective image "
+                f"(its name must start with an image's stem: <stem>.png, <stem>_mask.png)"
+            )
         image = stems[max(cands, key=len)]
         if image in found:
             raise DatasetError(f"folder layout: image {image} has two masks: {found[image]} and {m}")
         found[image] = m
     for p in images:
         if p not in found:
-            raise DatasetError(f"folder layout: defective image {p} has no mask in {mask_folder} "
-                               f"(expected {_stem(p)}*.png; remove {os.path.dirname(mask_folder)} "
-                               f"to run without masks)")
+            raise DatasetError(
+                f"folder layout: defective image {p} has no mask in {mask_folder} "
+                f"(expected {_stem(p)}*.png; remove {os.path.dirname(mask_folder)} "
+                f"to run without masks)"
+            )
     return found
 
 
@@ -309,11 +369,18 @@ def _parse_folder(data_cfg, seed: int) -> tuple[list[Sample], list[Sample], list
         direct = _images_in(abnormal_dir, "folder layout data.abnormal_dir", allow_empty=True)
         groups = [(os.path.basename(abnormal_dir.rstrip(os.sep)), direct, mask_root)] if direct else []
         for t in _subdirs(abnormal_dir):
-            groups.append((t, _images_in(os.path.join(abnormal_dir, t), f"folder layout defect type {t!r}"),
-                           os.path.join(mask_root, t) if mask_root else ""))
+            groups.append(
+                (
+                    t,
+                    _images_in(os.path.join(abnormal_dir, t), f"folder layout defect type {t!r}"),
+                    os.path.join(mask_root, t) if mask_root else "",
+                )
+            )
         if not groups:
-            raise DatasetError(f"folder layout: {abnormal_dir} holds neither images nor <type>/ sub-folders "
-                               f"(remove it to train from normal images alone)")
+            raise DatasetError(
+                f"folder layout: {abnormal_dir} holds neither images nor <type>/ sub-folders "
+                f"(remove it to train from normal images alone)"
+            )
     has_masks = bool(mask_root) and os.path.isdir(mask_root)
     anomalous = []
     for defect, images, mask_folder in groups:
@@ -332,6 +399,58 @@ def _parse_folder(data_cfg, seed: int) -> tuple[list[Sample], list[Sample], list
     return normals, train, test
 
 
+def list_val_anomalies(data_cfg) -> list[Sample]:
+    """The real defective images of `data.val_anomalies` ([] when unset), for validation only.
+
+    The folder holds images directly or in <type>/ sub-folders; if it has a `data.mask_dir` sub-folder,
+    every image needs a mask there (<mask_dir>/[<type>/]<stem>*.png, as in the folder layout). These
+    samples are never part of any split: `list_splits` (training, calibration, test) does not see them."""
+    folder = str(data_cfg.get("val_anomalies", "") or "")
+    if not folder:
+        return []
+    _require_dir(folder, "data.val_anomalies")
+    names = category_names(data_cfg.get("category", ""))
+    if len(names) > 1 or names == ["all"]:
+        raise DatasetError(
+            f"data.val_anomalies: a multi-category run (data.category={data_cfg.category!r}) "
+            f"cannot tell which category each real anomaly belongs to",
+            hint="validate one category per run, or leave data.val_anomalies empty",
+        )
+    mask_name = str(data_cfg.get("mask_dir", "") or "masks")
+    mask_root = os.path.join(folder, mask_name)
+    has_masks = os.path.isdir(mask_root)
+    groups = []
+    direct = _images_in(folder, "data.val_anomalies", allow_empty=True)
+    if direct:
+        groups.append(("real", direct, mask_root))
+    for t in _subdirs(folder):
+        if t != mask_name:
+            groups.append(
+                (t, _images_in(os.path.join(folder, t), f"data.val_anomalies type {t!r}"), os.path.join(mask_root, t))
+            )
+    if not groups:
+        raise DatasetError(f"data.val_anomalies: folder {folder} holds neither images nor <type>/ sub-folders")
+    category = names[0] if names else ""
+    out = []
+    for defect, images, mask_folder in groups:
+        masks = _match_masks(images, mask_folder, f"data.val_anomalies masks of {defect!r}") if has_masks else {}
+        out += [Sample(p, 1, defect, masks.get(p), category=category) for p in images]
+    return out
+
+
+def check_disjoint(val_anomalies: Sequence[Sample], splits: dict) -> None:
+    """Raises DatasetError when a data.val_anomalies image is also in a split (selecting a checkpoint on
+    test images, or validating on training images, would bias the run)."""
+    used = {os.path.realpath(s.path): split for split, samples in splits.items() for s in samples}
+    for s in val_anomalies:
+        split = used.get(os.path.realpath(s.path))
+        if split is not None:
+            raise DatasetError(
+                f"data.val_anomalies: {s.path} is also in the {split!r} split",
+                hint="point data.val_anomalies at images outside the dataset's splits",
+            )
+
+
 def _split_off(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(rest, held-out `fraction`) chosen under `seed`; keeps at least one image in `rest`."""
     if fraction <= 0 or len(samples) < 2:
@@ -339,8 +458,7 @@ def _split_off(samples: list[Sample], fraction: float, seed: int) -> tuple[list[
     n_val = min(max(1, int(round(fraction * len(samples)))), len(samples) - 1)
     perm = np.random.default_rng([seed, _STREAM_VAL]).permutation(len(samples))
     held = set(perm[:n_val].tolist())
-    return ([s for i, s in enumerate(samples) if i not in held],
-            [s for i, s in enumerate(samples) if i in held])
+    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
 def list_samples(data_cfg, split: str, seed: int) -> list[Sample]:

@@ -12,8 +12,8 @@ jitter. Test defects (one clip affected per image):
   displaced_clip  the clip is shifted outwards and rotated      mask: old and new clip positions
 
 Each mask also holds the drop shadow of what it marks: the defect changes those pixels as visibly as
-the clip's own (before 2026-11-28 the shadows were left out, so 20-30% of the changed pixels counted
-as normal in the pixel metrics).
+the clip's own (without the shadows, 20-30% of the changed pixels would count as normal in the pixel
+metrics).
 
 Layout written: DIR/<category>/train/good, test/{good,missing_clip,broken_clip,displaced_clip},
 ground_truth/<defect>/<stem>_mask.png, foreground/<stem>.png (the fastening zone of each training
@@ -36,12 +36,13 @@ import numpy as np
 from PIL import Image
 
 from diff_fastener_jax.config import category_names
+from diff_fastener_jax.config_schema import DEMO_FRAMINGS
 from diff_fastener_jax.data import perlin
 
 DEFECTS = ("missing_clip", "broken_clip", "displaced_clip")
 # Written to <category>/GENERATOR.txt; bumped whenever the same seed would give different files, so a
 # dataset made by an older version is reported instead of being evaluated against stale masks.
-# v2 (2026-11-28): masks include the clips' drop shadows.
+# v2: masks include the clips' drop shadows.
 GENERATOR_VERSION = "diff_fastener_jax demo generator v2"
 GENERATOR_FILE = "GENERATOR.txt"
 # Fastener types: 'omega' (elastic omega clip, hexagonal nut, concrete sleeper) and 'bar' (a rigid clamp
@@ -49,12 +50,13 @@ GENERATOR_FILE = "GENERATOR.txt"
 # any other name gets the omega type.
 FASTENER_TYPES = ("omega", "bar")
 DEMO_TYPES = {"fastener": "omega", "fastener_bar": "bar"}
-FRAMINGS = ("fastener", "track")  # one fastener per image (default) | the whole sleeper crossing
+FRAMINGS = DEMO_FRAMINGS  # one fastener per image (default) | the whole sleeper crossing
 
 
 def fastener_type_of(category: str) -> str:
     """The demo fastener type drawn for a category name."""
     return DEMO_TYPES.get(category, "omega")
+
 
 _README = """SYNTHETIC DATA - not photographs.
 
@@ -68,8 +70,10 @@ Layout (MVTec AD style): {category}/train/good ({n_train} normal images), {categ
 (good + {defects}), {category}/ground_truth/<defect>/<stem>_mask.png (255 = defective pixel),
 {category}/foreground/<stem>.png (255 = fastening zone of a training image).
 """
-_FRAMING_TEXT = {"fastener": "one fastener and the rail foot per image (a crop of the track scene)",
-                 "track": "the whole sleeper crossing with both fasteners"}
+_FRAMING_TEXT = {
+    "fastener": "one fastener and the rail foot per image (a crop of the track scene)",
+    "track": "the whole sleeper crossing with both fasteners",
+}
 
 
 def _soft(sdf: np.ndarray) -> np.ndarray:
@@ -81,8 +85,8 @@ def _texture(shape, rng, cells, octaves=3) -> np.ndarray:
     """Fractal Perlin noise in about [-1, 1], float32 (H, W)."""
     out = np.zeros(shape, np.float32)
     for o in range(octaves):
-        c = min(cells * 2 ** o, shape[0])
-        out += perlin.perlin_noise(shape, (c, c), rng, rng.uniform(0, 90)) / 2 ** o
+        c = min(cells * 2**o, shape[0])
+        out += perlin.perlin_noise(shape, (c, c), rng, rng.uniform(0, 90)) / 2**o
     return out / 1.75
 
 
@@ -172,15 +176,17 @@ def _hexagon_sdf(yy, xx, cy, cx, r, angle):
     return d
 
 
-def render_scene(size: int, rng: np.random.Generator, defect: str = "good",
-                 fastener: str = "omega", framing: str = "fastener") -> tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    size: int, rng: np.random.Generator, defect: str = "good", fastener: str = "omega", framing: str = "fastener"
+) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (image uint8 (S, S, 3), defect mask bool (S, S)); the mask is empty for 'good'."""
     image, mask, _ = render_scene_with_zone(size, rng, defect, fastener, framing)
     return image, mask
 
 
-def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "good", fastener: str = "omega",
-                           framing: str = "fastener") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_scene_with_zone(
+    size: int, rng: np.random.Generator, defect: str = "good", fastener: str = "omega", framing: str = "fastener"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """render_scene plus the fastening zone bool (S, S): the sleeper band that carries the rail seat,
     clips and nuts, where every defect happens (written as the training images' foreground masks).
 
@@ -205,8 +211,9 @@ def render_scene_with_zone(size: int, rng: np.random.Generator, defect: str = "g
     return crops
 
 
-def _render_track(size: int, rng: np.random.Generator, defect: str, fastener: str
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _render_track(
+    size: int, rng: np.random.Generator, defect: str, fastener: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The whole track scene (image, mask, zone) and which clip (0 left, 1 right) was drawn for a defect."""
     if defect not in ("good",) + DEFECTS:
         raise ValueError(f"unknown demo defect {defect!r}; choose good or one of {DEFECTS}")
@@ -214,8 +221,7 @@ def _render_track(size: int, rng: np.random.Generator, defect: str, fastener: st
         raise ValueError(f"unknown demo fastener type {fastener!r}; choose one of {FASTENER_TYPES}")
     bar = fastener == "bar"
     s = size
-    yy, xx = np.meshgrid(np.arange(s, dtype=np.float32) + 0.5, np.arange(s, dtype=np.float32) + 0.5,
-                         indexing="ij")
+    yy, xx = np.meshgrid(np.arange(s, dtype=np.float32) + 0.5, np.arange(s, dtype=np.float32) + 0.5, indexing="ij")
 
     # Ballast: brownish-grey gravel (blotchy noise + fine speckle).
     gravel = _texture((s, s), rng, 8)
@@ -277,8 +283,9 @@ def _render_track(size: int, rng: np.random.Generator, defect: str, fastener: st
             mask |= ((normal_cov - cov) > 0.25) | ((shadow_of(normal_cov) - shadow_of(cov)) > 0.25)
         elif i == bad and defect == "displaced_clip":
             ang = drng.choice([-1, 1]) * drng.uniform(0.45, 0.8)
-            cov = clip.coverage(yy, xx, angle=ang, dy=drng.uniform(-0.06, 0.06) * s,
-                                dx=clip.side * drng.uniform(0.07, 0.10) * s)  # outwards
+            cov = clip.coverage(
+                yy, xx, angle=ang, dy=drng.uniform(-0.06, 0.06) * s, dx=clip.side * drng.uniform(0.07, 0.10) * s
+            )  # outwards
             mask |= (normal_cov > 0.25) | (cov > 0.25) | (shadow_of(normal_cov) > 0.25) | (shadow_of(cov) > 0.25)
         # Drop shadow under the clip, then the clip with a soft highlight along its top.
         shadow = shadow_of(cov)
@@ -286,8 +293,11 @@ def _render_track(size: int, rng: np.random.Generator, defect: str, fastener: st
         shade = 1.0 + 0.3 * np.clip(-(yy - clip.cy) / (clip.r * 2), -1, 1)
         img = img * (1 - cov[..., None]) + clip_color * shade[..., None] * cov[..., None]
         nut_angle = rng.uniform(0, np.pi)
-        nut_sdf = (np.hypot(yy - clip.cy, xx - clip.cx) - s * 0.03 if bar
-                   else _hexagon_sdf(yy, xx, clip.cy, clip.cx, s * 0.035, nut_angle))  # round bolt head on bars
+        nut_sdf = (
+            np.hypot(yy - clip.cy, xx - clip.cx) - s * 0.03
+            if bar
+            else _hexagon_sdf(yy, xx, clip.cy, clip.cx, s * 0.035, nut_angle)
+        )  # round bolt head on bars
         nut = _soft(nut_sdf)[..., None]
         img = img * (1 - nut) + nut_color * nut
         bolt = _soft(np.hypot(yy - clip.cy, xx - clip.cx) - s * 0.015)[..., None]
@@ -306,9 +316,17 @@ def _save(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path, compress_level=1)
 
 
-def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size: int = 128, seed: int = 0,
-                          category: str = "fastener", fastener: str | None = None,
-                          framing: str = "fastener") -> Path:
+def generate_demo_dataset(
+    out_dir,
+    *,
+    n_train: int = 64,
+    n_test: int = 48,
+    size: int = 128,
+    seed: int = 0,
+    category: str = "fastener",
+    fastener: str | None = None,
+    framing: str = "fastener",
+) -> Path:
     """Writes the synthetic dataset under `out_dir/<category>` and `out_dir/README.txt`; returns the
     category folder. `n_test` images are split evenly over good and the three defects. `fastener`: the
     type drawn (default: `fastener_type_of(category)`). Written to a temporary folder first and moved
@@ -349,9 +367,16 @@ def generate_demo_dataset(out_dir, *, n_train: int = 64, n_test: int = 48, size:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    (out_dir / "README.txt").write_text(_README.format(
-        seed=seed, size=size, category=category, n_train=n_train, defects=", ".join(DEFECTS),
-        framing=_FRAMING_TEXT[framing]))
+    (out_dir / "README.txt").write_text(
+        _README.format(
+            seed=seed,
+            size=size,
+            category=category,
+            n_train=n_train,
+            defects=", ".join(DEFECTS),
+            framing=_FRAMING_TEXT[framing],
+        )
+    )
     return final
 
 
@@ -361,9 +386,11 @@ def stale_generator_message(category_dir) -> str | None:
     found = stamp.read_text().strip() if stamp.is_file() else "an older generator (no GENERATOR.txt)"
     if found == GENERATOR_VERSION:
         return None
-    return (f"demo data in {category_dir} were made by {found}, not {GENERATOR_VERSION}: their masks "
-            f"leave out the clips' drop shadows, so pixel metrics on them are not comparable with today's. "
-            f"Delete the folder to regenerate it (same images, corrected masks).")
+    return (
+        f"demo data in {category_dir} were made by {found}, not {GENERATOR_VERSION}: their masks "
+        f"leave out the clips' drop shadows, so pixel metrics on them are not comparable with today's. "
+        f"Delete the folder to regenerate it (same images, corrected masks)."
+    )
 
 
 def resolve_data_root(config, workdir: str):
@@ -386,14 +413,30 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--category", default="fastener")
-    p.add_argument("--fastener", choices=FASTENER_TYPES, default=None,
-                   help="fastener type (default: from the category name, fastener_bar -> bar, else omega)")
-    p.add_argument("--framing", choices=FRAMINGS, default="fastener",
-                   help="one fastener per image (default) or the whole sleeper crossing")
+    p.add_argument(
+        "--fastener",
+        choices=FASTENER_TYPES,
+        default=None,
+        help="fastener type (default: from the category name, fastener_bar -> bar, else omega)",
+    )
+    p.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        default="fastener",
+        help="one fastener per image (default) or the whole sleeper crossing",
+    )
     a = p.parse_args(argv)
     t = time.time()
-    path = generate_demo_dataset(a.out, n_train=a.n_train, n_test=a.n_test, size=a.size, seed=a.seed,
-                                 category=a.category, fastener=a.fastener, framing=a.framing)
+    path = generate_demo_dataset(
+        a.out,
+        n_train=a.n_train,
+        n_test=a.n_test,
+        size=a.size,
+        seed=a.seed,
+        category=a.category,
+        fastener=a.fastener,
+        framing=a.framing,
+    )
     print(f"wrote {a.n_train} train + {a.n_test} test SYNTHETIC images to {path} in {time.time() - t:.1f}s")
 
 
@@ -419,9 +462,15 @@ def ensure_demo_data(config_data, default_root: str) -> str:
             continue
         size = int(min(256, max(32, int(config_data.get("image_size", 128)))))
         try:
-            generate_demo_dataset(root, n_train=int(config_data.get("demo_n_train", 64)),
-                                  n_test=int(config_data.get("demo_n_test", 48)), size=size, seed=seed,
-                                  category=category, framing=str(config_data.get("demo_framing", "fastener")))
+            generate_demo_dataset(
+                root,
+                n_train=int(config_data.get("demo_n_train", 64)),
+                n_test=int(config_data.get("demo_n_test", 48)),
+                size=size,
+                seed=seed,
+                category=category,
+                framing=str(config_data.get("demo_framing", "fastener")),
+            )
         except FileExistsError:
             pass  # another process (multi-host launch) generated it first
     return os.path.abspath(root)

@@ -13,16 +13,23 @@ import os
 import numpy as np
 from PIL import Image
 
+from diff_fastener_jax.data.sizing import Resize, as_resize, size_hw
 from diff_fastener_jax.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-
-def size_hw(size) -> tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Resize",
+    "array_to_pil",
+    "check_decodes",
+    "decode_bytes",
+    "image_to_float",
+    "load_image",
+    "load_mask",
+    "open_image",
+    "prepare_image",
+    "size_hw",
+]
 
 
 def open_image(path: str) -> Image.Image:
@@ -57,7 +64,8 @@ def _to_uint8_array(img: Image.Image) -> np.ndarray:
 
 
 def load_image(path: str, size) -> np.ndarray:
-    """Decodes `path` to uint8 (H, W, 3) at `size` (int or (H, W)) with bilinear resizing.
+    """Decodes `path` to uint8 (H, W, 3) at `size` (int or (H, W): exactly that size; a `sizing.Resize`:
+    the size its rule gives this image) with bilinear resizing.
 
     Greyscale, palette and alpha images become 3-channel RGB. Raises DatasetError naming the file if it
     is missing or cannot be fully decoded.
@@ -86,8 +94,8 @@ def array_to_pil(a: np.ndarray, where: str = "image array") -> Image.Image:
 
 def prepare_image(img: Image.Image, size) -> np.ndarray:
     """A decoded PIL image -> uint8 (H, W, 3) at `size`: the one conversion every image goes through
-    (8/16-bit, grey/palette/alpha -> RGB, bilinear resize)."""
-    h, w = size_hw(size)
+    (8/16-bit, grey/palette/alpha -> RGB, bilinear resize). `size` as in `load_image`."""
+    h, w = as_resize(size).hw((img.height, img.width))
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = Image.fromarray(_to_uint8_array(img))
     if img.mode != "RGB":
@@ -100,13 +108,17 @@ def prepare_image(img: Image.Image, size) -> np.ndarray:
 def load_mask(path: str | None, size) -> np.ndarray:
     """Binary mask float32 (H, W, 1) in {0, 1} at `size` (nearest resizing); zeros when `path` is None.
 
-    Pixels > 127 are defective. Masks stored as small label values (maximum in 1..127, e.g. 0/1 PNGs)
+    `size` as in `load_image`; pass the image's own (H, W) to be sure a mask matches its image (a mask
+    of another size than its image still comes out at the image's size). Pixels > 127 are defective. Masks stored as small label values (maximum in 1..127, e.g. 0/1 PNGs)
     are read as 'nonzero = defective' instead, so they do not silently become empty.
     """
-    h, w = size_hw(size)
+    rule = as_resize(size)
     if path is None:
-        return np.zeros((h, w, 1), np.float32)
+        if rule.fixed_hw is None:
+            raise ValueError(f"an absent mask has no size under data.resize={rule.mode!r}: pass the image's (H, W)")
+        return np.zeros((*rule.fixed_hw, 1), np.float32)
     img = open_image(path)
+    h, w = rule.hw((img.height, img.width))
     a = _to_uint8_array(img)
     if a.ndim == 3:
         a = a[..., :3].max(axis=-1) if a.shape[-1] >= 3 else a[..., 0]
@@ -134,5 +146,7 @@ def check_decodes(path: str) -> None:
                 img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise DatasetError(f"cannot decode image {path}: {type(e).__name__}: {e}",
-                           hint="replace or remove the file; every listed image is checked at start-up") from e
+        raise DatasetError(
+            f"cannot decode image {path}: {type(e).__name__}: {e}",
+            hint="replace or remove the file; every listed image is checked at start-up",
+        ) from e

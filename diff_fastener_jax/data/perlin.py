@@ -1,4 +1,4 @@
-"""Perlin gradient noise and the thresholded Perlin masks used for anomaly synthesis (DESIGN.md §5).
+"""Perlin gradient noise and the thresholded Perlin masks used for anomaly synthesis.
 
 Everything is vectorised numpy; randomness comes from the `np.random.Generator` passed in, so the same
 generator state always gives the same noise.
@@ -11,7 +11,7 @@ import numpy as np
 MAX_SCALE_EXPONENT = 5  # scales 2^0 .. 2^5 lattice cells per axis (the paper's range, at 256 px)
 # The paper's finest lattice cell is 256 / 2^5 = 8 px. At smaller images the scale range is cut so no
 # cell gets smaller than that: at 64 px 2^5 cells would be 2 px wide and the thresholded masks become
-# speckle and one-pixel slivers that look like no real defect (issue 11).
+# speckle and one-pixel slivers that look like no real defect.
 MIN_CELL_PX = 8
 
 
@@ -20,8 +20,9 @@ def _fade(t: np.ndarray) -> np.ndarray:
     return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
 
 
-def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator,
-                 angle_deg: float = 0.0) -> np.ndarray:
+def perlin_noise(
+    shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator, angle_deg: float = 0.0
+) -> np.ndarray:
     """2-D Perlin noise of `shape` (H, W) with `cells` (cy, cx) lattice cells across each axis.
 
     A lattice of cy x cx cells has (cy + 1) x (cx + 1) gradient corners; nothing wraps, so even a single
@@ -81,7 +82,7 @@ def random_perlin_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.
     ky = rng.integers(0, max_scale_exponent(h) + 1)
     kx = rng.integers(0, max_scale_exponent(w) + 1)
     angle = rng.uniform(-90.0, 90.0)
-    return perlin_noise(shape, (2 ** ky, 2 ** kx), rng, angle_deg=angle)
+    return perlin_noise(shape, (2**ky, 2**kx), rng, angle_deg=angle)
 
 
 def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:

@@ -1,13 +1,15 @@
-r"""The training input pipeline (DESIGN.md §6) on Grain, and the fixed validation batches.
+r"""The training input pipeline on Grain, and the fixed validation batches.
 
     MapDataset.range(N) -> seed -> shuffle -> repeat      one infinite, per-epoch reshuffled index stream
       -> batch(2)                                         pairs of normal images
-      -> map(decode + resize)                             both images of the pair, uint8
-      -> random_map(synthesis)                            2nd image gets a synthetic anomaly
+      -> map(decode + resize)                             both images of the pair, uint8 (data.resize)
+      -> random_map(crop + synthesis)                     data.patch_size > 0: a random P x P crop of
+                                                          each; the 2nd gets a synthetic anomaly
       -> batch(B_local / 2) -> [process::processes]       this process's block of each global batch
       -> map(interleave) -> to_iter_dataset -> mp_prefetch(workers)
 
-Batches are numpy dicts for THIS process: image float32 (B_local, H, W, 3) in [-1, 1], mask float32
+Batches are numpy dicts for THIS process (H = W = data.patch_size when patch training is on, else
+the resized image size): image float32 (B_local, H, W, 3) in [-1, 1], mask float32
 (B_local, H, W, 1), is_synthetic float32 (B_local,), class_id int32 (B_local,) (each row's category
 in a unified multi-category run, else 0) (+ clean (B_local, H, W, 3), the rows before synthesis, when
 loss.anomaly_oriented_noise is on). Row i is synthetic iff i is odd, so every contiguous even-sized
@@ -35,8 +37,10 @@ import weakref
 import grain
 import numpy as np
 
-from diff_fastener_jax.data import datasets, image_io
-from diff_fastener_jax.data.synthesis import TextureBank, synthesize_anomaly
+from diff_fastener_jax.config_schema import parse_synthesis
+from diff_fastener_jax.data import datasets, image_io, patches
+from diff_fastener_jax.data.sizing import resize_of
+from diff_fastener_jax.data.synthesis import TextureBank, foreground_mask, synthesize_anomaly
 
 STATE_VERSION = 1
 CACHE_BYTES = 256 << 20  # per process (each grain worker has its own): decoded training images
@@ -63,9 +67,14 @@ class _LoadPair:
     Decoded, resized images are kept in a per-process cache (up to CACHE_BYTES): training revisits
     every image each epoch, and decoding full-size PNGs is about half the pipeline's CPU time."""
 
-    def __init__(self, paths: list[str], size: int, foreground_paths: list[str | None] | None = None,
-                 class_ids: list[int] | None = None):
-        self.paths, self.size = list(paths), int(size)
+    def __init__(
+        self,
+        paths: list[str],
+        size,
+        foreground_paths: list[str | None] | None = None,
+        class_ids: list[int] | None = None,
+    ):
+        self.paths, self.size = list(paths), size  # int, (H, W) or a sizing.Resize
         self.foreground_paths = list(foreground_paths) if foreground_paths else None
         self.class_ids = np.asarray(class_ids if class_ids is not None else [0] * len(self.paths), np.int32)
         self._cache: dict = {}
@@ -90,11 +99,15 @@ class _LoadPair:
         return self._cached(i, lambda: image_io.load_image(self.paths[i], self.size))
 
     def _foreground(self, i: int) -> np.ndarray:
-        return self._cached(("fg", i), lambda: image_io.load_mask(self.foreground_paths[i], self.size)[..., 0] > 0)
+        hw = self._load(i).shape[:2]  # the mask follows its image's size, whatever the resize rule
+        return self._cached(("fg", i), lambda: image_io.load_mask(self.foreground_paths[i], hw)[..., 0] > 0)
 
     def __call__(self, idx: np.ndarray) -> dict:
-        out = {"normal": self._load(int(idx[0])), "source": self._load(int(idx[1])),
-               "class_id": self.class_ids[np.asarray(idx, np.int64)]}  # (2,) int32
+        out = {
+            "normal": self._load(int(idx[0])),
+            "source": self._load(int(idx[1])),
+            "class_id": self.class_ids[np.asarray(idx, np.int64)],
+        }  # (2,) int32
         if self.foreground_paths is not None and self.foreground_paths[int(idx[1])] is not None:
             out["source_fg"] = self._foreground(int(idx[1]))
         return out
@@ -102,22 +115,56 @@ class _LoadPair:
 
 class _SynthesizePair:
     """Pair -> {'image' (2, H, W, 3), 'mask' (2, H, W, 1), 'is_synthetic' (2,) [, 'clean']}: row 0 is
-    the normal image as is, row 1 the source image with a synthetic anomaly."""
+    the normal image as is, row 1 the source image with a synthetic anomaly.
 
-    def __init__(self, fg_mode: str, texture_bank: TextureBank | None, with_clean: bool, cutpaste_prob: float = 0.0):
+    With `patch_size` P > 0 both images are first cropped to P x P (H = W = P) with `rng`: the normal
+    anywhere, the source where the crop holds foreground (the supplied mask, else `fg_mode` on the
+    whole image), so its anomaly lands on the object; the foreground is cropped with it."""
+
+    def __init__(
+        self,
+        fg_mode: str,
+        texture_bank: TextureBank | None,
+        with_clean: bool,
+        cutpaste_prob: float = 0.0,
+        families=(),
+        patch_size: int = 0,
+    ):
         self.fg_mode, self.texture_bank, self.with_clean = fg_mode, texture_bank, with_clean
-        self.cutpaste_prob = cutpaste_prob
+        self.cutpaste_prob, self.families, self.patch_size = cutpaste_prob, tuple(families), int(patch_size)
+
+    def _crop(self, pair: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(normal (P, P, 3), source (P, P, 3), source foreground bool (P, P)) uint8 crops."""
+        p, normal, source = self.patch_size, pair["normal"], pair["source"]
+        normal = patches.crop(normal, patches.random_box(normal.shape[:2], p, rng), p)
+        fg = pair.get("source_fg")
+        if fg is None or not fg.any():
+            fg = foreground_mask(image_io.image_to_float(source), self.fg_mode)
+        box = patches.random_box(source.shape[:2], p, rng, anchor=fg)
+        return normal, patches.crop(source, box, p), patches.crop(fg, box, p)
 
     def __call__(self, pair: dict, rng: np.random.Generator) -> dict:
-        normal = image_io.image_to_float(pair["normal"])
-        source = image_io.image_to_float(pair["source"])
-        anomalous, mask, _ = synthesize_anomaly(source, rng, foreground=pair.get("source_fg"),
-                                                texture_bank=self.texture_bank, fg_mode=self.fg_mode,
-                                                cutpaste_prob=self.cutpaste_prob)
-        out = {"image": np.stack([normal, anomalous]),
-               "mask": np.stack([np.zeros_like(mask), mask]),
-               "is_synthetic": np.array([0.0, 1.0], np.float32),
-               "class_id": np.asarray(pair["class_id"], np.int32)}  # each row keeps its own image's class
+        if self.patch_size:
+            normal_u8, source_u8, source_fg = self._crop(pair, rng)
+        else:
+            normal_u8, source_u8, source_fg = pair["normal"], pair["source"], pair.get("source_fg")
+        normal = image_io.image_to_float(normal_u8)
+        source = image_io.image_to_float(source_u8)
+        anomalous, mask, _ = synthesize_anomaly(
+            source,
+            rng,
+            foreground=source_fg,
+            texture_bank=self.texture_bank,
+            fg_mode=self.fg_mode,
+            cutpaste_prob=self.cutpaste_prob,
+            families=self.families,
+        )
+        out = {
+            "image": np.stack([normal, anomalous]),
+            "mask": np.stack([np.zeros_like(mask), mask]),
+            "is_synthetic": np.array([0.0, 1.0], np.float32),
+            "class_id": np.asarray(pair["class_id"], np.int32),
+        }  # each row keeps its own image's class
         if self.with_clean:
             out["clean"] = np.stack([normal, source])
         return out
@@ -125,9 +172,31 @@ class _SynthesizePair:
 
 def _synthesizer(config, bank: TextureBank | None) -> _SynthesizePair:
     """The synthesis step of a config (training and validation draw from the same distribution)."""
-    return _SynthesizePair(str(config.data.foreground), bank,
-                           bool(config.get("loss", {}).get("anomaly_oriented_noise", False)),
-                           float(config.data.get("cutpaste_prob", 0.0)))
+    return _SynthesizePair(
+        str(config.data.foreground),
+        bank,
+        bool(config.get("loss", {}).get("anomaly_oriented_noise", False)),
+        float(config.data.get("cutpaste_prob", 0.0)),
+        parse_synthesis(config.data.get("synthesis", "")),
+        int(config.data.get("patch_size", 0)),
+    )
+
+
+def check_patches_fit(config, samples) -> None:
+    """Raises ConfigError naming data.patch_size when a sample, resized by the config's rule, is smaller
+    than a training patch. Reads image headers only."""
+    patch = int(config.data.get("patch_size", 0))
+    if not patch:
+        return
+    rule = resize_of(config)
+    if rule.fixed_hw is not None:
+        patches.check_fits(rule.fixed_hw, patch, f"the images (data.image_size={config.data.image_size})")
+        return
+    from PIL import Image
+
+    for s in samples:
+        with Image.open(s.path) as img:
+            patches.check_fits(rule.hw((img.height, img.width)), patch, s.path)
 
 
 def _interleave(chunk: dict) -> dict:
@@ -147,15 +216,15 @@ def _texture_bank(data_cfg) -> TextureBank | None:
 def local_batch_size(batch_size: int, process_count: int) -> int:
     """Rows per process; checks the global batch splits into even per-process halves."""
     if batch_size <= 0 or batch_size % 2:
-        raise ValueError(f"train.batch_size={batch_size} must be a positive even number "
-                         f"(half normal, half synthetic)")
+        raise ValueError(f"train.batch_size={batch_size} must be a positive even number (half normal, half synthetic)")
     if batch_size % (2 * process_count):
         raise ValueError(f"train.batch_size={batch_size} must be divisible by 2 x {process_count} processes")
     return batch_size // process_count
 
 
-def build_train_dataset(config, *, seed: int, process_index: int = 0, process_count: int = 1,
-                        samples=None) -> grain.MapDataset:
+def build_train_dataset(
+    config, *, seed: int, process_index: int = 0, process_count: int = 1, samples=None
+) -> grain.MapDataset:
     """The infinite MapDataset whose element k is this process's share of global batch k.
 
     `samples`: the 'train' split when the caller listed it already (else listed here)."""
@@ -164,17 +233,26 @@ def build_train_dataset(config, *, seed: int, process_index: int = 0, process_co
     b_local = local_batch_size(int(config.train.batch_size), process_count)
     if samples is None:
         samples = datasets.list_samples(config.data, "train", seed=seed)
+    check_patches_fit(config, samples)
     paths = [s.path for s in samples]
     foregrounds = [s.foreground_path for s in samples]
-    ds = (grain.MapDataset.range(len(paths))
-          .seed(seed)
-          .shuffle()
-          .repeat()
-          .batch(2, drop_remainder=True)
-          .map(_LoadPair(paths, int(config.data.image_size), foregrounds if any(foregrounds) else None,
-                         datasets.class_ids_of(config, samples)))
-          .random_map(_synthesizer(config, _texture_bank(config.data)))
-          .batch(b_local // 2, drop_remainder=True))
+    ds = (
+        grain.MapDataset.range(len(paths))
+        .seed(seed)
+        .shuffle()
+        .repeat()
+        .batch(2, drop_remainder=True)
+        .map(
+            _LoadPair(
+                paths,
+                resize_of(config),
+                foregrounds if any(foregrounds) else None,
+                datasets.class_ids_of(config, samples),
+            )
+        )
+        .random_map(_synthesizer(config, _texture_bank(config.data)))
+        .batch(b_local // 2, drop_remainder=True)
+    )
     return ds[process_index::process_count].map(_interleave)
 
 
@@ -201,15 +279,15 @@ class TrainIterator:
         self._it = None
 
     def _start(self) -> None:
-        ds = self._dataset[self._step:] if self._step else self._dataset
+        ds = self._dataset[self._step :] if self._step else self._dataset
         # Two threads per process: PIL decoding and large numpy ops release the GIL.
         threads = 2
-        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                     prefetch_buffer_size=self._prefetch))
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self._prefetch))
         if self._num_workers > 0:
             _ensure_absl_flags_parsed()
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self._num_workers, per_worker_buffer_size=self._prefetch))
+            it_ds = it_ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self._num_workers, per_worker_buffer_size=self._prefetch)
+            )
             _OPEN_ITERATORS.add(self)
         self._it = iter(it_ds)
 
@@ -237,8 +315,10 @@ class TrainIterator:
             raise ValueError(f"not an input-pipeline state from TrainIterator.get_state(): {state!r:.200}")
         for key in ("seed", "batch_size"):
             if key in state and state[key] != self._meta[key]:
-                raise ValueError(f"input-pipeline state has {key}={state[key]!r} but this run has "
-                                 f"{self._meta[key]!r}; resume with the original config")
+                raise ValueError(
+                    f"input-pipeline state has {key}={state[key]!r} but this run has "
+                    f"{self._meta[key]!r}; resume with the original config"
+                )
         self.close()
         self._step = int(state["step"])
 
@@ -250,19 +330,25 @@ class TrainIterator:
         _OPEN_ITERATORS.discard(self)
 
 
-def make_train_iterator(config, *, seed: int, process_index: int = 0, process_count: int = 1,
-                        num_workers: int | None = None, samples=None) -> TrainIterator:
+def make_train_iterator(
+    config, *, seed: int, process_index: int = 0, process_count: int = 1, num_workers: int | None = None, samples=None
+) -> TrainIterator:
     """Infinite iterator of this process's training batches (batch_size // process_count rows each).
 
     `num_workers` overrides config.data.num_workers (0 = in-process, no mp_prefetch).
     """
-    ds = build_train_dataset(config, seed=seed, process_index=process_index, process_count=process_count,
-                             samples=samples)
+    ds = build_train_dataset(
+        config, seed=seed, process_index=process_index, process_count=process_count, samples=samples
+    )
     workers = int(config.data.num_workers if num_workers is None else num_workers)
     if workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {workers}")
-    meta = {"seed": int(seed), "batch_size": int(config.train.batch_size),
-            "process_index": int(process_index), "process_count": int(process_count)}
+    meta = {
+        "seed": int(seed),
+        "batch_size": int(config.train.batch_size),
+        "process_index": int(process_index),
+        "process_count": int(process_count),
+    }
     return TrainIterator(ds, num_workers=workers, prefetch=int(config.data.get("prefetch", 2)), meta=meta)
 
 
@@ -281,12 +367,17 @@ def make_val_batches(config, *, seed: int, num_batches: int, samples=None) -> li
     if not samples or num_batches <= 0:
         return []
     b = local_batch_size(int(config.train.batch_size), 1)
-    size, n = int(config.data.image_size), len(samples)
+    check_patches_fit(config, samples)
+    n = len(samples)
     bank = _texture_bank(config.data)
     synth = _synthesizer(config, bank)
     foregrounds = [s.foreground_path for s in samples]
-    load = _LoadPair([s.path for s in samples], size, foregrounds if any(foregrounds) else None,
-                     datasets.class_ids_of(config, samples))
+    load = _LoadPair(
+        [s.path for s in samples],
+        resize_of(config),
+        foregrounds if any(foregrounds) else None,
+        datasets.class_ids_of(config, samples),
+    )
 
     batches = []
     for k in range(num_batches):
@@ -318,9 +409,15 @@ def benchmark(config, worker_counts, num_batches: int, seed: int = 0) -> list[di
         it.close()
         n = num_batches * int(config.train.batch_size)
         ips = n / max(dt, 1e-9)
-        r = {"workers": w, "size": int(config.data.image_size), "batch": int(config.train.batch_size),
-             "batches": num_batches, "images_per_s": round(ips, 1),
-             "images_per_s_per_worker": round(ips / max(1, w), 1), "first_batch_s": round(t1 - t0, 2)}
+        r = {
+            "workers": w,
+            "size": int(config.data.image_size),
+            "batch": int(config.train.batch_size),
+            "batches": num_batches,
+            "images_per_s": round(ips, 1),
+            "images_per_s_per_worker": round(ips / max(1, w), 1),
+            "first_batch_s": round(t1 - t0, 2),
+        }
         if w == 0:
             r["cpu_ms_per_image"] = round(1000 * dc / n, 2)
         results.append(r)

@@ -1,4 +1,5 @@
-"""Anomaly synthesis on the host (DESIGN.md §5): Perlin mask x foreground, an anomaly source, a blend.
+"""Anomaly synthesis on the host: the paper's Perlin mask x foreground, an anomaly source, a blend;
+cut-paste; and, through `data.synthesis`, the small-defect families of `defect_families`.
 
     out = x * (1 - M) + (1 - b) * src * M + b * x * M,   b ~ U[0.2, 0.8),  M in {0, 1}
 
@@ -15,18 +16,23 @@ from collections import OrderedDict
 
 import numpy as np
 
-from diff_fastener_jax.data import perlin
+from diff_fastener_jax.config_schema import FOREGROUNDS
+from diff_fastener_jax.data import defect_families, perlin
 from diff_fastener_jax.data.image_io import IMAGE_EXTENSIONS, load_image
 from diff_fastener_jax.errors import DatasetError
 
 BETA_RANGE = (0.2, 0.8)
 MAX_MASK_TRIES = 10  # Perlin draws before falling back to a rectangle
-FG_MODES = ("otsu", "full")
+FG_MODES = FOREGROUNDS
 # Cut-paste: a pixel counts as changed when the pasted copy differs from it by more than this (mean
 # |difference| over channels, images in [-1, 1]; sensor noise and concrete grain stay below ~0.1), and
 # a cut-paste needs this many changed pixels, else the paper's blended texture is drawn instead.
 CUTPASTE_MIN_CHANGE = 0.15
 CUTPASTE_MIN_PIXELS = 4
+# A crack / pore / intensity / blur draw that changes fewer pixels visibly than this is drawn again,
+# up to FAMILY_TRIES times, then replaced by the Perlin texture blend (which is never empty).
+FAMILY_MIN_PIXELS = 3
+FAMILY_TRIES = 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,12 +80,16 @@ def _random_rectangle(foreground: np.ndarray, rng: np.random.Generator) -> np.nd
     rh = max(1, int(h * rng.uniform(0.08, 0.25)))
     rw = max(1, int(w * rng.uniform(0.08, 0.25)))
     m = np.zeros((h, w), bool)
-    m[max(0, cy - rh // 2):cy + rh // 2 + 1, max(0, cx - rw // 2):cx + rw // 2 + 1] = True
+    m[max(0, cy - rh // 2) : cy + rh // 2 + 1, max(0, cx - rw // 2) : cx + rw // 2 + 1] = True
     return m & foreground
 
 
-def anomaly_mask(shape: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None,
-                 max_tries: int = MAX_MASK_TRIES) -> np.ndarray:
+def anomaly_mask(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    foreground: np.ndarray | None = None,
+    max_tries: int = MAX_MASK_TRIES,
+) -> np.ndarray:
     """bool (H, W), never empty, inside `foreground` (when it has any pixel).
 
     A thresholded Perlin mask AND the foreground, redrawn up to `max_tries` times while empty. Every
@@ -104,7 +114,7 @@ def anomaly_mask(shape: tuple[int, int], rng: np.random.Generator, foreground: n
 
 def _blur(x: np.ndarray) -> np.ndarray:
     p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    return sum(p[dy:dy + x.shape[0], dx:dx + x.shape[1]] for dy in range(3) for dx in range(3)) / 9.0
+    return sum(p[dy : dy + x.shape[0], dx : dx + x.shape[1]] for dy in range(3) for dx in range(3)) / 9.0
 
 
 def _equalize(x: np.ndarray) -> np.ndarray:
@@ -186,8 +196,7 @@ def procedural_texture(shape: tuple[int, int], rng: np.random.Generator) -> np.n
     h, w = shape
     kind = int(rng.integers(4))
     if kind == 0:  # fractal Perlin noise (3 octaves)
-        t = sum(perlin.perlin_noise(shape, (2 ** (o + 1),) * 2, rng, rng.uniform(0, 90)) / 2 ** o
-                for o in range(3))
+        t = sum(perlin.perlin_noise(shape, (2 ** (o + 1),) * 2, rng, rng.uniform(0, 90)) / 2**o for o in range(3))
         t = (t - t.min()) / (np.ptp(t) + 1e-6)
     elif kind in (1, 2):  # stripes / checkerboard at a random angle and period
         a = rng.uniform(0, np.pi)
@@ -217,8 +226,12 @@ class TextureBank:
         if not os.path.isdir(folder):
             raise DatasetError(f"data.texture_dir: folder {folder} does not exist")
         self.folder = folder
-        self.paths = sorted(os.path.join(d, n) for d, _, names in os.walk(folder) for n in names
-                            if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
+        self.paths = sorted(
+            os.path.join(d, n)
+            for d, _, names in os.walk(folder)
+            for n in names
+            if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
+        )
         if not self.paths:
             raise DatasetError(f"data.texture_dir: folder {folder} contains no images")
         self.cache_size = cache_size
@@ -246,8 +259,7 @@ class TextureBank:
         return tex
 
 
-def anomaly_source(x01: np.ndarray, rng: np.random.Generator, texture_bank: TextureBank | None = None
-                   ) -> np.ndarray:
+def anomaly_source(x01: np.ndarray, rng: np.random.Generator, texture_bank: TextureBank | None = None) -> np.ndarray:
     """The pixels to paste, float32 (H, W, 3) in [0, 1]: an augmented texture from the bank; without a
     bank, half the time the image itself augmented and strip-shuffled, else a procedural texture."""
     shape = x01.shape[:2]
@@ -275,9 +287,45 @@ def shifted_copy(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # Public entry point
 
 
-def synthesize_anomaly(image_float: np.ndarray, rng: np.random.Generator, *,
-                       foreground: np.ndarray | None = None, texture_bank: TextureBank | None = None,
-                       fg_mode: str = "otsu", cutpaste_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+def choose_family(families, rng: np.random.Generator) -> str:
+    """One family name of `families` ((name, share), ... with shares summing to 1) drawn by share."""
+    names = [name for name, _ in families]
+    shares = np.asarray([share for _, share in families], np.float64)
+    return names[int(rng.choice(len(names), p=shares / shares.sum()))]
+
+
+def _cutpaste(x: np.ndarray, m: np.ndarray, rng: np.random.Generator):
+    """(out, changed mask (H, W, 1)) of a cut-paste through mask `m`, or None when the shifted copy
+    changes fewer than CUTPASTE_MIN_PIXELS pixels visibly."""
+    src = shifted_copy(x, rng)
+    # Only what visibly changed is an anomaly: concrete pasted on concrete is not one, and a label
+    # there would teach the segmentation net to flag plain surfaces.
+    changed = m * (np.abs(src - x).mean(axis=-1, keepdims=True) > CUTPASTE_MIN_CHANGE)
+    if changed.sum() >= CUTPASTE_MIN_PIXELS:
+        return (x * (1.0 - changed) + src * changed).astype(np.float32), changed
+    return None
+
+
+def _texture_blend(
+    x: np.ndarray, m: np.ndarray, rng: np.random.Generator, texture_bank: TextureBank | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The paper's blend of an anomaly source into `x` through mask `m` (H, W, 1): (out, m, beta)."""
+    src = anomaly_source((x + 1.0) / 2.0, rng, texture_bank) * 2.0 - 1.0  # [-1, 1]
+    beta = float(rng.uniform(*BETA_RANGE))
+    out = x * (1.0 - m) + (1.0 - beta) * src * m + beta * x * m
+    return np.clip(out, -1.0, 1.0).astype(np.float32), m, beta
+
+
+def synthesize_anomaly(
+    image_float: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    foreground: np.ndarray | None = None,
+    texture_bank: TextureBank | None = None,
+    fg_mode: str = "otsu",
+    cutpaste_prob: float = 0.0,
+    families=(),
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Pastes a synthetic anomaly into a normal image.
 
     image_float: float32 (H, W, 3) in [-1, 1]. foreground: optional bool (H, W) or (H, W, 1) region
@@ -286,8 +334,14 @@ def synthesize_anomaly(image_float: np.ndarray, rng: np.random.Generator, *,
     `cutpaste_prob` the mask is filled opaquely with a shifted copy of the image (`shifted_copy`, beta 0)
     and cut back to the pixels that visibly changed (a copy that changes fewer than CUTPASTE_MIN_PIXELS
     falls back to a blended texture); 0 (the paper) draws nothing extra, so seeds reproduce the paper's path.
+    `families` (`config_schema.parse_synthesis` of data.synthesis; () = the behaviour above) first
+    draws one family by share: 'perlin' (the blend), 'cutpaste' (always cut-paste, as with
+    cutpaste_prob 1), or a `defect_families` family ('crack', 'pore', 'intensity', 'blur'), labelled
+    exactly where the pixels visibly change and redrawn while nearly invisible (after FAMILY_TRIES
+    draws: the blend).
     Returns (out float32 (H, W, 3) in [-1, 1], mask float32 (H, W, 1) in {0, 1} and never empty,
-    beta: in [0.2, 0.8), or 0.0 for a cut-paste). Pixels outside the mask are returned unchanged.
+    beta: in [0.2, 0.8), or 0.0 for a cut-paste or a defect family). Pixels outside the mask are returned
+    unchanged.
     """
     x = np.asarray(image_float, np.float32)
     if x.ndim != 3 or x.shape[-1] != 3:
@@ -299,15 +353,15 @@ def synthesize_anomaly(image_float: np.ndarray, rng: np.random.Generator, *,
             fg = foreground_mask(x, fg_mode)
     else:
         fg = foreground_mask(x, fg_mode)
+    family = choose_family(families, rng) if families else None
+    if family in defect_families.DRAW:
+        for _ in range(FAMILY_TRIES):
+            out, mask = defect_families.DRAW[family](x, fg, rng)
+            if mask.sum() >= FAMILY_MIN_PIXELS:
+                return out, mask.astype(np.float32)[..., None], 0.0
     m = anomaly_mask((h, w), rng, fg).astype(np.float32)[..., None]  # (H, W, 1)
-    if cutpaste_prob > 0 and rng.random() < cutpaste_prob:
-        src = shifted_copy(x, rng)
-        # Only what visibly changed is an anomaly: concrete pasted on concrete is not one, and a label
-        # there would teach the segmentation net to flag plain surfaces.
-        changed = m * (np.abs(src - x).mean(axis=-1, keepdims=True) > CUTPASTE_MIN_CHANGE)
-        if changed.sum() >= CUTPASTE_MIN_PIXELS:
-            return (x * (1.0 - changed) + src * changed).astype(np.float32), changed, 0.0
-    src = anomaly_source((x + 1.0) / 2.0, rng, texture_bank) * 2.0 - 1.0  # [-1, 1]
-    beta = float(rng.uniform(*BETA_RANGE))
-    out = x * (1.0 - m) + (1.0 - beta) * src * m + beta * x * m
-    return np.clip(out, -1.0, 1.0).astype(np.float32), m, beta
+    if family == "cutpaste" or (family is None and cutpaste_prob > 0 and rng.random() < cutpaste_prob):
+        pasted = _cutpaste(x, m, rng)
+        if pasted is not None:
+            return pasted[0], pasted[1], 0.0
+    return _texture_blend(x, m, rng, texture_bank)

@@ -7,6 +7,8 @@
   out.scores, out.labels, out.anomaly_maps[0], out.masks[0]
 
 No training data is needed: the threshold and the input contract come from `detector.json`.
+`Detector.load(folder, runtime="onnx")` (or "openvino") scores an export folder without JAX installed:
+this module imports JAX only for the "jax" runtime (see deploy/runtimes.py).
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ import dataclasses
 import os
 from typing import Sequence, Union
 
-import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data import image_io
+from diff_fastener_jax.deploy import runtimes
 from diff_fastener_jax.deploy import threshold as D
 from diff_fastener_jax.errors import UserError
-from diff_fastener_jax.inference import model_image_shape, prepare_inference, run_infer
 
 PARAMS_FILE = "params.npz"
 CONFIG_FILE = "config.json"
@@ -69,6 +70,16 @@ def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(img, np.float32)
 
 
+def _input_shape(record: dict, config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(H, W, C) the model takes: detector.json's input contract (no JAX needed to read it)."""
+    spec = record.get("input")
+    if spec:
+        return int(spec["height"]), int(spec["width"]), int(spec["channels"])
+    from diff_fastener_jax.inference import model_image_shape
+
+    return model_image_shape(config)
+
+
 def _per_image(categories, n: int) -> list[str]:
     """One category name for all n images, or a list of n names, as a list of n names."""
     names = [categories] * n if isinstance(categories, str) else list(categories)
@@ -80,22 +91,33 @@ def _per_image(categories, n: int) -> list[str]:
 class Detector:
     """A trained Diff-Fastener model with its threshold, ready to score images."""
 
-    def __init__(self, config: ml_collections.ConfigDict, params, record: dict, *, threshold: float | None = None):
+    def __init__(
+        self, config: ml_collections.ConfigDict, params, record: dict, *, threshold: float | None = None, model=None
+    ):
+        """`model`: a deploy.runtimes model (ONNX Runtime, OpenVINO); None runs the JAX program on `params`."""
         self.config = config
         self.record = record
         self._threshold_override = threshold is not None
         t = threshold if threshold is not None else (record.get("threshold") or {}).get("value")
         self.threshold = None if t is None else float(t)
         self.pixel_threshold = float(record.get("pixel_threshold", D.PIXEL_THRESHOLD))
-        self.height, self.width, self.channels = model_image_shape(config)
+        self.height, self.width, self.channels = _input_shape(record, config)
         self.categories = class_names(config)  # [] for a one-category model
-        self._infer, self._params, self._mesh = prepare_inference(config, params)
-        self._batch = int(config.infer.batch_size)
+        if model is None and not self._threshold_override:  # the JAX program computes in this machine's dtype
+            D.check_threshold_dtype(record.get("threshold") or {}, config, "this detector")
+        self._model = runtimes.JaxModel(config, params) if model is None else model
+        self.runtime = self._model.runtime
 
     @classmethod
-    def load(cls, path: str, *, checkpoint: int | None = None, threshold: float | None = None) -> Detector:
+    def load(
+        cls, path: str, *, checkpoint: int | None = None, threshold: float | None = None, runtime: str = "auto"
+    ) -> Detector:
         """From an export folder (detector.json, config.json, params.npz) or a training workdir (its
-        checkpoint `checkpoint`, default the selected step, else the latest, and detector.json). `threshold` overrides the stored one."""
+        checkpoint `checkpoint`, default the selected step, else the latest, and detector.json). `threshold` overrides the stored one.
+
+        `runtime` (deploy.runtimes.RUNTIMES): "jax" (the in-process program), "onnx" (model.onnx in
+        onnxruntime), "openvino" (model.xml, else model.onnx, in OpenVINO), or "auto": JAX where it is
+        installed, else ONNX Runtime, else OpenVINO. Only "jax" reads a training workdir."""
         from diff_fastener_jax.config import config_from_json
 
         path = os.fspath(path)
@@ -104,8 +126,12 @@ class Detector:
                 raise UserError(f"{path} is an export folder: it holds one checkpoint, --checkpoint does not apply")
             record = D.read(path)
             config = config_from_json(os.path.join(path, CONFIG_FILE))
+            runtime = runtimes.resolve(runtime, path)
+            if runtime != "jax":
+                return cls(config, None, record, threshold=threshold, model=runtimes.load(runtime, path, record))
             return cls(config, load_params(os.path.join(path, PARAMS_FILE)), record, threshold=threshold)
         if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            runtimes.resolve(runtime, None)
             from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
             config = load_run_config(path)
@@ -115,16 +141,28 @@ class Detector:
             else:
                 record = D.detector_record(config, {"value": None, "source": "no detector.json in the run"}, step)
             if record.get("checkpoint_step") != step:
-                record = D.detector_record(config, {"value": None, "source": f"detector.json was calibrated for "
-                                                    f"step {record.get('checkpoint_step')}, not {step}"}, step)
+                record = D.detector_record(
+                    config,
+                    {
+                        "value": None,
+                        "source": f"detector.json was calibrated for step {record.get('checkpoint_step')}, not {step}",
+                    },
+                    step,
+                )
             return cls(config, params, record, threshold=threshold)
-        raise UserError(f"{path}: neither an export folder ({PARAMS_FILE}) nor a training run ({CONFIG_FILE})",
-                        hint="pass the --out folder of `python -m diff_fastener_jax.export` or a training --workdir")
+        raise UserError(
+            f"{path}: neither an export folder ({PARAMS_FILE}) nor a training run ({CONFIG_FILE})",
+            hint="pass the --out folder of `python -m diff_fastener_jax.export` or a training --workdir",
+        )
 
     @property
     def metadata(self) -> dict:
-        """detector.json's record without the full config (for /metadata and logs)."""
-        return {k: v for k, v in self.record.items() if k != "config"} | {"threshold_value": self.threshold}
+        """detector.json's record without the full config (for /metadata and logs), plus the threshold in
+        use and the category names a multi-category model takes ([] for a one-category model)."""
+        return {k: v for k, v in self.record.items() if k != "config"} | {
+            "threshold_value": self.threshold,
+            "categories": list(self.categories),
+        }
 
     def read(self, item: ImageInput, where: str = "image") -> Image.Image:
         """One input (path, array or PIL image) -> a decoded PIL image at its own size."""
@@ -142,9 +180,11 @@ class Detector:
         """(batch float32 (N, H, W, 3) in [-1, 1], [(h_i, w_i)] original sizes)."""
         if isinstance(items, np.ndarray) and items.dtype == np.float32 and items.ndim == 4:
             if items.shape[1:] != (self.height, self.width, self.channels):
-                raise UserError(f"a float32 batch must be preprocessed (N, {self.height}, {self.width}, "
-                                f"{self.channels}) in [-1, 1], got {items.shape}",
-                                hint="pass paths or uint8/uint16 arrays, or use det.preprocess()")
+                raise UserError(
+                    f"a float32 batch must be preprocessed (N, {self.height}, {self.width}, "
+                    f"{self.channels}) in [-1, 1], got {items.shape}",
+                    hint="pass paths or uint8/uint16 arrays, or use det.preprocess()",
+                )
             return items, [(self.height, self.width)] * items.shape[0]
         if isinstance(items, (str, os.PathLike, Image.Image)) or (isinstance(items, np.ndarray) and items.ndim <= 3):
             items = [items]
@@ -169,8 +209,10 @@ class Detector:
                 raise UserError(f"this model was trained on one category; it takes no category (got {categories!r})")
             return None
         if categories is None:
-            raise UserError(f"this model covers several categories ({', '.join(self.categories)}): "
-                            "give each image's category", hint="e.g. --category " + self.categories[0])
+            raise UserError(
+                f"this model covers several categories ({', '.join(self.categories)}): give each image's category",
+                hint="e.g. --category " + self.categories[0],
+            )
         names = _per_image(categories, n)
         unknown = sorted(set(names) - set(self.categories))
         if unknown:
@@ -184,18 +226,14 @@ class Detector:
 
     def _infer_batch(self, batch: np.ndarray, categories=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(anomaly_map (N, H, W), score (N,), denoise_step (N,))."""
-        maps, scores, steps = [], [], []
         ids = self.class_ids(categories, batch.shape[0])
-        for i0 in range(0, batch.shape[0], self._batch):
-            out = run_infer(self._infer, self._params, batch[i0:i0 + self._batch], self._mesh, pad_to=self._batch,
-                            class_ids=None if ids is None else ids[i0:i0 + self._batch])
-            maps.append(out.anomaly_map)
-            scores.append(out.score)
-            steps.append(out.denoise_step)
-        if not maps:
-            return (np.zeros((0, self.height, self.width), np.float32), np.zeros((0,), np.float32),
-                    np.zeros((0,), np.int32))
-        return np.concatenate(maps), np.concatenate(scores), np.concatenate(steps)
+        if batch.shape[0] == 0:
+            return (
+                np.zeros((0, self.height, self.width), np.float32),
+                np.zeros((0,), np.float32),
+                np.zeros((0,), np.int32),
+            )
+        return self._model(batch, ids)
 
     def thresholds_for(self, categories, n: int) -> np.ndarray:
         """Each image's threshold (n,): a given override, else its category's calibrated one (unified
@@ -210,17 +248,27 @@ class Detector:
         masks. `categories`: a name, or one per image, for a unified multi-category model (its images are
         judged against their own category's threshold)."""
         if self.threshold is None:
-            raise UserError(f"this detector has no threshold ({self.record['threshold'].get('source')})",
-                            hint="pass threshold=X to Detector.load, or calibrate with "
-                                 "`python -m diff_fastener_jax.evaluate --workdir RUN --recalibrate`")
+            raise UserError(
+                f"this detector has no threshold ({self.record['threshold'].get('source')})",
+                hint="pass threshold=X to Detector.load, or calibrate with "
+                "`python -m diff_fastener_jax.evaluate --workdir RUN --recalibrate`",
+            )
         batch, sizes = self._prepare(images)
         amaps, scores, steps = self._infer_batch(batch, categories)
         thresholds = self.thresholds_for(categories, len(scores))
         maps = [resize_map(m, h, w) for m, (h, w) in zip(amaps, sizes)]
-        return Prediction(scores=scores.astype(np.float32), labels=D.is_anomalous(scores, thresholds),
-                          anomaly_maps=maps, masks=[D.is_anomalous(m, self.pixel_threshold) for m in maps],
-                          threshold=self.threshold, denoise_steps=steps.astype(np.int32), thresholds=thresholds)
+        return Prediction(
+            scores=scores.astype(np.float32),
+            labels=D.is_anomalous(scores, thresholds),
+            anomaly_maps=maps,
+            masks=[D.is_anomalous(m, self.pixel_threshold) for m in maps],
+            threshold=self.threshold,
+            denoise_steps=steps.astype(np.int32),
+            thresholds=thresholds,
+        )
 
     def __repr__(self) -> str:
-        return (f"Detector({self.height}x{self.width}, method={self.config.infer.method}, "
-                f"threshold={self.threshold}, devices={jax.local_device_count()})")
+        return (
+            f"Detector({self.height}x{self.width}, method={self.config.infer.method}, "
+            f"threshold={self.threshold}, runtime={self.runtime})"
+        )

@@ -14,30 +14,30 @@ import hashlib
 import json
 import os
 import platform
+import sys
 
-import jax
 import ml_collections
 import numpy as np
 
-from diff_fastener_jax import __version__
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.evaluation import metrics as M
-from diff_fastener_jax.inference import (
-    map_smoothing,
-    model_image_shape,
-    prepare_inference,
-    sample_batches,
-    score_in_batches,
-    top_k_count,
-)
+from diff_fastener_jax.version import __version__
+
+# JAX and the inference program are imported by the functions that calibrate or describe a model, so
+# that reading and applying a detector record (Detector with runtime "onnx"/"openvino") needs no JAX.
 
 DETECTOR_FILE = "detector.json"
-FORMAT = "diff_fastener_jax.deploy.threshold"
+# The record's format name, written into every detector.json and checked on reading: a file-format
+# identifier, not this module's path, so it stays the same wherever the code that writes it lives.
+FORMAT = "diff_fastener_jax.detector"
 FORMAT_VERSION = 1
 # Pixel decision on the anomaly map (a segmentation probability): the same `>` rule as the image score.
 PIXEL_THRESHOLD = 0.5
+# Fewer held-out normal images than this make a calibrated threshold unreliable: with n images the
+# smallest false-positive rate the calibration can tell apart from 0 is 1/n.
+MIN_CALIBRATION_NORMALS = 20
 
 
 def is_anomalous(score, threshold: float) -> np.ndarray:
@@ -54,20 +54,27 @@ def config_digest(config: ml_collections.ConfigDict) -> str:
 
 def versions() -> dict:
     import flax
+    import jax
 
-    return {"diff_fastener_jax": __version__, "jax": jax.__version__, "flax": flax.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "diff_fastener_jax": __version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=None, infer=None,
-              mesh=None) -> dict:
+def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=None, infer=None, mesh=None) -> dict:
     """The threshold record for `params`: `eval.threshold` if >= 0, else the score exceeded by
     `eval.fpr_target` of the held-out NORMAL validation images (never the test set).
 
-    Returns {"value": float | None, "source": str, "fpr_target", "num_images", "rule"}; value is None
-    (with the reason as source) when there are no held-out normal images to calibrate on. A unified
-    multi-category model also gets "per_category": {name: value}, each calibrated on that category's own
-    held-out normals (`threshold_for` picks an image's).
+    Returns {"value": float | None, "source": str, "fpr_target", "num_images", "rule", "calibration"};
+    value is None (with the reason as source) when there are no held-out normal images to calibrate on.
+    "calibration" says how far the value can be trusted (`calibration_facts`); below
+    MIN_CALIBRATION_NORMALS images one `warning:` line on stderr says so. A unified multi-category model
+    also gets "per_category": {name: value}, each calibrated on that category's own held-out normals
+    (`threshold_for` picks an image's).
     """
     record = {"rule": "score > threshold", "fpr_target": float(config.eval.fpr_target), "num_images": 0}
     if config.eval.threshold >= 0:
@@ -75,23 +82,98 @@ def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=
     if calibration_samples is None:
         calibration_samples = datasets.list_samples(config.data, "val", seed=config.seed)
     calib = [s for s in calibration_samples if s.label == 0]
+    record["calibration"] = calibration_facts(len(calib))
     if not calib:
-        return record | {"value": None, "source": "not calibrated: no held-out normal validation images "
-                                                   "(data.val_fraction is 0)"}
+        return record | {
+            "value": None,
+            "source": "not calibrated: no held-out normal validation images (data.val_fraction is 0)",
+        }
+    import jax
+
+    from diff_fastener_jax.inference import prepare_inference, sample_batches, score_in_batches
+
+    if not record["calibration"]["reliable"] and jax.process_index() == 0:
+        print(
+            f"warning: the threshold is calibrated on only {len(calib)} held-out normal image(s) (fewer than "
+            f"{MIN_CALIBRATION_NORMALS}): the smallest false-positive rate it can resolve is 1/{len(calib)} = "
+            f"{1 / len(calib):.3g} (eval.fpr_target {config.eval.fpr_target:g}); raise data.val_fraction or "
+            "add normal training images",
+            file=sys.stderr,
+            flush=True,
+        )
     if infer is None:
         infer, params, mesh = prepare_inference(config, params)
     bs = config.infer.batch_size
-    scores, _ = score_in_batches(infer, params, sample_batches(calib, config.data.image_size, bs), mesh=mesh,
-                                 total=len(calib), show_progress=False, pad_to=bs,
-                                 class_ids=datasets.class_id_array(config, calib))
+    scores, _ = score_in_batches(
+        infer,
+        params,
+        sample_batches(calib, config.data.image_size, bs),
+        mesh=mesh,
+        total=len(calib),
+        show_progress=False,
+        pad_to=bs,
+        class_ids=datasets.class_id_array(config, calib),
+    )
     value = float(M.calibrate_threshold(scores, config.eval.fpr_target))
-    record |= {"value": value, "num_images": len(calib),
-               "source": f"{config.eval.fpr_target:.1%} FPR on {len(calib)} held-out normal images"}
+    record |= {
+        "value": value,
+        "num_images": len(calib),
+        "dtype": compute_dtype_name(config),
+        "source": f"{config.eval.fpr_target:.1%} FPR on {len(calib)} held-out normal images",
+    }
     if class_names(config):
         cats = np.asarray([s.category for s in calib])
-        record["per_category"] = {name: float(M.calibrate_threshold(scores[cats == name], config.eval.fpr_target))
-                                  for name in class_names(config) if (cats == name).any()}
+        record["per_category"] = {
+            name: float(M.calibrate_threshold(scores[cats == name], config.eval.fpr_target))
+            for name in class_names(config)
+            if (cats == name).any()
+        }
+        record["calibration"]["per_category"] = {
+            name: calibration_facts(int((cats == name).sum())) for name in record["per_category"]
+        }
     return record
+
+
+def compute_dtype_name(config: ml_collections.ConfigDict) -> str:
+    """The dtype this process computes the model in: `model.dtype`, with 'auto' resolved for its backend."""
+    from diff_fastener_jax.models import resolve_dtype_name
+
+    return resolve_dtype_name(config.model.dtype)
+
+
+def check_threshold_dtype(record: dict, config: ml_collections.ConfigDict, where: str) -> None:
+    """Refuses a stored threshold calibrated on scores computed in another dtype than this process
+    computes them in (bfloat16 scores on a GPU, float32 on a CPU, for model.dtype='auto'): the same
+    threshold would label different scores. A record without "dtype" was calibrated in the config's own
+    model.dtype; where that is 'auto' the record predates dtype tracking and the dtype it was calibrated
+    in is unknown: it is accepted with one warning line, so runs and exports written by older versions
+    keep loading. A given value (eval.threshold, no calibration) is not checked."""
+    if record.get("value") is None or not record.get("num_images"):
+        return
+    calibrated = record.get("dtype") or str(config.model.dtype)
+    current = compute_dtype_name(config)
+    if calibrated == "auto":
+        print(
+            f"warning: {where}: the threshold record does not say which dtype its scores were computed in "
+            f"(written by an older version); assuming {current}, this machine's",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    if calibrated != current:
+        raise UserError(
+            f"{where}: the threshold was calibrated on scores computed in {calibrated}, but this "
+            f"machine computes them in {current} (model.dtype={config.model.dtype!r})",
+            hint="recalibrate on this machine (evaluate --recalibrate), give the threshold "
+            f"yourself (predict/serve --threshold X), or run where the model computes in {calibrated}",
+        )
+
+
+def calibration_facts(num_normals: int) -> dict:
+    """How much a threshold calibrated on `num_normals` held-out normal images can resolve:
+    {"num_normals", "min_resolvable_fpr": 1/n (None for n = 0), "reliable": n >= MIN_CALIBRATION_NORMALS}."""
+    n = int(num_normals)
+    return {"num_normals": n, "min_resolvable_fpr": 1.0 / n if n else None, "reliable": n >= MIN_CALIBRATION_NORMALS}
 
 
 def category_threshold(record: dict, category: str, default: float | None = None) -> float:
@@ -108,39 +190,66 @@ def threshold_for(record: dict, categories, default: float | None = None) -> np.
     return np.asarray([category_threshold(record, c, default) for c in categories], np.float64)
 
 
-def resolve_threshold(config, params, infer, mesh, stored: dict | None = None, *, recalibrate: bool = False,
-                      calibration_samples=None) -> tuple[dict, str]:
+def resolve_threshold(
+    config, params, infer, mesh, stored: dict | None = None, *, recalibrate: bool = False, calibration_samples=None
+) -> tuple[dict, str]:
     """(threshold record, where it came from) for evaluation: `eval.threshold` if >= 0, else the stored
     calibration unless `recalibrate` (or nothing usable is stored), else a fresh calibration. The
     record's "value" is set; "per_category" too for unified models (see `calibrate`)."""
     if config.eval.threshold < 0 and not recalibrate and stored and stored.get("value") is not None:
+        check_threshold_dtype(stored, config, f"the threshold stored in {DETECTOR_FILE}")
         return stored, f"stored in {DETECTOR_FILE}: {stored['source']}"
     record = calibrate(config, params, calibration_samples=calibration_samples, infer=infer, mesh=mesh)
     if record["value"] is None:
-        raise UserError(f"cannot calibrate a threshold: {record['source']}",
-                        hint="set one with --config.eval.threshold=X")
+        raise UserError(
+            f"cannot calibrate a threshold: {record['source']}", hint="set one with --config.eval.threshold=X"
+        )
     return record, record["source"]
 
 
-def detector_record(config: ml_collections.ConfigDict, threshold: dict, step: int | None,
-                    selection: dict | None = None) -> dict:
+def detector_record(
+    config: ml_collections.ConfigDict, threshold: dict, step: int | None, selection: dict | None = None
+) -> dict:
     """The contents of detector.json for a model trained with `config` (see the module docstring);
     `selection`: how `step` was chosen (`selection.Selection.record`)."""
+    from diff_fastener_jax.inference import (
+        map_smoothing,
+        model_image_shape,
+        tiling_record,
+        top_k_count,
+    )
+
     h, w, c = model_image_shape(config)
     d = config.diffusion
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "input": {"height": h, "width": w, "channels": c, "layout": "NHWC", "dtype": "float32",
-                  "value_range": [-1.0, 1.0],
-                  "normalisation": "8-bit RGB u -> u * 2/255 - 1; 16-bit images are scaled to 8 bit first "
-                                   "(v / 65535 * 255, rounded); grey and palette images become RGB",
-                  "resize": "bilinear (PIL), to height x width"},
-        "inference": {"method": config.infer.method, "anomaly_map": config.infer.map,
-                      "t_small": int(d.eval_t_small), "t_big": int(d.eval_t_big), "guidance_w": float(d.guidance_w),
-                      "ddim_steps": int(config.infer.ddim_steps), "noise_seed": int(config.infer.seed),
-                      "noise": "fixed per model: drawn once from noise_seed for the model's image shape",
-                      "map_sigma_px": list(map_smoothing(config, h, w)),
-                      "top_k": top_k_count(config, h, w), "score": "mean of the top_k anomaly-map values"},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "input": {
+            "height": h,
+            "width": w,
+            "channels": c,
+            "layout": "NHWC",
+            "dtype": "float32",
+            "value_range": [-1.0, 1.0],
+            "normalisation": "8-bit RGB u -> u * 2/255 - 1; 16-bit images are scaled to 8 bit first "
+            "(v / 65535 * 255, rounded); grey and palette images become RGB",
+            "resize": "bilinear (PIL), to height x width",
+        },
+        "inference": {
+            "method": config.infer.method,
+            "anomaly_map": config.infer.map,
+            "dtype": compute_dtype_name(config),
+            "t_small": int(d.eval_t_small),
+            "t_big": int(d.eval_t_big),
+            "guidance_w": float(d.guidance_w),
+            "ddim_steps": int(config.infer.ddim_steps),
+            "noise_seed": int(config.infer.seed),
+            "noise": "fixed per model: drawn once from noise_seed for the network's input shape",
+            **tiling_record(config),
+            "map_sigma_px": list(map_smoothing(config, h, w)),
+            "top_k": top_k_count(config, h, w),
+            "score": "mean of the top_k anomaly-map values",
+        },
         "threshold": threshold,
         "pixel_threshold": PIXEL_THRESHOLD,
         "params": "ema" if config.optim.ema_decay > 0 else "raw",
@@ -164,17 +273,20 @@ def read(folder: str) -> dict:
     """The detector record in `folder`; UserError when it is missing or not one."""
     path = os.path.join(folder, DETECTOR_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"{folder}: no {DETECTOR_FILE}",
-                        hint="train the run to its end (training writes it) or export it with "
-                             "python -m diff_fastener_jax.export")
+        raise UserError(
+            f"{folder}: no {DETECTOR_FILE}",
+            hint="train the run to its end (training writes it) or export it with python -m diff_fastener_jax.export",
+        )
     try:
         with open(path) as f:
             record = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not readable JSON ({e})") from e
     if record.get("format") != FORMAT or record.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path}: not a detector record this version reads "
-                        f"(format {record.get('format')!r} v{record.get('format_version')})")
+        raise UserError(
+            f"{path}: not a detector record this version reads "
+            f"(format {record.get('format')!r} v{record.get('format_version')})"
+        )
     return record
 
 
@@ -190,6 +302,8 @@ def stored_threshold(workdir: str, step: int, config: ml_collections.ConfigDict)
 
 def host_params(params):
     """Parameters as host numpy arrays, whatever devices (or hosts) hold the replicated arrays."""
+    import jax
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             x = x.addressable_data(0)
@@ -198,13 +312,16 @@ def host_params(params):
     return jax.tree_util.tree_map(one, params)
 
 
-def calibrate_and_save(config: ml_collections.ConfigDict, params, workdir: str, step: int,
-                       selection: dict | None = None) -> dict:
+def calibrate_and_save(
+    config: ml_collections.ConfigDict, params, workdir: str, step: int, selection: dict | None = None
+) -> dict:
     """Calibrates the threshold for the kept `params` (EMA when on) of checkpoint `step` and writes
     <workdir>/detector.json.
 
     Called once at the end of training; only process 0 writes. Returns the record.
     """
+    import jax
+
     record = detector_record(config, calibrate(config, host_params(params)), step, selection)
     if jax.process_index() == 0:
         write(os.path.join(workdir, DETECTOR_FILE), record)

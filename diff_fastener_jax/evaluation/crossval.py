@@ -13,8 +13,17 @@ from diff_fastener_jax.evaluation import report
 from diff_fastener_jax.evaluation.evaluate import evaluate_workdir
 from diff_fastener_jax.training.loop import train_and_evaluate
 
-SUMMARY_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro",
-                "precision", "recall", "images_per_second")
+SUMMARY_KEYS = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_aupro",
+    "precision",
+    "recall",
+    "images_per_second",
+)
 
 
 def summarize(per_fold: list[dict]) -> dict[str, tuple[float, float]]:
@@ -40,12 +49,16 @@ def run_crossval(config, workdir: str, folds: int, *, quiet: bool = False) -> di
         cfg.data.fold = k
         fold_dir = os.path.join(workdir, f"fold_{k}")
         train_and_evaluate(cfg, fold_dir, quiet=quiet)
-        res = evaluate_workdir(fold_dir, os.path.join(fold_dir, "eval"), title=f"fold {k}/{folds}",
-                               show_progress=not quiet)
+        res = evaluate_workdir(
+            fold_dir, os.path.join(fold_dir, "eval"), title=f"fold {k}/{folds}", show_progress=not quiet
+        )
         per_fold.append({key: res.get(key) for key in SUMMARY_KEYS} | {"fold": k})
     summary = summarize(per_fold)
-    record = {"folds": folds, "per_fold": per_fold,
-              "summary": {k: {"mean": m, "std": s} for k, (m, s) in summary.items()}}
+    record = {
+        "folds": folds,
+        "per_fold": per_fold,
+        "summary": {k: {"mean": m, "std": s} for k, (m, s) in summary.items()},
+    }
     with open(os.path.join(workdir, "crossval.json"), "w") as f:
         json.dump(record, f, indent=2)
     with open(os.path.join(workdir, "crossval.csv"), "w", newline="") as f:

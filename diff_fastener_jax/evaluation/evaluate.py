@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 
 import numpy as np
@@ -13,23 +11,59 @@ from diff_fastener_jax.data import datasets
 from diff_fastener_jax.deploy import threshold
 from diff_fastener_jax.deploy.threshold import PIXEL_THRESHOLD, is_anomalous, resolve_threshold
 from diff_fastener_jax.evaluation import metrics as M
-from diff_fastener_jax.evaluation import report
+from diff_fastener_jax.evaluation import outputs, reference, report
 from diff_fastener_jax.inference import (
+    map_smoothing,
+    model_image_shape,
     prepare_inference,
     run_infer,
     sample_batches,
     score_in_batches,
+    smoothing_matrix,
+    top_k_count,
 )
 from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
 
-def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress: bool = True,
-                 calibration_samples=None, test_samples=None, stored_threshold: dict | None = None,
-                 recalibrate: bool = False) -> dict:
+def make_reference(config, train_samples, with_pixels: bool) -> reference.ReferenceDetectors | None:
+    """The `eval.reference` detectors fitted on `train_samples` (training normals only) at the evaluation
+    resolution, with the model's top-K and map smoothing; None when `eval.reference` is 'none'."""
+    which = reference.selected(config.eval.reference)
+    if not which:
+        return None
+    h, w, _ = model_image_shape(config)
+    sigma_h, sigma_w = map_smoothing(config, h, w)
+    smooth = (smoothing_matrix(h, sigma_h), smoothing_matrix(w, sigma_w)) if sigma_h > 0 else None
+    ref = reference.ReferenceDetectors(
+        which,
+        top_k=top_k_count(config, h, w),
+        smooth=smooth,
+        with_pixels=with_pixels,
+        aupro_limit=config.eval.aupro_limit,
+    )
+    ref.fit(images for (images,) in sample_batches(train_samples, config.data.image_size, config.infer.batch_size))
+    return ref
+
+
+def evaluate_run(
+    config,
+    params,
+    out_dir: str,
+    *,
+    title: str = "",
+    show_progress: bool = True,
+    calibration_samples=None,
+    test_samples=None,
+    stored_threshold: dict | None = None,
+    recalibrate: bool = False,
+    train_samples=None,
+) -> dict:
     """Scores the test split, computes every metric, writes metrics.json and report.html to `out_dir`.
 
     The label threshold is `stored_threshold` (detector.json's record) unless `recalibrate` or none is
-    stored: then it is calibrated on the held-out normals (`threshold.resolve_threshold`).
+    stored: then it is calibrated on the held-out normals (`threshold.resolve_threshold`). The
+    reference detectors (`eval.reference`) are fitted on `train_samples` (default: the run's training
+    normals) and reported under "reference".
     """
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
@@ -42,6 +76,9 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
     has_masks = any(s.mask_path for s in test_samples)
     class_ids = datasets.class_id_array(config, test_samples)  # None unless a unified model
     unified = class_ids is not None
+    if train_samples is None and config.eval.reference != "none":
+        train_samples = datasets.list_samples(config.data, "train", seed=config.seed)
+    ref = make_reference(config, train_samples, has_masks) if train_samples else None
 
     # Warm-up: compile once on a full-size batch so images/s measures steady-state inference.
     first = next(sample_batches(test_samples[:1], size, 1))
@@ -56,93 +93,141 @@ def evaluate_run(config, params, out_dir: str, *, title: str = "", show_progress
 
     def on_batch(i0, images, out, masks):
         n = images.shape[0]
-        steps[i0:i0 + n] = out.denoise_step
+        steps[i0 : i0 + n] = out.denoise_step
         rows = slice(i0, i0 + n)
         batch_categories = np.asarray(categories[rows])
-        evaluation.update(out.score, labels[rows], defects[rows], out.anomaly_map if has_masks else None,
-                          masks if has_masks else None)
+        evaluation.update(
+            out.score, labels[rows], defects[rows], out.anomaly_map if has_masks else None, masks if has_masks else None
+        )
+        if ref is not None:
+            ref.update(images, labels[rows], defects[rows], masks if has_masks else None)
         for c, ev in by_category.items():
             sel = np.flatnonzero(batch_categories == c)
             if sel.size:
-                ev.update(out.score[sel], labels[rows][sel], [defects[i0 + j] for j in sel],
-                          out.anomaly_map[sel] if has_masks else None, masks[sel] if has_masks else None)
+                ev.update(
+                    out.score[sel],
+                    labels[rows][sel],
+                    [defects[i0 + j] for j in sel],
+                    out.anomaly_map[sel] if has_masks else None,
+                    masks[sel] if has_masks else None,
+                )
 
     scores, infer_s = score_in_batches(
-        infer, params, sample_batches(test_samples, size, bs, with_masks=True), mesh=mesh,
-        total=len(test_samples), on_batch=on_batch, show_progress=show_progress, pad_to=bs,
-        class_ids=class_ids)
+        infer,
+        params,
+        sample_batches(test_samples, size, bs, with_masks=True),
+        mesh=mesh,
+        total=len(test_samples),
+        on_batch=on_batch,
+        show_progress=show_progress,
+        pad_to=bs,
+        class_ids=class_ids,
+    )
 
-    record, threshold_source = resolve_threshold(config, params, infer, mesh, stored_threshold,
-                                                 recalibrate=recalibrate, calibration_samples=calibration_samples)
+    record, threshold_source = resolve_threshold(
+        config, params, infer, mesh, stored_threshold, recalibrate=recalibrate, calibration_samples=calibration_samples
+    )
     thresholds = threshold.threshold_for(record, categories if unified else None)  # one, or one per image
 
-    result = {"num_images": len(test_samples), "num_anomalous": int(labels.sum()),
-              "images_per_second": len(test_samples) / max(infer_s, 1e-9), "has_masks": has_masks,
-              "threshold_source": threshold_source}
+    result = {
+        "num_images": len(test_samples),
+        "num_anomalous": int(labels.sum()),
+        "images_per_second": len(test_samples) / max(infer_s, 1e-9),
+        "has_masks": has_masks,
+        "threshold_source": threshold_source,
+    }
     result.update(evaluation.compute(thresholds))
     result["threshold"] = float(record["value"])
     if unified:
         # Every category on its own (its images, its threshold), then their unweighted mean.
         result["threshold_per_category"] = dict(record.get("per_category", {}))
-        result["per_category"] = {c: ev.compute(threshold.category_threshold(record, c))
-                                  for c, ev in by_category.items() if ev.num_images}
+        result["per_category"] = {
+            c: ev.compute(threshold.category_threshold(record, c)) for c, ev in by_category.items() if ev.num_images
+        }
         keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "precision", "recall", "f1")
-        result["per_category_mean"] = {k: float(np.mean([m[k] for m in result["per_category"].values()]))
-                                       for k in keys if all(k in m for m in result["per_category"].values())}
+        result["per_category_mean"] = {
+            k: float(np.mean([m[k] for m in result["per_category"].values()]))
+            for k in keys
+            if all(m.get(k) is not None for m in result["per_category"].values())
+        }
     per_defect = result["per_defect"]
     notes = [f"Checkpoint parameters: {'EMA' if config.optim.ema_decay > 0 else 'raw'}; threshold: {threshold_source}."]
+    if ref is not None:
+        result["reference"] = ref.compute()
+        notes += reference.beaten_note(result, result["reference"])
     if config.infer.method == "adaptive":
         names = np.asarray(defects)
         result["denoise_step_mean"] = {d: float(steps[names == d].mean()) for d in sorted(set(defects))}
-        notes.append("Adaptive denoising (GLAD): mean start step per defect type: " + ", ".join(
-            f"{d} {v:.0f}" for d, v in result["denoise_step_mean"].items()) + "; each image's step is in scores.csv.")
+        notes.append(
+            "Adaptive denoising (GLAD): mean start step per defect type: "
+            + ", ".join(f"{d} {v:.0f}" for d, v in result["denoise_step_mean"].items())
+            + "; each image's step is in scores.csv."
+        )
 
     # Panels: re-run the few selected images (deterministic: the model's fixed noise).
     chosen = report.select_panels(scores, labels, config.eval.num_panels)
     panels = []
     for j0 in range(0, len(chosen), bs):  # the panels' images in full batches: one compiled shape
-        part = chosen[j0:j0 + bs]
+        part = chosen[j0 : j0 + bs]
         idx = [i for i, _ in part]
         arrays = datasets.load_arrays([test_samples[i] for i in idx], size)
-        out = run_infer(infer, params, arrays["image"], mesh, pad_to=bs,
-                        class_ids=None if class_ids is None else class_ids[idx])
+        out = run_infer(
+            infer, params, arrays["image"], mesh, pad_to=bs, class_ids=None if class_ids is None else class_ids[idx]
+        )
         for r, (i, kind) in enumerate(part):
-            panels.append({"image": arrays["image"][r], "reconstruction": out.recon[r],
-                           "denoise_step": int(out.denoise_step[r]),
-                           "mask": arrays["mask"][r, ..., 0] if has_masks else None,
-                           "anomaly_map": out.anomaly_map[r],
-                           "pred_mask": is_anomalous(out.anomaly_map[r], PIXEL_THRESHOLD),
-                           "score": float(out.score[r]), "label": int(labels[i]),
-                           "defect": defects[i], "path": test_samples[i].path, "kind": kind})
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(_jsonable(result), f, indent=2)
-    with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(["path", "category", "defect", "label", "score", "denoise_step"])
-        rows.writerows([s.path, s.category, s.defect, s.label, f"{sc:.6f}", int(st)]
-                       for s, sc, st in zip(test_samples, scores, steps))
-    report.write_report(os.path.join(out_dir, "report.html"), metrics=result, per_defect=per_defect,
-                        scores=scores, labels=labels, defects=defects, panels=panels,
-                        config_json=config.to_json_best_effort(indent=2), title=title or "Diff-Fastener evaluation",
-                        notes=notes)
+            panels.append(
+                {
+                    "image": arrays["image"][r],
+                    "reconstruction": out.recon[r],
+                    "denoise_step": int(out.denoise_step[r]),
+                    "mask": arrays["mask"][r, ..., 0] if has_masks else None,
+                    "anomaly_map": out.anomaly_map[r],
+                    "pred_mask": is_anomalous(out.anomaly_map[r], PIXEL_THRESHOLD),
+                    "score": float(out.score[r]),
+                    "label": int(labels[i]),
+                    "defect": defects[i],
+                    "path": test_samples[i].path,
+                    "kind": kind,
+                }
+            )
+    outputs.write_json(os.path.join(out_dir, "metrics.json"), result)
+    per_image = np.broadcast_to(np.asarray(thresholds, np.float64), scores.shape)
+    with outputs.ScoresWriter(os.path.join(out_dir, "scores.csv")) as rows:
+        for s, sc, th, st in zip(test_samples, scores, per_image, steps):
+            rows.row(
+                outputs.relative_path(s.path, config.data.root),
+                s.category,
+                s.defect,
+                s.label,
+                is_anomalous(sc, th),
+                sc,
+                th,
+                st,
+            )
+    report.write_report(
+        os.path.join(out_dir, "report.html"),
+        metrics=result,
+        per_defect=per_defect,
+        scores=scores,
+        labels=labels,
+        defects=defects,
+        panels=panels,
+        config_json=config.to_json_best_effort(indent=2),
+        title=title or "Diff-Fastener evaluation",
+        notes=notes,
+    )
     return result
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
-
-
-def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | None = None,
-                     config=None, show_progress: bool = True, title: str = "",
-                     recalibrate: bool = False) -> dict:
+def evaluate_workdir(
+    workdir: str,
+    out: str | None = None,
+    checkpoint: int | None = None,
+    config=None,
+    show_progress: bool = True,
+    title: str = "",
+    recalibrate: bool = False,
+) -> dict:
     """Evaluates checkpoint `checkpoint` (default latest) of the run in `workdir` into `out`
     (default <workdir>/eval). Checks the run, the data and every test/validation image before compiling.
     The label threshold is the one stored in detector.json for that checkpoint unless `recalibrate`."""
@@ -154,7 +239,14 @@ def evaluate_workdir(workdir: str, out: str | None = None, checkpoint: int | Non
     params, step = load_run_params(workdir, config, checkpoint)
     out = out or os.path.join(workdir, "eval")
     title = title or f"{os.path.basename(os.path.abspath(workdir))} @ step {step}"
-    return evaluate_run(config, params, out, title=title,
-                        show_progress=show_progress, calibration_samples=splits["val"],
-                        test_samples=splits["test"], stored_threshold=threshold.stored_threshold(workdir, step, config),
-                        recalibrate=recalibrate)
+    return evaluate_run(
+        config,
+        params,
+        out,
+        title=title,
+        show_progress=show_progress,
+        calibration_samples=splits["val"],
+        test_samples=splits["test"],
+        stored_threshold=threshold.stored_threshold(workdir, step, config),
+        recalibrate=recalibrate,
+    )

@@ -1,10 +1,12 @@
-"""Evaluation metrics (DESIGN.md §8): image, exact streaming pixel metrics and AUPRO, label level, and
+"""Evaluation metrics (the protocol of Diff-Fastener and DiffusionAD): image, exact streaming pixel
+metrics and AUPRO, label level, and
 the one streaming evaluation (overall + per defect) that `evaluate` and training-time validation share.
 
 Conventions used throughout:
 - Scores are "higher = more anomalous"; labels / masks are 1 for anomalous, 0 for normal.
 - Undefined metrics (e.g. AUROC when the labels hold a single class) are returned as NaN, and the
-  returned dict then carries a `warnings` list of strings saying why. The key is present ONLY when
+  returned dict then carries a `warnings` list of strings saying why. Pixel metrics of a split that
+  has no pixel labels at all are None (null in metrics.json), with `pixel_metrics_note` saying so. The key is present ONLY when
   something was undefined, so `dict.update` of several results does not clobber a warning with an
   empty list; callers that merge results should merge `warnings` lists themselves if they care.
 - Pixel connectivity for AUPRO regions: 8-connectivity (`scipy.ndimage.label` with a full 3x3
@@ -34,6 +36,7 @@ def _ndimage():
 
     return ndimage
 
+
 # 8-connectivity: diagonal neighbours belong to the same ground-truth region (MVTec AD convention).
 REGION_STRUCTURE = np.ones((3, 3), dtype=int)
 
@@ -47,6 +50,7 @@ _IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max", "image_tpr_at_5fpr")
 # Input checks
 # ----------------------------------------------------------------------------------------------
 
+
 def _as_scores_labels(scores, labels, where: str) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1)
@@ -55,7 +59,9 @@ def _as_scores_labels(scores, labels, where: str) -> tuple[np.ndarray, np.ndarra
     if s.size == 0:
         raise ValueError(f"{where}: no scores given")
     if not np.all(np.isfinite(s)):
-        raise ValueError(f"{where}: scores contain NaN or inf (first bad index {int(np.flatnonzero(~np.isfinite(s))[0])})")
+        raise ValueError(
+            f"{where}: scores contain NaN or inf (first bad index {int(np.flatnonzero(~np.isfinite(s))[0])})"
+        )
     if not np.all((y == 0) | (y == 1)):
         raise ValueError(f"{where}: labels must be 0 (normal) or 1 (anomalous), got values {np.unique(y)[:10]}")
     return s, y.astype(np.int64)
@@ -85,6 +91,7 @@ def _check_maps_masks(maps, masks, where: str) -> tuple[np.ndarray, np.ndarray]:
 # Image level
 # ----------------------------------------------------------------------------------------------
 
+
 def image_metrics(scores, labels) -> dict:
     """Image-level AUROC, AP, F1-max and TPR at 5% FPR.
 
@@ -98,8 +105,9 @@ def image_metrics(scores, labels) -> dict:
     if n_pos == 0 or n_pos == y.size:
         only = "anomalous (1)" if n_pos else "normal (0)"
         out = {k: math.nan for k in _IMAGE_KEYS}
-        out["warnings"] = [f"image metrics undefined: all {y.size} labels are {only}; "
-                           "need both normal and anomalous images"]
+        out["warnings"] = [
+            f"image metrics undefined: all {y.size} labels are {only}; need both normal and anomalous images"
+        ]
         return out
     skm = _sklearn_metrics()
     fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
@@ -134,6 +142,7 @@ def pr_curve_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 # ----------------------------------------------------------------------------------------------
 # Label level
 # ----------------------------------------------------------------------------------------------
+
 
 def calibrate_threshold(normal_val_scores, fpr_target: float = 0.01) -> float:
     """Image-score threshold at which at most `fpr_target` of the normal validation scores exceed it.
@@ -180,7 +189,10 @@ def label_metrics(scores, labels, threshold) -> dict:
         "recall": tp / (tp + fn) if tp + fn else math.nan,
         "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else math.nan,
         "accuracy": (tp + tn) / y.size,
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
         "confusion_matrix": [[tn, fp], [fn, tp]],
     }
 
@@ -188,6 +200,7 @@ def label_metrics(scores, labels, threshold) -> dict:
 # ----------------------------------------------------------------------------------------------
 # PRO curve helpers
 # ----------------------------------------------------------------------------------------------
+
 
 def integrate_to_limit(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
     """Trapezoid area under (fpr, pro) for fpr in [0, limit], divided by `limit`.
@@ -223,6 +236,12 @@ def aupro_exact(maps, masks, limit: float = 0.3) -> float:
 # ----------------------------------------------------------------------------------------------
 
 _PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+NO_PIXEL_LABELS_NOTE = "no pixel labels in this split (image labels only): pixel metrics are null"
+
+
+def no_pixel_metrics() -> dict:
+    """The pixel entries of a split without pixel labels: every pixel metric None, and the one-line note."""
+    return {**{k: None for k in _PIXEL_KEYS}, "pixel_metrics_note": NO_PIXEL_LABELS_NOTE}
 
 
 class PixelMetricAccumulator:
@@ -238,7 +257,9 @@ class PixelMetricAccumulator:
 
     def __init__(self, aupro_limit: float = 0.3):
         if not 0.0 < aupro_limit <= 1.0:
-            raise ValueError(f"PixelMetricAccumulator: aupro_limit (eval.aupro_limit) must be in (0, 1], got {aupro_limit}")
+            raise ValueError(
+                f"PixelMetricAccumulator: aupro_limit (eval.aupro_limit) must be in (0, 1], got {aupro_limit}"
+            )
         self.aupro_limit = float(aupro_limit)
         self._neg: list[np.ndarray] = []  # float32 scores of normal pixels
         self._pos: list[np.ndarray] = []  # float32 scores of ground-truth pixels
@@ -298,12 +319,17 @@ class PixelMetricAccumulator:
         with np.errstate(invalid="ignore", divide="ignore"):
             tpr = tp / P if P else np.full(tp.shape, np.nan)
             fpr = fp / N if N else np.full(fp.shape, np.nan)
-            pro = (np.minimum(top_weight[tp] / self.num_regions, 1.0) if self.num_regions
-                   else np.full(tp.shape, np.nan))
+            pro = np.minimum(top_weight[tp] / self.num_regions, 1.0) if self.num_regions else np.full(tp.shape, np.nan)
         if self.num_regions:
             pro[-1] = 1.0  # float sums of 1/size over a region are 1 up to rounding
-        return {"thresholds": np.concatenate([[np.inf], thresholds]), "tp": tp, "fp": fp,
-                "tpr": tpr, "fpr": fpr, "pro": pro}
+        return {
+            "thresholds": np.concatenate([[np.inf], thresholds]),
+            "tp": tp,
+            "fp": fp,
+            "tpr": tpr,
+            "fpr": fpr,
+            "pro": pro,
+        }
 
     def compute(self) -> dict:
         """pixel_auroc, pixel_ap, pixel_f1_max, pixel_aupro, pixel_num_regions, pixel_num_pixels.
@@ -314,8 +340,10 @@ class PixelMetricAccumulator:
         out = {k: math.nan for k in _PIXEL_KEYS}
         out.update(pixel_num_regions=int(self.num_regions), pixel_num_pixels=int(P + N))
         if P == 0 or N == 0:
-            out["warnings"] = [f"pixel metrics undefined: {P} anomalous and {N} normal pixels seen "
-                               f"over {self.num_images} images; need both"]
+            out["warnings"] = [
+                f"pixel metrics undefined: {P} anomalous and {N} normal pixels seen "
+                f"over {self.num_images} images; need both"
+            ]
             return out
         c = self.curves()
         tp, fp, tpr, fpr, pro = c["tp"], c["fp"], c["tpr"], c["fpr"], c["pro"]
@@ -336,13 +364,14 @@ def pixel_metrics(maps, masks, *, aupro_limit: float = 0.3, batch_size: int = 64
     """Exact pixel metrics of in-memory maps (N, H, W) / masks (N, H, W), fed in chunks."""
     acc = PixelMetricAccumulator(aupro_limit=aupro_limit)
     for i in range(0, len(maps), batch_size):
-        acc.update(maps[i:i + batch_size], masks[i:i + batch_size])
+        acc.update(maps[i : i + batch_size], masks[i : i + batch_size])
     return acc.compute()
 
 
 # ----------------------------------------------------------------------------------------------
 # Aggregates: one streaming evaluation, overall and per defect type
 # ----------------------------------------------------------------------------------------------
+
 
 class StreamingEvaluation:
     """Image scores and pixel maps fed batch by batch (any order); overall and per-defect metrics.
@@ -373,8 +402,9 @@ class StreamingEvaluation:
                 raise ValueError("StreamingEvaluation.update: maps and masks are required (with_pixels=True)")
             maps, masks = np.asarray(maps), np.asarray(masks)
             if len(maps) != s.size or len(masks) != s.size:
-                raise ValueError(f"StreamingEvaluation.update: maps/masks have {len(maps)}/{len(masks)} "
-                                 f"entries, scores {s.size}")
+                raise ValueError(
+                    f"StreamingEvaluation.update: maps/masks have {len(maps)}/{len(masks)} entries, scores {s.size}"
+                )
             normal = np.flatnonzero(y == 0)
             if normal.size:
                 self._normal_px.update(maps[normal], masks[normal])
@@ -409,6 +439,8 @@ class StreamingEvaluation:
         _merge_warnings(out, image_metrics(s, y))
         if self.with_pixels:
             _merge_warnings(out, self._pixels(sorted(self._defect_px)).compute())
+        else:
+            out.update(no_pixel_metrics())
         if threshold is not None:
             out.update(label_metrics(s, y, threshold))
         per_defect = {}
@@ -419,6 +451,8 @@ class StreamingEvaluation:
             _merge_warnings(entry, image_metrics(s[sel], y[sel]))
             if self.with_pixels:
                 _merge_warnings(entry, self._pixels([name]).compute())
+            else:
+                entry.update({k: None for k in _PIXEL_KEYS})
             if threshold is not None:
                 thr = np.asarray(threshold, np.float64)
                 lm = label_metrics(s[sel], y[sel], thr.reshape(-1)[sel] if thr.ndim else thr)
@@ -428,13 +462,14 @@ class StreamingEvaluation:
         return out
 
 
-def per_defect_metrics(scores, labels, defects, maps=None, masks=None, *, threshold: float | None = None,
-                       aupro_limit: float = 0.3) -> dict:
+def per_defect_metrics(
+    scores, labels, defects, maps=None, masks=None, *, threshold: float | None = None, aupro_limit: float = 0.3
+) -> dict:
     """Metrics per defect type, each on (that type's images + every normal image), in memory.
 
     scores (N,), labels (N,) {0,1}, defects (N,) names (normal images are those with label 0,
     whatever their name). maps / masks (N, H, W) are optional: without masks the entries carry
-    `has_masks: False` and no pixel keys. With `threshold`, label precision/recall/F1 are added.
+    `has_masks: False` and None pixel metrics. With `threshold`, label precision/recall/F1 are added.
     Returns {defect: {num_images, has_masks, image_*, [pixel_*], [precision, recall, f1]}}.
     """
     ev = StreamingEvaluation(with_pixels=maps is not None and masks is not None, aupro_limit=aupro_limit)
@@ -450,8 +485,9 @@ def _merge_warnings(dst: dict, src: dict) -> None:
         dst["warnings"] = warns
 
 
-def compute_all_metrics(scores, labels, *, maps=None, masks=None, threshold: float | None = None,
-                        aupro_limit: float = 0.3) -> dict:
+def compute_all_metrics(
+    scores, labels, *, maps=None, masks=None, threshold: float | None = None, aupro_limit: float = 0.3
+) -> dict:
     """Image metrics, exact pixel metrics when masks are given (`has_masks` says which) and, with a
     threshold, label metrics: one flat dict (warnings merged)."""
     ev = StreamingEvaluation(with_pixels=maps is not None and masks is not None, aupro_limit=aupro_limit)

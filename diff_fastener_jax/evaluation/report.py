@@ -1,4 +1,4 @@
-"""Self-contained HTML evaluation report (DESIGN.md §8): one file, every image a base64 PNG data URI.
+"""Self-contained HTML evaluation report: one file, every image a base64 PNG data URI.
 
 The page holds the headline metrics, per-defect metrics, image-level ROC and PR curves, score
 histograms per defect type with the decision threshold, per-image panels
@@ -20,22 +20,50 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from diff_fastener_jax.deploy.heatmap import heat_overlay
 from diff_fastener_jax.evaluation import metrics as M
 
 # Headline table order; other scalar metrics follow in sorted order.
 _HEADLINE_KEYS = (
-    "image_auroc", "image_ap", "image_f1_max", "image_tpr_at_5fpr",
-    "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro",
-    "threshold", "threshold_source", "precision", "recall", "f1", "accuracy",
-    "images_per_second", "num_images", "num_anomalous", "has_masks",
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "image_tpr_at_5fpr",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_aupro",
+    "threshold",
+    "threshold_source",
+    "precision",
+    "recall",
+    "f1",
+    "accuracy",
+    "images_per_second",
+    "num_images",
+    "num_anomalous",
+    "has_masks",
 )
 # Shown elsewhere on the page (confusion matrix, warnings) or nested.
-_SKIP_KEYS = {"per_defect", "confusion_matrix", "warnings", "tp", "fp", "tn", "fn"}
-_PER_DEFECT_KEYS = ("num_images", "image_auroc", "image_ap", "image_f1_max", "image_tpr_at_5fpr",
-                    "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro", "precision", "recall", "f1")
+_SKIP_KEYS = {"per_defect", "confusion_matrix", "warnings", "tp", "fp", "tn", "fn", "pixel_metrics_note", "reference"}
+_PER_DEFECT_KEYS = (
+    "num_images",
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "image_tpr_at_5fpr",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_aupro",
+    "precision",
+    "recall",
+    "f1",
+)
 _PANEL_CELLS = ("input", "reconstruction", "ground truth", "heat-map overlay", "predicted mask")
-NO_MASKS_TEXT = ("This dataset has no ground-truth masks: pixel-level metrics are not computed "
-                 "and the panels show no ground truth.")
+NO_MASKS_TEXT = (
+    "This dataset has no ground-truth masks: pixel-level metrics are not computed and the panels show no ground truth."
+)
 
 _CSS = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -56,6 +84,7 @@ pre { background: #f6f6f6; padding: 10px; overflow-x: auto; font-size: 12px; }
 # ----------------------------------------------------------------------------------------------
 # Panel selection
 # ----------------------------------------------------------------------------------------------
+
 
 def select_panels(scores, labels, k: int) -> list[tuple[int, str]]:
     """Chooses up to k distinct images: about half 'hardest', the rest 'clearest'.
@@ -80,9 +109,9 @@ def select_panels(scores, labels, k: int) -> list[tuple[int, str]]:
     def take(first: np.ndarray, second: np.ndarray, n: int) -> list[int]:
         n_first = (n + 1) // 2
         a = [int(i) for i in first if int(i) not in used][:n_first]
-        b = [int(i) for i in second if int(i) not in used][:n - len(a)]
+        b = [int(i) for i in second if int(i) not in used][: n - len(a)]
         if len(a) + len(b) < n:  # `second` ran short: give `first` the rest
-            a = [int(i) for i in first if int(i) not in used][:n - len(b)]
+            a = [int(i) for i in first if int(i) not in used][: n - len(b)]
         chosen = a + b
         used.update(chosen)
         return chosen
@@ -96,6 +125,7 @@ def select_panels(scores, labels, k: int) -> list[tuple[int, str]]:
 # ----------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------
+
 
 def _png_uri_from_array(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
@@ -134,22 +164,10 @@ def _mask_u8(mask, shape, where: str) -> np.ndarray:
     return np.repeat((m > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)
 
 
-def heat_overlay(rgb: np.ndarray, amap, where: str) -> np.ndarray:
-    """Anomaly map (H, W) in [0, 1] through the 'jet' colour map, blended 50/50 over the image."""
-    from matplotlib import colormaps
-
-    a = np.asarray(amap, dtype=np.float32)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.shape != rgb.shape[:2]:
-        raise ValueError(f"{where}: anomaly_map shape {a.shape} does not match the image's {rgb.shape[:2]}")
-    heat = colormaps["jet"](np.clip(np.nan_to_num(a), 0.0, 1.0))[..., :3]  # (H, W, 3) in [0, 1]
-    return np.round(0.5 * rgb.astype(np.float32) + 0.5 * 255.0 * heat).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------
+
 
 def _has_both_classes(labels: np.ndarray) -> bool:
     return labels.size > 0 and 0 < int(labels.sum()) < labels.size
@@ -169,8 +187,9 @@ def _roc_figure(scores, labels, threshold) -> str:
         ax.legend(loc="lower right")
     else:
         ax.text(0.5, 0.5, "ROC undefined:\nonly one class", ha="center", va="center")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="true positive rate",
-           title="Image-level ROC")
+    ax.set(
+        xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="true positive rate", title="Image-level ROC"
+    )
     fig.tight_layout()
     return _png_uri_from_figure(fig)
 
@@ -211,8 +230,14 @@ def _histogram_figure(scores, labels, defects, threshold) -> str:
     for name in names:
         idx = np.array(groups[name])
         is_normal = labels[idx].max() == 0
-        ax.hist(scores[idx], bins=edges, histtype="step", lw=2.2 if is_normal else 1.4,
-                ls="--" if is_normal else "-", label=f"{name} ({idx.size})")
+        ax.hist(
+            scores[idx],
+            bins=edges,
+            histtype="step",
+            lw=2.2 if is_normal else 1.4,
+            ls="--" if is_normal else "-",
+            label=f"{name} ({idx.size})",
+        )
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold, color="k", lw=1.2, label=f"threshold {threshold:.4g}")
     ax.set(xlabel="image anomaly score", ylabel="images", title="Score histograms by defect type")
@@ -224,6 +249,7 @@ def _histogram_figure(scores, labels, defects, threshold) -> str:
 # ----------------------------------------------------------------------------------------------
 # HTML pieces
 # ----------------------------------------------------------------------------------------------
+
 
 def _fmt(v) -> str:
     if isinstance(v, (bool, np.bool_)):
@@ -243,8 +269,13 @@ def _is_scalar(v) -> bool:
 
 
 def _metrics_table(metrics: dict) -> str:
-    keys = [k for k in _HEADLINE_KEYS if k in metrics]
-    keys += sorted(k for k in metrics if k not in keys and k not in _SKIP_KEYS and _is_scalar(metrics[k]))
+    # None: a metric the split cannot give (pixel metrics without pixel labels); the notes say why
+    keys = [k for k in _HEADLINE_KEYS if metrics.get(k) is not None]
+    keys += sorted(
+        k
+        for k in metrics
+        if k not in keys and k not in _SKIP_KEYS and metrics[k] is not None and _is_scalar(metrics[k])
+    )
     rows = "".join(f"<tr><th class='l'>{html.escape(k)}</th><td>{_fmt(metrics[k])}</td></tr>" for k in keys)
     return f"<table>{rows}</table>"
 
@@ -254,22 +285,49 @@ def _confusion_table(metrics: dict) -> str:
     if cm is None:
         return ""
     (tn, fp), (fn, tp) = cm
-    return ("<h3>Confusion matrix at the threshold</h3><table>"
-            "<tr><th></th><th>predicted normal</th><th>predicted anomalous</th></tr>"
-            f"<tr><th class='l'>normal</th><td>{_fmt(tn)}</td><td>{_fmt(fp)}</td></tr>"
-            f"<tr><th class='l'>anomalous</th><td>{_fmt(fn)}</td><td>{_fmt(tp)}</td></tr></table>")
+    return (
+        "<h3>Confusion matrix at the threshold</h3><table>"
+        "<tr><th></th><th>predicted normal</th><th>predicted anomalous</th></tr>"
+        f"<tr><th class='l'>normal</th><td>{_fmt(tn)}</td><td>{_fmt(fp)}</td></tr>"
+        f"<tr><th class='l'>anomalous</th><td>{_fmt(fn)}</td><td>{_fmt(tp)}</td></tr></table>"
+    )
 
 
 def _per_defect_table(per_defect: dict) -> str:
     if not per_defect:
         return "<p>No defect types.</p>"
-    cols = [k for k in _PER_DEFECT_KEYS if any(k in e for e in per_defect.values())]
+    cols = [k for k in _PER_DEFECT_KEYS if any(e.get(k) is not None for e in per_defect.values())]
     head = "<tr><th class='l'>defect</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
     body = "".join(
         f"<tr><td class='l'>{html.escape(str(d))}</td>"
-        + "".join(f"<td>{_fmt(e[c]) if c in e else '-'}</td>" for c in cols) + "</tr>"
-        for d, e in per_defect.items())
+        + "".join(f"<td>{_fmt(e[c]) if c in e else '-'}</td>" for c in cols)
+        + "</tr>"
+        for d, e in per_defect.items()
+    )
     return f"<table>{head}{body}</table>"
+
+
+def _reference_table(metrics: dict) -> str:
+    """The model's image / pixel AUROC and AUPRO beside each reference detector's (evaluation.reference)."""
+    ref = metrics.get("reference") or {}
+    if not ref:
+        return ""
+    cols = ("image_auroc", "pixel_auroc", "pixel_aupro")
+    rows = {"model": metrics} | {
+        name + (f" ({r['statistic']})" if r.get("statistic") else ""): r for name, r in ref.items()
+    }
+    head = "<tr><th class='l'>detector</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
+    body = "".join(
+        f"<tr><td class='l'>{html.escape(name)}</td>"
+        + "".join(f"<td>{'-' if r.get(c) is None else _fmt(r[c])}</td>" for c in cols)
+        + "</tr>"
+        for name, r in rows.items()
+    )
+    return (
+        "<h2>Reference detectors</h2><p>Fitted on the training normals only, scored on the same test "
+        "images: global_stats = the best of four grey-level image statistics (two-sided), pixel_gaussian "
+        f"= a per-pixel Gaussian of the normals (z-score map, top-K).</p><table>{head}{body}</table>"
+    )
 
 
 def _panel_html(p: dict, i: int) -> str:
@@ -288,17 +346,22 @@ def _panel_html(p: dict, i: int) -> str:
     head = "".join(f"<th>{c}</th>" for c in _PANEL_CELLS)
     tds = "".join(
         f"<td><img alt='{name}' src='{uri}'></td>" if uri else "<td><div class='missing'>no mask</div></td>"
-        for name, uri in zip(_PANEL_CELLS, cells, strict=True))
-    caption = (f"<b>{html.escape(str(p.get('kind', '')))}</b> &middot; {html.escape(str(p.get('defect', '')))} "
-               f"({label}) &middot; score {_fmt(float(p.get('score', math.nan)))} &middot; "
-               + (f"denoising step {int(p['denoise_step'])} &middot; " if "denoise_step" in p else "")
-               + f"<code>{html.escape(str(p.get('path', '')))}</code>")
+        for name, uri in zip(_PANEL_CELLS, cells, strict=True)
+    )
+    caption = (
+        f"<b>{html.escape(str(p.get('kind', '')))}</b> &middot; {html.escape(str(p.get('defect', '')))} "
+        f"({label}) &middot; score {_fmt(float(p.get('score', math.nan)))} &middot; "
+        + (f"denoising step {int(p['denoise_step'])} &middot; " if "denoise_step" in p else "")
+        + f"<code>{html.escape(str(p.get('path', '')))}</code>"
+    )
     return f"<div class='panel'><div>{caption}</div><table><tr>{head}</tr><tr>{tds}</tr></table></div>"
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    return (
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
 
 
 def _write(path: str, text: str) -> None:
@@ -314,8 +377,20 @@ def _write(path: str, text: str) -> None:
 # Public writers
 # ----------------------------------------------------------------------------------------------
 
-def write_report(path: str, *, metrics: dict, per_defect: dict, scores, labels, defects, panels: list[dict],
-                 config_json: str, title: str, notes=()) -> None:
+
+def write_report(
+    path: str,
+    *,
+    metrics: dict,
+    per_defect: dict,
+    scores,
+    labels,
+    defects,
+    panels: list[dict],
+    config_json: str,
+    title: str,
+    notes=(),
+) -> None:
     """Writes one self-contained HTML evaluation page to `path`.
 
     metrics: flat dict (scalars shown in the headline table; `threshold` draws the threshold line and
@@ -342,20 +417,29 @@ def write_report(path: str, *, metrics: dict, per_defect: dict, scores, labels, 
         all_notes.insert(0, NO_MASKS_TEXT)
     parts += [f"<div class='note'>{html.escape(str(n))}</div>" for n in all_notes]
     parts.append("<h2>Metrics</h2>" + _metrics_table(metrics) + _confusion_table(metrics))
+    parts.append(_reference_table(metrics))
     if metrics.get("per_category"):
         rows = dict(metrics["per_category"])
         rows["mean over categories"] = metrics.get("per_category_mean", {})
-        parts.append("<h2>Per category (one unified model)</h2><p>Each row: that category's test images, "
-                     "scored against its own threshold.</p>" + _per_defect_table(rows).replace(">defect<", ">category<"))
-    parts.append("<h2>Per defect type</h2><p>Each row: that type's images plus every normal image.</p>"
-                 + _per_defect_table(per_defect))
-    parts.append("<h2>Curves and score distributions</h2><div>"
-                 f"<img alt='ROC curve' src='{_roc_figure(s, y, threshold)}'> "
-                 f"<img alt='PR curve' src='{_pr_figure(s, y, threshold)}'></div>"
-                 f"<div><img alt='score histogram' src='{_histogram_figure(s, y, defects, threshold)}'></div>")
-    parts.append("<h2>Images</h2><p><b>hardest</b>: highest-scoring normals and lowest-scoring anomalies; "
-                 "<b>clearest</b>: highest-scoring anomalies and lowest-scoring normals. The heat map is the "
-                 "anomaly probability (blue 0, red 1) over the input.</p>")
+        parts.append(
+            "<h2>Per category (one unified model)</h2><p>Each row: that category's test images, "
+            "scored against its own threshold.</p>" + _per_defect_table(rows).replace(">defect<", ">category<")
+        )
+    parts.append(
+        "<h2>Per defect type</h2><p>Each row: that type's images plus every normal image.</p>"
+        + _per_defect_table(per_defect)
+    )
+    parts.append(
+        "<h2>Curves and score distributions</h2><div>"
+        f"<img alt='ROC curve' src='{_roc_figure(s, y, threshold)}'> "
+        f"<img alt='PR curve' src='{_pr_figure(s, y, threshold)}'></div>"
+        f"<div><img alt='score histogram' src='{_histogram_figure(s, y, defects, threshold)}'></div>"
+    )
+    parts.append(
+        "<h2>Images</h2><p><b>hardest</b>: highest-scoring normals and lowest-scoring anomalies; "
+        "<b>clearest</b>: highest-scoring anomalies and lowest-scoring normals. The heat map is the "
+        "anomaly probability (blue 0, red 1) over the input.</p>"
+    )
     parts += [_panel_html(p, i) for i, p in enumerate(panels)] or ["<p>No panels.</p>"]
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(config_json)}</pre>")
     _write(path, _page(title, "\n".join(parts)))
@@ -363,7 +447,9 @@ def write_report(path: str, *, metrics: dict, per_defect: dict, scores, labels, 
 
 def write_summary_html(path: str, title: str, rows: dict) -> None:
     """Writes a small self-contained page: one table row per metric, `rows = {name: (mean, std)}`."""
-    body = "".join(f"<tr><th class='l'>{html.escape(str(k))}</th><td>{_fmt(float(m))}</td>"
-                   f"<td>{_fmt(float(sd))}</td></tr>" for k, (m, sd) in rows.items())
+    body = "".join(
+        f"<tr><th class='l'>{html.escape(str(k))}</th><td>{_fmt(float(m))}</td><td>{_fmt(float(sd))}</td></tr>"
+        for k, (m, sd) in rows.items()
+    )
     table = f"<table><tr><th class='l'>metric</th><th>mean</th><th>std</th></tr>{body}</table>"
     _write(path, _page(title, table if rows else "<p>No metrics.</p>"))

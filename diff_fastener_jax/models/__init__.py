@@ -7,65 +7,47 @@ import jax.numpy as jnp
 import ml_collections
 
 from diff_fastener_jax.config import class_names
+from diff_fastener_jax.models.backend import (
+    Implementations,
+    resolve_dtype_name,
+    resolve_implementations,
+)
 from diff_fastener_jax.models.dacm import DACM
-from diff_fastener_jax.models.layers import attention_implementation
+from diff_fastener_jax.models.layout import attention_downsample_factors, attention_levels
 from diff_fastener_jax.models.segmentation import SegmentationUNet
 from diff_fastener_jax.models.unet import ReconstructionUNet, kept_skips
 from diff_fastener_jax.perf import xla_options
 
-__all__ = ["DACM", "ReconstructionUNet", "SegmentationUNet", "attention_levels", "build_models", "count_params",
-           "init_params", "jit_init", "kept_skips", "tile_rows", "compute_dtype", "resolve_dtype_name"]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DTYPE_NAMES = ("auto", *_DTYPES)
-
-
-def resolve_dtype_name(name: str, backend: str | None = None) -> str:
-    """`model.dtype` -> a concrete dtype name: 'auto' is bfloat16 on GPUs/TPUs (tensor cores; params
-    stay float32) and float32 elsewhere (XLA:CPU computes bf16 convolutions in float32 plus casts, so
-    bf16 is slower there: benchmarks/RESULTS.md)."""
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"model.dtype: unknown dtype {name!r}; choose one of {list(DTYPE_NAMES)}")
-    if name != "auto":
-        return name
-    return "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu") else "float32"
-
-
-def compute_dtype(name: str):
-    """Maps `model.dtype` (including 'auto', see `resolve_dtype_name`) to a jnp dtype."""
-    return _DTYPES[resolve_dtype_name(name)]
+__all__ = [
+    "DACM",
+    "Implementations",
+    "ReconstructionUNet",
+    "SegmentationUNet",
+    "attention_levels",
+    "build_models",
+    "count_params",
+    "init_params",
+    "jit_init",
+    "kept_skips",
+    "tile_rows",
+    "resolve_dtype_name",
+    "resolve_implementations",
+]
 
 
-def attention_downsample_factors(image_size: int, resolutions) -> tuple[int, ...]:
-    """Feature-map sizes (at `image_size` input) -> the level downsampling factors that get attention.
+def build_models(
+    config: ml_collections.ConfigDict, impl: Implementations | None = None
+) -> tuple[ReconstructionUNet, SegmentationUNet]:
+    """Builds (reconstruction U-Net, segmentation U-Net) from `config.model` and `config.data.image_size`.
 
-    Fixing the factors at build time keeps the parameter count independent of the input resolution.
+    `impl`: the layers' implementation choices; default `resolve_implementations(config)` for JAX's
+    default backend. Every choice gives the same parameter tree.
     """
-    factors = []
-    for r in resolutions:
-        if r <= 0 or image_size % r:
-            raise ValueError(f"model.attention_resolutions: {r} does not divide data.image_size={image_size}")
-        factors.append(image_size // r)
-    return tuple(sorted(factors))
-
-
-def attention_levels(config: ml_collections.ConfigDict) -> list[int]:
-    """U-Net levels (0 = full resolution) that hold attention blocks: those whose downsampling factor
-    `model.attention_resolutions` names, and the middle (the last level)."""
     m = config.model
+    impl = impl or resolve_implementations(config)
+    dtype = impl.compute_dtype
+    remat = m.remat
     attention_ds = attention_downsample_factors(config.data.image_size, m.attention_resolutions)
-    last = len(m.channel_mults) - 1
-    return sorted({level for level in range(last + 1) if 2**level in attention_ds} | {last})
-
-
-def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet, SegmentationUNet]:
-    """Builds (reconstruction U-Net, segmentation U-Net) from `config.model` and `config.data.image_size`."""
-    m = config.model
-    dtype = compute_dtype(m.dtype)
-    remat = m.get("remat", "none")
-    attention_ds = attention_downsample_factors(config.data.image_size, m.attention_resolutions)
-    head_dims = [m.base_channels * m.channel_mults[level] // m.num_heads for level in attention_levels(config)]
-    attention_impl = attention_implementation(m.get("attention", "auto"), dtype, head_dims)
     recon = ReconstructionUNet(
         in_channels=m.in_channels,
         base_channels=m.base_channels,
@@ -82,23 +64,31 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[ReconstructionUNet,
         dacm_use_dilated=m.dacm_use_dilated,
         dacm_reduction=m.dacm_reduction,
         dtype=dtype,
-        attention_impl=attention_impl,
+        impl=impl,
         remat=remat,
         num_classes=len(class_names(config)),
     )
-    seg = SegmentationUNet(channels=tuple(m.seg_channels), groups=m.num_groups, dtype=dtype, remat=remat,
-                           num_classes=len(class_names(config)), head_prior=float(m.get("seg_head_prior", 0.5)),
-                           class_conditioning=m.get("seg_class_conditioning", "channels"))
+    seg = SegmentationUNet(
+        channels=tuple(m.seg_channels),
+        groups=m.num_groups,
+        dtype=dtype,
+        remat=remat,
+        num_classes=len(class_names(config)),
+        head_prior=float(m.seg_head_prior),
+        class_conditioning=m.seg_class_conditioning,
+        impl=impl,
+    )
     return recon, seg
 
 
-def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size: int | None = None,
-                compiled: bool = True):
+def init_params(
+    config: ml_collections.ConfigDict, key: jax.Array, image_size: int | None = None, compiled: bool = True
+):
     """Initialises {'recon': ..., 'seg': ...} float32 params for one image of `image_size`.
 
     `compiled` (default) runs the initialisation as one jitted program. Flax's `init` traces a forward
     pass; run eagerly, each of its operations is compiled and dispatched on its own: 59-64 s for the
-    paper config on an H200 (benchmarks/RESULTS.md), 47 s for the (then two-level) smoke config on the 2-core CPU,
+    paper config on an H200 (docs/performance.md), about 47 s for the two-level smoke config on 2 CPU cores,
     paid again by every process because each of those small compiles is below any sensible persistent
     cache threshold. Under `jit` the forward pass is dead code and only the random draws remain, one
     program that XLA:CPU compiles in about 10 s at LLVM level 1 (`xla_options.init_compiler_options`)

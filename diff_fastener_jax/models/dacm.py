@@ -1,4 +1,4 @@
-"""DACM, the Dilated Attention Convolution Module of Diff-Fastener (DESIGN.md §3).
+"""DACM, the Dilated Attention Convolution Module of Diff-Fastener.
 
 CBAM channel attention, then CBAM spatial attention, then a 3x3 convolution with dilation 2
 (padding 2) -> GroupNorm -> GELU, added back to the input. `use_cbam` / `use_dilated` switch the two
@@ -56,6 +56,7 @@ class DACM(nn.Module):
     groups: int = 32
     activation: str = "gelu"
     dtype: Dtype = jnp.float32
+    groupnorm: str = "flax"  # GroupNorm32's implementation (models.backend)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -65,9 +66,8 @@ class DACM(nn.Module):
             h = SpatialAttention(dtype=self.dtype, name="spatial_attention")(h)
         if self.use_dilated:
             d = self.dilation
-            h = Conv(x.shape[-1], (3, 3), padding=d, kernel_dilation=(d, d), dtype=self.dtype,
-                        name="dilated_conv")(h)
-            h = get_activation(self.activation)(GroupNorm32(self.groups, self.dtype)(h))
+            h = Conv(x.shape[-1], (3, 3), padding=d, kernel_dilation=(d, d), dtype=self.dtype, name="dilated_conv")(h)
+            h = get_activation(self.activation)(GroupNorm32(self.groups, self.dtype, self.groupnorm)(h))
         if not (self.use_cbam or self.use_dilated):
             return x
         return x + h

@@ -1,13 +1,15 @@
 """Building blocks shared by the reconstruction U-Net: norms, time embedding, res blocks, attention.
 
 All modules take a compute `dtype`; parameters stay float32 (flax's `param_dtype` default) and the
-GroupNorm statistics are always computed in float32 so bf16 compute does not drift.
+GroupNorm statistics are always computed in float32 so bf16 compute does not drift. Where a layer has
+several implementations (GroupNorm, attention), the choice arrives as a module field, made once per
+model build by `models.backend.resolve_implementations`; nothing here reads the environment or asks
+which backend runs.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,7 +18,9 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from diff_fastener_jax.config_schema import REMAT_MODES
 from diff_fastener_jax.models import norm
+from diff_fastener_jax.models.backend import GROUPNORM_IMPLS, Implementations
 
 Dtype = Any
 
@@ -52,6 +56,7 @@ class Dense(nn.Dense):
         y = super().__call__(inputs)
         return y if self.dtype is None else y.astype(self.dtype)
 
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # The paper swaps SiLU for GELU everywhere; the exact (erf) form, as in PyTorch's default.
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -75,34 +80,26 @@ def num_groups_for(channels: int, groups: int) -> int:
     return g
 
 
-def hand_written_group_norm(backend: str | None = None) -> bool:
-    """Whether GroupNorm32 uses `norm.GroupNorm` (hand-written sums and gradient) rather than flax's.
-
-    On XLA:CPU it is the faster one (benchmarks/RESULTS.md); other backends keep flax's, whose GPU
-    speed is the one measured. DFJ_GROUPNORM=flax or =hand_written forces either (for A/B runs).
-    """
-    forced = os.environ.get("DFJ_GROUPNORM", "")
-    if forced:
-        if forced not in ("flax", "hand_written"):
-            raise ValueError(f"DFJ_GROUPNORM={forced!r}: expected 'flax' or 'hand_written'")
-        return forced == "hand_written"
-    return (backend or jax.default_backend()) == "cpu"
-
-
 class GroupNorm32(nn.Module):
     """GroupNorm whose statistics are computed in float32 whatever the compute dtype.
 
-    Parameters live under 'GroupNorm_0' ('scale', 'bias') with either implementation, so checkpoints
-    move freely between backends.
+    `implementation`: 'flax' (flax's nn.GroupNorm) or 'hand_written' (`norm.GroupNorm`: hand-written
+    sums and gradient, faster on XLA:CPU) for 4-d inputs. Parameters live under 'GroupNorm_0'
+    ('scale', 'bias') with either implementation, so checkpoints move freely between backends.
     """
 
     groups: int = 32
     dtype: Dtype = jnp.float32
+    implementation: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.implementation not in GROUPNORM_IMPLS:
+            raise ValueError(
+                f"GroupNorm32: unknown implementation {self.implementation!r}; choose one of {GROUPNORM_IMPLS}"
+            )
         g = num_groups_for(x.shape[-1], self.groups)
-        if x.ndim == 4 and hand_written_group_norm():
+        if x.ndim == 4 and self.implementation == "hand_written":
             y = norm.GroupNorm(num_groups=g, epsilon=1e-5, name="GroupNorm_0")(x.astype(jnp.float32))
         else:
             y = nn.GroupNorm(num_groups=g, epsilon=1e-5, dtype=jnp.float32)(x.astype(jnp.float32))
@@ -144,11 +141,11 @@ def upsample_bilinear2(x: jax.Array) -> jax.Array:
     for axis in (1, 2):
         n = y.shape[axis]
         # Clamped neighbours by concatenation: jnp.pad(mode='edge') gives the same forward, but its
-        # gradient ran 3-5x slower on XLA:CPU (2026-11-29, (4, 64, 64, 128): 135 against 44 ms).
+        # gradient runs 3-5x slower on XLA:CPU (at (4, 64, 64, 128): 135 against 44 ms).
         before = jnp.concatenate([lax.slice_in_dim(y, 0, 1, axis=axis), lax.slice_in_dim(y, 0, n - 1, axis=axis)], axis)
         after = jnp.concatenate([lax.slice_in_dim(y, 1, n, axis=axis), lax.slice_in_dim(y, n - 1, n, axis=axis)], axis)
         pair = jnp.stack([0.75 * y + 0.25 * before, 0.75 * y + 0.25 * after], axis=axis + 1)  # (.., n, 2, ..)
-        y = pair.reshape(y.shape[:axis] + (2 * n,) + y.shape[axis + 1:])
+        y = pair.reshape(y.shape[:axis] + (2 * n,) + y.shape[axis + 1 :])
     return y.astype(dtype)
 
 
@@ -165,28 +162,27 @@ class ResBlock(nn.Module):
     groups: int = 32
     resample: str | None = None  # None | 'down' | 'up'
     dtype: Dtype = jnp.float32
+    impl: Implementations = Implementations()
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
         act = get_activation(self.activation)
         resize = {None: lambda a: a, "down": avg_pool2, "up": upsample_nearest2}[self.resample]
-        h = act(GroupNorm32(self.groups, self.dtype)(x))
+        h = act(GroupNorm32(self.groups, self.dtype, self.impl.groupnorm)(x))
         h = resize(h)
         x = resize(x)
         h = Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(h)
         # (B, 4*base) -> (B, 1, 1, C): the timestep shifts every channel.
         emb = Dense(self.out_channels, dtype=self.dtype, name="temb_proj")(act(temb.astype(self.dtype)))
         h = h + emb[:, None, None, :]
-        h = act(GroupNorm32(self.groups, self.dtype)(h))
+        h = act(GroupNorm32(self.groups, self.dtype, self.impl.groupnorm)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype,
-                    kernel_init=nn.initializers.zeros, name="conv_out")(h)
+        h = Conv(
+            self.out_channels, (3, 3), padding=1, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv_out"
+        )(h)
         if x.shape[-1] != self.out_channels:
             x = Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
         return x + h
-
-
-REMAT_MODES = ("none", "blocks")
 
 
 def remat_block(cls, mode: str, static_argnums: tuple[int, ...] = ()):
@@ -219,8 +215,9 @@ def remat_block(cls, mode: str, static_argnums: tuple[int, ...] = ()):
                 it = iter(dyn)
                 return [static[i] if i in static else next(it) for i in range(1, len(args) + 1)]
 
-            block = nn.checkpoint(lambda mdl, *dyn: cls.__call__(mdl, *all_args(dyn)),
-                                  policy=jax.checkpoint_policies.nothing_saveable)
+            block = nn.checkpoint(
+                lambda mdl, *dyn: cls.__call__(mdl, *all_args(dyn)), policy=jax.checkpoint_policies.nothing_saveable
+            )
 
             def forward(mdl, *dyn):
                 return nn.vjp(block, mdl, *dyn)  # the pullback holds only the block's inputs and params
@@ -242,28 +239,8 @@ def _after(tree, cotangent):
     """
     zero = jax.tree_util.tree_leaves(cotangent)[0].ravel()[0] * 0
     return jax.tree_util.tree_map(
-        lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r, tree)
-
-
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-
-
-def attention_implementation(name: str, dtype, head_dims=(), backend: str | None = None) -> str | None:
-    """`model.attention` -> the `implementation` argument of `jax.nn.dot_product_attention`.
-
-    'xla' -> None (XLA's composed softmax(QK^T)V, any backend and dtype); 'cudnn' -> 'cudnn' (the fused
-    flash-attention kernel: GPU only, bf16/fp16 only); 'auto' -> 'cudnn' where that kernel applies
-    (a GPU backend, 16-bit compute, every head dim a multiple of 8 and at most 128), else XLA.
-    """
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"model.attention: unknown implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
-    if name == "xla":
-        return None
-    if name == "cudnn":
-        return "cudnn"
-    backend = backend or jax.default_backend()
-    fits = all(d % 8 == 0 and d <= 128 for d in head_dims)
-    return "cudnn" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 and fits else None
+        lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r, tree
+    )
 
 
 def composed_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -278,41 +255,15 @@ def composed_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, heads, N, D)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                        preferred_element_type=jnp.float32)  # (B, heads, N, N)
+    logits = jnp.einsum(
+        "bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32
+    )  # (B, heads, N, N)
     weights = jnp.exp(logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)  # (B, heads, N, D)
+    out = jnp.einsum(
+        "bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )  # (B, heads, N, D)
     out = out / jnp.sum(weights, axis=-1, keepdims=True)
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)
-
-
-# The (rows, N) float32 logits of one query chunk: small enough to stay in a core's L2 cache
-# (2 MiB on the CPUs measured) from the logits matmul through the softmax to the value matmul.
-_CHUNK_BYTES = 2 * 1024 * 1024
-
-
-def cpu_query_chunk(num_positions: int, backend: str | None = None) -> int | None:
-    """Query rows per chunk for `chunked_attention` on XLA:CPU, or None for `composed_attention`.
-
-    None off the CPU and when one head's (N, N) logits already fit in half of `_CHUNK_BYTES`. Else the
-    largest divisor of N whose (rows, N) float32 logits fit in `_CHUNK_BYTES` (512 rows at N = 1024).
-    DFJ_ATTENTION_CHUNK=0 turns chunking off, =R forces R rows (for A/B runs).
-    """
-    forced = os.environ.get("DFJ_ATTENTION_CHUNK", "")
-    if forced:
-        if not forced.isdigit():
-            raise ValueError(f"DFJ_ATTENTION_CHUNK={forced!r}: expected 0 (off) or a number of query rows")
-        rows = int(forced)
-        if rows and num_positions % rows:
-            raise ValueError(f"DFJ_ATTENTION_CHUNK={rows} does not divide the {num_positions} attention positions")
-        return rows or None
-    if (backend or jax.default_backend()) != "cpu" or 4 * num_positions * num_positions <= _CHUNK_BYTES // 2:
-        return None
-    rows = max(1, _CHUNK_BYTES // (4 * num_positions))
-    while num_positions % rows:
-        rows -= 1
-    return rows
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: int) -> jax.Array:
@@ -320,7 +271,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: int) -> ja
 
     Why: at N = 1024 the batched form writes and re-reads (B, heads, N, N) logits and weights through
     main memory four times; a (rows, N) chunk stays in cache from one matmul to the next. On XLA:CPU
-    the forward ran about 2x faster on one core (benchmarks/RESULTS.md). Same maths and precision
+    the forward runs about 2x faster on one core (docs/performance.md). Same maths and precision
     rules as `composed_attention`. (B, N, heads, D) x3 -> (B, N, heads, D).
     """
     b, n, heads, d = q.shape
@@ -344,17 +295,16 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: int) -> ja
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, residual, zero-initialised output projection.
 
-    `implementation`: None = XLA ops: `composed_attention` (materialises the (B, heads, N, N)
-    logits), or on XLA:CPU outside training, when those logits outgrow the cache, `chunked_attention`
-    (see `cpu_query_chunk`); 'cudnn' = `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU,
-    bf16/fp16).
-    `build_models` picks it from `model.attention` (see `attention_implementation`).
+    `impl.attention`: None = XLA ops: `composed_attention` (materialises the (B, heads, N, N)
+    logits), or outside training, where `impl.query_chunk(N)` gives a chunk (on XLA:CPU when those
+    logits outgrow the cache), `chunked_attention`; 'cudnn' = `jax.nn.dot_product_attention`'s cuDNN
+    fused kernel (GPU, bf16/fp16). `build_models` resolves `impl` (`models.backend`).
     """
 
     num_heads: int = 4
     groups: int = 32
     dtype: Dtype = jnp.float32
-    implementation: str | None = None
+    impl: Implementations = Implementations()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -362,19 +312,21 @@ class AttentionBlock(nn.Module):
         if c % self.num_heads:
             raise ValueError(f"model.num_heads={self.num_heads} does not divide the {c} channels of an attention block")
         head_dim = c // self.num_heads
-        h = GroupNorm32(self.groups, self.dtype)(x).reshape(b, hgt * wid, c)  # (B, N, C)
+        h = GroupNorm32(self.groups, self.dtype, self.impl.groupnorm)(x).reshape(b, hgt * wid, c)  # (B, N, C)
         qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(h)  # (B, N, 3C)
         q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3, self.num_heads, head_dim), 3, axis=2)
         # Chunked queries only outside training: differentiated, the chunked form measured no faster
         # than the batched one on 2 CPU threads (its backward loses what its forward gains).
-        rows = cpu_query_chunk(hgt * wid) if self.implementation is None and not train else None
+        kernel = self.impl.attention
+        rows = self.impl.query_chunk(hgt * wid) if kernel is None and not train else None
         if rows:
             out = chunked_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], rows)  # (B, N, heads, D)
-        elif self.implementation is None:
+        elif kernel is None:
             out = composed_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, heads, D)
         else:
-            out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                                               implementation=self.implementation)  # (B, N, heads, D)
+            out = jax.nn.dot_product_attention(
+                q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=kernel
+            )  # (B, N, heads, D)
         out = out.reshape(b, hgt * wid, c)
         out = Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(out)
         return x + out.reshape(b, hgt, wid, c)

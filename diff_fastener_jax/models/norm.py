@@ -1,11 +1,11 @@
 """GroupNorm with hand-written statistics and gradient, for XLA:CPU.
 
-Why: in the CPU train step, the reductions that autodiff derives from flax's GroupNorm were the
-largest cost besides the convolutions (a per-op trace of the dense reference at 128 px put 2.6 s of
+Why: in the CPU train step, the reductions that autodiff derives from flax's GroupNorm are the
+largest cost besides the convolutions (a per-op trace of the dense reference at 128 px puts 2.6 s of
 11.5 s of summed op time in GroupNorm's backward sums and 0.5 s in its forward statistics;
-benchmarks/RESULTS.md). XLA:CPU lowers a sum over (B, H, W) that keeps the minor channel axis to a
+docs/performance.md). XLA:CPU lowers a sum over (B, H, W) that keeps the minor channel axis to a
 strided `reduce-window` that streams memory at well under 1 GB/s. Two changes fix that (the step as
-a whole got 7% faster, interleaved A/B):
+a whole runs 7% faster, interleaved A/B):
 
 - `spatial_sums` reshapes (B, H, W, C) to (B, H*W/k, k*C) before summing over the middle axis, so
   every row read is contiguous, then folds the k partial sums. Same result, a few times faster, and

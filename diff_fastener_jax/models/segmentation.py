@@ -1,4 +1,4 @@
-"""Segmentation U-Net: per-pixel anomaly probability from concat(image, reconstruction) (DESIGN.md §3).
+"""Segmentation U-Net: per-pixel anomaly probability from concat(image, reconstruction) (DiffusionAD).
 
 Six levels (64, 128, 256, 512, 512, 512 by default), two conv3-GroupNorm-act per block, max-pool down,
 bilinear up + conv3-GN-act, skip concatenation, a conv3 head to one channel. GroupNorm replaces the
@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diff_fastener_jax.models.backend import Implementations
 from diff_fastener_jax.models.layers import (
     Conv,
     Dtype,
@@ -30,11 +31,12 @@ class ConvNormAct(nn.Module):
     features: int
     groups: int = 32
     dtype: Dtype = jnp.float32
+    groupnorm: str = "flax"  # GroupNorm32's implementation (models.backend)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(x)
-        return jax.nn.relu(GroupNorm32(self.groups, self.dtype)(x))
+        return jax.nn.relu(GroupNorm32(self.groups, self.dtype, self.groupnorm)(x))
 
 
 class SegmentationUNet(nn.Module):
@@ -47,19 +49,26 @@ class SegmentationUNet(nn.Module):
     num_classes: int = 0  # > 0: a unified multi-category model; class_ids select the category
     head_prior: float = 0.5  # every pixel's anomaly probability at initialisation (model.seg_head_prior)
     class_conditioning: str = "channels"  # 'channels' (one-hot input planes) | 'film' (per-level scale, shift)
+    impl: Implementations = Implementations()  # GroupNorm implementation (models.backend)
 
     @nn.compact
     def __call__(self, x: jax.Array, return_logits: bool = False, class_ids: jax.Array | None = None) -> jax.Array:
         n = len(self.channels)
         factor = 2 ** (n - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(f"image size {x.shape[1:3]} must be divisible by {factor} (2**(len(model.seg_channels) - 1))")
+            raise ValueError(
+                f"image size {x.shape[1:3]} must be divisible by {factor} (2**(len(model.seg_channels) - 1))"
+            )
         cna = remat_block(ConvNormAct, self.remat)
         count = iter(range(4 * n))
+
         # The two-layer blocks' layers are named ConvNormAct_<k> in this module, in call order: the
         # parameter tree that flax's auto-naming gave them before, with or without remat.
-        conv_norm_act = lambda f: cna(f, self.groups, self.dtype, name=f"ConvNormAct_{next(count)}")  # noqa: E731
-        block = lambda f, name: nn.Sequential([conv_norm_act(f), conv_norm_act(f)], name=name)  # noqa: E731
+        def conv_norm_act(f):
+            return cna(f, self.groups, self.dtype, self.impl.groupnorm, name=f"ConvNormAct_{next(count)}")
+
+        def block(f, name):
+            return nn.Sequential([conv_norm_act(f), conv_norm_act(f)], name=name)
 
         film = self.num_classes and self.class_conditioning == "film"
         if self.num_classes:
@@ -67,8 +76,9 @@ class SegmentationUNet(nn.Module):
                 raise ValueError(f"this model is conditioned on {self.num_classes} classes: pass class_ids (B,)")
             if self.class_conditioning == "channels":
                 onehot = jax.nn.one_hot(class_ids, self.num_classes, dtype=x.dtype)  # (B, K)
-                x = jnp.concatenate([x, jnp.broadcast_to(onehot[:, None, None, :], x.shape[:3] + onehot.shape[1:])],
-                                    axis=-1)  # (B, H, W, 2C + K)
+                x = jnp.concatenate(
+                    [x, jnp.broadcast_to(onehot[:, None, None, :], x.shape[:3] + onehot.shape[1:])], axis=-1
+                )  # (B, H, W, 2C + K)
             elif self.class_conditioning != "film":
                 raise ValueError(f"class_conditioning must be 'channels' or 'film', got {self.class_conditioning!r}")
 
@@ -80,8 +90,9 @@ class SegmentationUNet(nn.Module):
             h = block(ch, f"enc{j}")(h)
             if film:
                 # (1 + scale) * h + shift per channel, zero-initialised: training starts class-blind.
-                gb = nn.Embed(self.num_classes, 2 * ch, embedding_init=nn.initializers.zeros,
-                              name=f"film{j}")(class_ids).astype(h.dtype)[:, None, None, :]  # (B, 1, 1, 2ch)
+                gb = nn.Embed(self.num_classes, 2 * ch, embedding_init=nn.initializers.zeros, name=f"film{j}")(
+                    class_ids
+                ).astype(h.dtype)[:, None, None, :]  # (B, 1, 1, 2ch)
                 h = h * (1 + gb[..., :ch]) + gb[..., ch:]
             feats.append(h)
 
@@ -96,6 +107,7 @@ class SegmentationUNet(nn.Module):
         # RetinaNet) starts every pixel "normal", where the focal loss's (p)^gamma factor barely moves
         # a 0.5 start at gamma = 4.
         prior_logit = math.log(self.head_prior / (1.0 - self.head_prior))
-        logits = Conv(1, (3, 3), padding=1, dtype=self.dtype, name="head",
-                      bias_init=nn.initializers.constant(prior_logit))(h).astype(jnp.float32)
+        logits = Conv(
+            1, (3, 3), padding=1, dtype=self.dtype, name="head", bias_init=nn.initializers.constant(prior_logit)
+        )(h).astype(jnp.float32)
         return logits if return_logits else jax.nn.sigmoid(logits)

@@ -1,4 +1,4 @@
-"""Reconstruction U-Net: predicts the noise eps from (x_t, t) (DESIGN.md §3).
+"""Reconstruction U-Net: predicts the noise eps from (x_t, t) (DiffusionAD's, with Diff-Fastener's changes).
 
 Wiring (guided-diffusion / AnoDDPM family): a stem conv; per encoder level `num_res_blocks` res blocks
 (+ self-attention at the attention levels) then, except at the last level, a BigGAN-style downsampling
@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diff_fastener_jax.models.backend import Implementations
 from diff_fastener_jax.models.dacm import DACM
 from diff_fastener_jax.models.layers import (
     AttentionBlock,
@@ -59,27 +60,29 @@ class ReconstructionUNet(nn.Module):
     dacm_use_dilated: bool = True
     dacm_reduction: int = 16
     dtype: Dtype = jnp.float32
-    attention_impl: str | None = None  # `jax.nn.dot_product_attention(implementation=...)`
+    impl: Implementations = Implementations()  # GroupNorm and attention implementations (models.backend)
     remat: str = "none"  # 'none' | 'blocks' (see models.layers.remat_block)
     num_classes: int = 0  # > 0: a unified multi-category model; class_ids select the category
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, train: bool = False,
-                 class_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, train: bool = False, class_ids: jax.Array | None = None
+    ) -> jax.Array:
         num_levels = len(self.channel_mults)
         down_factor = 2 ** (num_levels - 1)
         if x.shape[1] % down_factor or x.shape[2] % down_factor:
-            raise ValueError(f"image size {x.shape[1:3]} must be divisible by {down_factor} "
-                             f"(2**(len(model.channel_mults) - 1))")
+            raise ValueError(
+                f"image size {x.shape[1:3]} must be divisible by {down_factor} (2**(len(model.channel_mults) - 1))"
+            )
         act = get_activation(self.activation)
         keep = kept_skips(num_levels, self.num_res_blocks, self.skip_every)
         # Remat wraps the class; the explicit names keep the parameter tree identical either way.
         res_cls = remat_block(ResBlock, self.remat, static_argnums=(3,))  # (self, x, temb, train)
         attn_cls = remat_block(AttentionBlock, self.remat, static_argnums=(2,))  # (self, x, train)
         res = lambda ch, name, resample=None: res_cls(  # noqa: E731
-            ch, self.activation, self.dropout, self.groups, resample, self.dtype, name=name)
-        attn = lambda name: attn_cls(self.num_heads, self.groups, self.dtype, self.attention_impl,  # noqa: E731
-                                     name=name)
+            ch, self.activation, self.dropout, self.groups, resample, self.dtype, self.impl, name=name
+        )
+        attn = lambda name: attn_cls(self.num_heads, self.groups, self.dtype, self.impl, name=name)  # noqa: E731
 
         temb_dim = 4 * self.base_channels
         temb = timestep_embedding(t, self.base_channels)  # (B, base)
@@ -106,8 +109,17 @@ class ReconstructionUNet(nn.Module):
         h = res(h.shape[-1], "mid_res0")(h, temb, train)
         h = attn("mid_attn")(h, train)
         if self.use_dacm:
-            h = DACM(self.dacm_use_cbam, self.dacm_use_dilated, self.dacm_reduction, 2, self.groups,
-                     self.activation, self.dtype, name="mid_dacm")(h)
+            h = DACM(
+                self.dacm_use_cbam,
+                self.dacm_use_dilated,
+                self.dacm_reduction,
+                2,
+                self.groups,
+                self.activation,
+                self.dtype,
+                self.impl.groupnorm,
+                name="mid_dacm",
+            )(h)
         h = res(h.shape[-1], "mid_res1")(h, temb, train)
 
         for level in reversed(range(num_levels)):
@@ -123,7 +135,8 @@ class ReconstructionUNet(nn.Module):
                 if level and i == self.num_res_blocks:
                     h = res(h.shape[-1], f"up{level}_upsample", "up")(h, temb, train)
 
-        h = act(GroupNorm32(self.groups, self.dtype)(h))
-        out = Conv(self.in_channels, (3, 3), padding=1, dtype=self.dtype,
-                      kernel_init=nn.initializers.zeros, name="out_conv")(h)
+        h = act(GroupNorm32(self.groups, self.dtype, self.impl.groupnorm)(h))
+        out = Conv(
+            self.in_channels, (3, 3), padding=1, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out_conv"
+        )(h)
         return out.astype(jnp.float32)

@@ -10,41 +10,57 @@ import warnings
 import jax
 import numpy as np
 
+from diff_fastener_jax import parallel
 from diff_fastener_jax.errors import UserError
-from diff_fastener_jax.models import attention_levels, count_params, init_params, resolve_dtype_name
-from diff_fastener_jax.models.layers import cpu_query_chunk, hand_written_group_norm
+from diff_fastener_jax.models import (
+    attention_levels,
+    count_params,
+    init_params,
+    resolve_implementations,
+)
 from diff_fastener_jax.perf import xla_options
 from diff_fastener_jax.perf.block_profile import print_profile, profile_components
 from diff_fastener_jax.perf.hardware import device_limits
 from diff_fastener_jax.perf.programs import bench_infer, bench_train, compile_infer, compile_train
 from diff_fastener_jax.perf.xla_stats import blocked_seconds, peak_memory_bytes
-from diff_fastener_jax.training import parallel
 from diff_fastener_jax.training.train_step import create_train_state
 
-REQUIRED_KEYS = ("device", "dtype", "image_size", "infer", "train", "gflops_per_image_infer",
-                 "achieved_tflops", "fraction_of_peak", "compile_s", "params_recon", "params_seg")
+REQUIRED_KEYS = (
+    "device",
+    "dtype",
+    "image_size",
+    "infer",
+    "train",
+    "gflops_per_image_infer",
+    "achieved_tflops",
+    "fraction_of_peak",
+    "compile_s",
+    "params_recon",
+    "params_seg",
+)
 
 
-def _attention_chunks(config, platform: str) -> dict:
+def _attention_chunks(config, impl) -> dict:
     size = config.data.image_size
     positions = sorted({(size // 2**level) ** 2 for level in attention_levels(config)}, reverse=True)
-    return {str(n): cpu_query_chunk(n, platform) for n in positions}
+    return {str(n): impl.query_chunk(n) if impl.attention is None else None for n in positions}
 
 
 def _record_head(config, devices) -> dict:
     device = devices[0]
     m = config.model
+    impl = resolve_implementations(config, device.platform)
     return {
         "date": datetime.date.today().isoformat(),
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{len(devices)}",
         "jax": jax.__version__,
-        "dtype": resolve_dtype_name(m.dtype),
+        "dtype": impl.dtype,
         "dtype_setting": m.dtype,
         "attention": m.get("attention", "auto"),
         "remat": m.get("remat", "none"),
-        "group_norm": "hand_written" if hand_written_group_norm(device.platform) else "flax",
+        "group_norm": impl.groupnorm,
         # Inference attention blocks, positions N -> query rows per chunk (None: the batched form).
-        "attention_query_chunk": _attention_chunks(config, device.platform),
+        "attention_query_chunk": _attention_chunks(config, impl),
         # The per-program compiler options of the timed programs (None: XLA's defaults).
         "xla_options": xla_options.compiler_options(device.platform),
         "image_size": config.data.image_size,
@@ -61,8 +77,9 @@ def _progress(message: str) -> None:
     print(f"[benchmark {datetime.datetime.now().strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5,
-                  profile_batch: int | None = None) -> dict:
+def run_benchmark(
+    config, batch_sizes, train_batch: int | None, repeats: int = 5, profile_batch: int | None = None
+) -> dict:
     """Measures inference per batch size and one training configuration; returns the JSON record."""
     devices = jax.devices()
     device = devices[0]
@@ -81,15 +98,23 @@ def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5
     limits = device_limits(device, result["dtype"])
     # A CPU's simulated devices share the cores the roofline was measured on; GPUs add up.
     scale = (lambda k: k) if device.platform == "gpu" else (lambda k: 1)  # noqa: E731
-    result.update({"params_recon": count_params(params["recon"]), "params_seg": count_params(params["seg"]),
-                   "peak_tflops_per_device": limits["peak_tflops"],
-                   "bandwidth_gbs_per_device": limits["bandwidth_gbs"], "peak_source": limits["peak_source"]})
+    result.update(
+        {
+            "params_recon": count_params(params["recon"]),
+            "params_seg": count_params(params["seg"]),
+            "peak_tflops_per_device": limits["peak_tflops"],
+            "bandwidth_gbs_per_device": limits["bandwidth_gbs"],
+            "peak_source": limits["peak_source"],
+        }
+    )
     compile_s = {}
     mesh = parallel.make_mesh()
     for b in batch_sizes:
         _progress(f"inference, batch {b}: compiling, then {repeats} timed repeats")
         row, compile_s[f"infer_b{b}"] = bench_infer(config, params, b, repeats, mesh if b % n_dev == 0 else None)
-        _progress(f"inference, batch {b}: {row['images_per_s']:.2f} img/s (compiled in {compile_s[f'infer_b{b}']:.1f} s)")
+        _progress(
+            f"inference, batch {b}: {row['images_per_s']:.2f} img/s (compiled in {compile_s[f'infer_b{b}']:.1f} s)"
+        )
         row["fraction_of_peak"] = row["tflops"] / (limits["peak_tflops"] * scale(row["devices"]))
         result["infer"].append(row)
     best = max(result["infer"], key=lambda r: r["images_per_s"], default={})
@@ -101,7 +126,9 @@ def run_benchmark(config, batch_sizes, train_batch: int | None, repeats: int = 5
         del params  # the train step makes its own state; free the inference copy first
         _progress(f"train step, batch {train_batch}: compiling, then {repeats} timed repeats")
         row, compile_s["train"] = bench_train(config, train_batch, repeats)
-        _progress(f"train step, batch {train_batch}: {row['images_per_s']:.2f} img/s (compiled in {compile_s['train']:.1f} s)")
+        _progress(
+            f"train step, batch {train_batch}: {row['images_per_s']:.2f} img/s (compiled in {compile_s['train']:.1f} s)"
+        )
         row["fraction_of_peak"] = row["tflops"] / (limits["peak_tflops"] * scale(row["devices"]))
         result["train"] = row
     result["compile_s"] = compile_s
@@ -170,23 +197,33 @@ def _num(row: dict, key: str, fmt: str) -> str:
 
 def print_table(r: dict) -> None:
     """Human-readable summary of a `run_benchmark` / `run_compile_only` record."""
-    print(f"device {r['device']} | dtype {r['dtype']} | attention {r['attention']} | remat {r['remat']} | "
-          f"{r['image_size']}² | params recon {r['params_recon'] / 1e6:.2f} M, seg {r['params_seg'] / 1e6:.2f} M")
+    print(
+        f"device {r['device']} | dtype {r['dtype']} | attention {r['attention']} | remat {r['remat']} | "
+        f"{r['image_size']}² | params recon {r['params_recon'] / 1e6:.2f} M, seg {r['params_seg'] / 1e6:.2f} M"
+    )
     if r.get("host_setup"):
         host = r["host_setup"]
-        print(f"malloc huge pages {'on' if host['malloc_hugepages'] else 'off'} (THP '{host['thp_mode']}'; see hostenv.py)")
+        print(
+            f"malloc huge pages {'on' if host['malloc_hugepages'] else 'off'} (THP '{host['thp_mode']}'; see hostenv.py)"
+        )
     if "peak_tflops_per_device" in r:
-        print(f"peak {r['peak_tflops_per_device']:.3f} TFLOP/s, {r['bandwidth_gbs_per_device']:.0f} GB/s per device "
-              f"({r['peak_source']})")
-    print(f"{'':>6} {'batch':>5} {'img/s':>9} {'ms/img':>9} {'GFLOP/img':>10} {'FLOP/B':>7} {'TFLOP/s':>8} "
-          f"{'of peak':>8} {'XLA mem GiB':>11}")
+        print(
+            f"peak {r['peak_tflops_per_device']:.3f} TFLOP/s, {r['bandwidth_gbs_per_device']:.0f} GB/s per device "
+            f"({r['peak_source']})"
+        )
+    print(
+        f"{'':>6} {'batch':>5} {'img/s':>9} {'ms/img':>9} {'GFLOP/img':>10} {'FLOP/B':>7} {'TFLOP/s':>8} "
+        f"{'of peak':>8} {'XLA mem GiB':>11}"
+    )
     rows = [("infer", row) for row in r["infer"]] + ([("train", r["train"])] if r.get("train") else [])
     for what, row in rows:
         intensity = row["gflops_per_image"] / row["gbytes_per_image"] if row["gbytes_per_image"] else float("nan")
-        print(f"{what:>6} {row['batch']:>5} {_num(row, 'images_per_s', '9.2f'):>9} "
-              f"{_num(row, 'ms_per_image', '9.2f'):>9} {row['gflops_per_image']:>10.2f} {intensity:>7.1f} "
-              f"{_num(row, 'tflops', '8.4f'):>8} {_num(row, 'fraction_of_peak', '8.1%'):>8} "
-              f"{_gib(row['xla_peak_memory_bytes']):>11}")
+        print(
+            f"{what:>6} {row['batch']:>5} {_num(row, 'images_per_s', '9.2f'):>9} "
+            f"{_num(row, 'ms_per_image', '9.2f'):>9} {row['gflops_per_image']:>10.2f} {intensity:>7.1f} "
+            f"{_num(row, 'tflops', '8.4f'):>8} {_num(row, 'fraction_of_peak', '8.1%'):>8} "
+            f"{_gib(row['xla_peak_memory_bytes']):>11}"
+        )
     print("compile s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["compile_s"].items()))
     if r.get("init_s"):
         print("init s (compile + run): " + ", ".join(f"{k} {v:.1f}" for k, v in r["init_s"].items()))
@@ -196,8 +233,11 @@ def print_table(r: dict) -> None:
         print_profile(r["profile"])
 
 
-LEGACY_SPELLINGS = {"--batch-sizes": "--batch_sizes", "--train-batch": "--train_batch",
-                    "--compile-only": "--compile_only"}
+LEGACY_SPELLINGS = {
+    "--batch-sizes": "--batch_sizes",
+    "--train-batch": "--train_batch",
+    "--compile-only": "--compile_only",
+}
 
 
 def modern_argv(argv: list[str]) -> list[str]:
@@ -217,8 +257,9 @@ def modern_argv(argv: list[str]) -> list[str]:
             key, val = item.split("=", 1)
             out.append(f"--config.{key.removeprefix('config.')}={val}")
             if not warned:
-                warnings.warn("benchmark: --set KEY=VALUE is deprecated; use --config.KEY=VALUE",
-                              DeprecationWarning, stacklevel=2)
+                warnings.warn(
+                    "benchmark: --set KEY=VALUE is deprecated; use --config.KEY=VALUE", DeprecationWarning, stacklevel=2
+                )
                 print("warning: --set KEY=VALUE is deprecated; use --config.KEY=VALUE", file=sys.stderr)
                 warned = True
         else:
@@ -238,8 +279,16 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def measure(config, batch_sizes: list[int], train_batch: int | None, *, compile_only: bool = False,
-            repeats: int = 5, profile_batch: int | None = None, init_only: bool = False) -> dict:
+def measure(
+    config,
+    batch_sizes: list[int],
+    train_batch: int | None,
+    *,
+    compile_only: bool = False,
+    repeats: int = 5,
+    profile_batch: int | None = None,
+    init_only: bool = False,
+) -> dict:
     """The benchmark record for `config` (what the command prints and writes)."""
     if init_only:
         if compile_only:
@@ -253,5 +302,4 @@ def measure(config, batch_sizes: list[int], train_batch: int | None, *, compile_
         raise UserError("nothing to measure: give --batch_sizes and/or a --train_batch > 0")
     if compile_only:
         return run_compile_only(config, batch_sizes, train_batch or None)
-    return run_benchmark(config, batch_sizes, train_batch or None, repeats=repeats,
-                         profile_batch=profile_batch or None)
+    return run_benchmark(config, batch_sizes, train_batch or None, repeats=repeats, profile_batch=profile_batch or None)

@@ -34,8 +34,10 @@ def top_level_calls(module: nn.Module, params, *args, **kwargs) -> list[tuple[st
         m = context.module
         if not (context.method_name == "__call__" and m.scope is not None and len(m.scope.path) == 1):
             return next_fun(*a, **kw)
-        entry = {"call": (m.name, m.clone(parent=None, name=None), jax.tree_util.tree_map(_spec, a), dict(kw)),
-                 "nested": False}
+        entry = {
+            "call": (m.name, m.clone(parent=None, name=None), jax.tree_util.tree_map(_spec, a), dict(kw)),
+            "nested": False,
+        }
         if open_calls:
             open_calls[-1]["nested"] = True
         open_calls.append(entry)
@@ -58,8 +60,13 @@ def time_program(fn: Callable, args: tuple, repeats: int) -> dict:
     compiled, _, flops = compile_counted(jax.jit(fn, compiler_options=xla_options.compiler_options()), args)
     nbytes = compiled_cost(compiled)[1]
     sec = median_seconds(lambda: compiled(*args), repeats)
-    return {"ms": 1000 * sec, "gflops": flops / 1e9, "gbytes": nbytes / 1e9,
-            "flop_per_byte": flops / nbytes if nbytes else float("nan"), "tflops": flops / sec / 1e12}
+    return {
+        "ms": 1000 * sec,
+        "gflops": flops / 1e9,
+        "gbytes": nbytes / 1e9,
+        "flop_per_byte": flops / nbytes if nbytes else float("nan"),
+        "tflops": flops / sec / 1e12,
+    }
 
 
 def profile_blocks(module: nn.Module, params, args: tuple, repeats: int) -> list[dict]:
@@ -67,9 +74,12 @@ def profile_blocks(module: nn.Module, params, args: tuple, repeats: int) -> list
     rows = []
     for name, sub, specs, kw in top_level_calls(module, params, *args):
         arrays = [i for i, s in enumerate(specs) if isinstance(s, jax.ShapeDtypeStruct)]
-        inputs = tuple(jax.random.normal(jax.random.key(i), specs[i].shape).astype(specs[i].dtype)
-                       if jnp.issubdtype(specs[i].dtype, jnp.floating) else jnp.zeros(specs[i].shape, specs[i].dtype)
-                       for i in arrays)
+        inputs = tuple(
+            jax.random.normal(jax.random.key(i), specs[i].shape).astype(specs[i].dtype)
+            if jnp.issubdtype(specs[i].dtype, jnp.floating)
+            else jnp.zeros(specs[i].shape, specs[i].dtype)
+            for i in arrays
+        )
 
         def call(p, *xs, sub=sub, specs=specs, kw=kw, arrays=arrays):
             full = list(specs)
@@ -89,15 +99,20 @@ def profile_components(config, params, batch: int, repeats: int) -> dict:
     recon, seg = build_models(config)
     size, c = config.data.image_size, config.model.in_channels
     x2 = jax.random.uniform(jax.random.key(4), (2 * batch, size, size, c), minval=-1.0, maxval=1.0)
-    t2 = jnp.concatenate([jnp.full((batch,), config.diffusion.eval_t_small, jnp.int32),
-                          jnp.full((batch,), config.diffusion.eval_t_big, jnp.int32)])
+    t2 = jnp.concatenate(
+        [
+            jnp.full((batch,), config.diffusion.eval_t_small, jnp.int32),
+            jnp.full((batch,), config.diffusion.eval_t_big, jnp.int32),
+        ]
+    )
     xs = jax.random.uniform(jax.random.key(5), (batch, size, size, 2 * c), minval=-1.0, maxval=1.0)
     infer = make_infer_program(config)  # unjitted: time_program compiles it like make_infer_fn does
     args = (params, x2[:batch])
     out = {"batch": batch}
     out["infer"] = time_program(infer, args, repeats)
-    out["recon_unet_2b"] = time_program(lambda p, x, t: recon.apply({"params": p}, x, t), (params["recon"], x2, t2),
-                                        repeats)
+    out["recon_unet_2b"] = time_program(
+        lambda p, x, t: recon.apply({"params": p}, x, t), (params["recon"], x2, t2), repeats
+    )
     out["seg_unet"] = time_program(lambda p, x: seg.apply({"params": p}, x), (params["seg"], xs), repeats)
     out["recon_blocks"] = profile_blocks(recon, params["recon"], (x2, t2), repeats)
     out["seg_blocks"] = profile_blocks(seg, params["seg"], (xs,), repeats)
@@ -109,12 +124,16 @@ def print_profile(p: dict) -> None:
     print(f"\nprofile at batch {p['batch']} (each part compiled and timed on its own):")
     for name in ("infer", "recon_unet_2b", "seg_unet"):
         q = p[name]
-        print(f"  {name:<14} {q['ms']:>9.1f} ms {q['gflops']:>9.2f} GFLOP {q['flop_per_byte']:>7.1f} FLOP/B "
-              f"{q['tflops']:>8.4f} TFLOP/s")
+        print(
+            f"  {name:<14} {q['ms']:>9.1f} ms {q['gflops']:>9.2f} GFLOP {q['flop_per_byte']:>7.1f} FLOP/B "
+            f"{q['tflops']:>8.4f} TFLOP/s"
+        )
     for net in ("recon_blocks", "seg_blocks"):
         total = sum(b["ms"] for b in p[net]) or float("nan")
         print(f"  {net} (share of their summed time):")
         for b in p[net]:
-            print(f"    {b['block']:<18} {b['type']:<16} {str(tuple(b['input'])):<20} {b['ms']:>8.2f} ms "
-                  f"{b['ms'] / total:>6.1%} {b['gflops']:>8.3f} GFLOP {b['flop_per_byte']:>6.1f} FLOP/B "
-                  f"{b['tflops']:>7.4f} TFLOP/s")
+            print(
+                f"    {b['block']:<18} {b['type']:<16} {str(tuple(b['input'])):<20} {b['ms']:>8.2f} ms "
+                f"{b['ms'] / total:>6.1%} {b['gflops']:>8.3f} GFLOP {b['flop_per_byte']:>6.1f} FLOP/B "
+                f"{b['tflops']:>7.4f} TFLOP/s"
+            )

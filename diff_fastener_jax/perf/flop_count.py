@@ -2,7 +2,7 @@
 
 XLA's cost analysis cannot be the numerator of a GPU's fraction of peak: XLA:GPU turns convolutions
 into cuDNN custom calls and does not count them. On an H200 it reported 30.6 GFLOP per image for the
-paper config's inference, whose convolutions and matmuls do 1057 (benchmarks/RESULTS.md, 2026-11-28). The
+paper config's inference, whose convolutions and matmuls do 1057 (docs/performance.md). The
 jaxpr is what the program computes before any backend rewrites it. Counted here: every convolution,
 every dot_general and the fused attention primitives (as the matmuls they replace), 2 FLOPs per
 multiply-add, through nested programs (jit, remat, custom derivatives), `scan` times its length,
@@ -10,7 +10,7 @@ multiply-add, through nested programs (jit, remat, custom derivatives), `scan` t
 Element-wise work (norms, activations, the optimizer) is not counted: it does not run on the matrix
 units. Taps that fall on a convolution's zero padding are counted, as the kernels compute them;
 XLA's cost analysis leaves them out. Net of the two, the count is within 0.1% of XLA:CPU's at the
-paper config (1054.7 against 1054.9 GFLOP per inferred image, 2026-11-29) and 8% below at the
+paper config (1054.7 against 1054.9 GFLOP per inferred image) and 8% below at the
 8-channel smoke config (tests/test_flop_count.py).
 """
 

@@ -67,10 +67,19 @@ def device_limits(device, dtype_name: str) -> dict:
             if name in kind:
                 peak = tf32 if dtype_name == "float32" else bf16
                 what = "TF32" if dtype_name == "float32" else "bf16"
-                return {"peak_tflops": peak, "bandwidth_gbs": 1000 * tbs,
-                        "peak_source": f"datasheet {name} dense {what}"}
-        return {"peak_tflops": float("nan"), "bandwidth_gbs": float("nan"),
-                "peak_source": f"unknown GPU {kind!r} (add it to GPU_SPECS)"}
+                return {
+                    "peak_tflops": peak,
+                    "bandwidth_gbs": 1000 * tbs,
+                    "peak_source": f"datasheet {name} dense {what}",
+                }
+        return {
+            "peak_tflops": float("nan"),
+            "bandwidth_gbs": float("nan"),
+            "peak_source": f"unknown GPU {kind!r} (add it to GPU_SPECS)",
+        }
     dtype = jnp.float32 if dtype_name == "float32" else jnp.dtype(dtype_name)
-    return {"peak_tflops": measured_matmul_tflops(dtype), "bandwidth_gbs": measured_bandwidth_gbs(),
-            "peak_source": f"measured {dtype_name} matmul (1024², 2048²), in-place 2x+1 stream"}
+    return {
+        "peak_tflops": measured_matmul_tflops(dtype),
+        "bandwidth_gbs": measured_bandwidth_gbs(),
+        "peak_source": f"measured {dtype_name} matmul (1024², 2048²), in-place 2x+1 stream",
+    }

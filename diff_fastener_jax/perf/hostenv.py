@@ -1,18 +1,25 @@
-"""Huge pages for XLA:CPU's buffers: a command re-executes itself once with glibc's hugetlb tunable.
+"""Huge pages for XLA:CPU's buffers, opt-in: glibc's hugetlb tunable, set by the launcher or by a
+command that re-executes itself once (`DFJ_HUGEPAGES=1`).
 
 Why: XLA:CPU allocates a program's temporaries afresh on every call. Allocations that large come from
 mmap, so the kernel zero-fills them one 4 KiB page at a time. The dense-reference train step (128 px,
 base 64, batch 4) took 1.1 M page faults and 3.5-4 s of system time per step. With glibc's
 `glibc.malloc.hugetlb=1` tunable, malloc marks those regions for transparent huge pages
 (`madvise(MADV_HUGEPAGE)`). Faults drop to about 10 k per step and the step runs 14% faster
-(19.2 -> 16.5 s, benchmarks/RESULTS.md). Kernels that run THP in `madvise` mode, the common
+(19.2 -> 16.5 s, docs/performance.md). Kernels that run THP in `madvise` mode, the common
 default, need that advice.
 
-glibc reads tunables only when a process starts. So a command launched as
-`python -m diff_fastener_jax.<cmd>` execs itself once, before JAX is imported, with the tunable added
-to GLIBC_TUNABLES (the package's `__init__` calls `reexec_with_hugepages`). The re-exec keeps the
-process id, the arguments and the rest of the environment. Importing the package as a library never
-re-executes anything. Set `DFJ_HUGEPAGES=0` to opt out. `python -m diff_fastener_jax` prints what a
+glibc reads tunables only when a process starts, so there are two ways to opt in:
+
+  * export the tunable before starting Python:
+    `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m diff_fastener_jax.train ...`
+    (`launch/local.sh` and `launch/slurm.sbatch` do this);
+  * set `DFJ_HUGEPAGES=1`: a command launched as `python -m diff_fastener_jax.<cmd>` then execs itself
+    once with the tunable added to GLIBC_TUNABLES (`cli.run` and the package's `__main__` call
+    `reexec_with_hugepages` first). The re-exec keeps the process id, the arguments and the rest of
+    the environment.
+
+Importing the package never re-executes anything. `python -m diff_fastener_jax` prints what a
 command gets.
 """
 
@@ -23,7 +30,7 @@ import re
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "DFJ_HUGEPAGES"
+OPT_IN = "DFJ_HUGEPAGES"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -46,13 +53,13 @@ def libc_version() -> str | None:
 
 
 def hugepage_environ(environ: dict, thp: str | None, libc: str | None) -> dict | None:
-    """The environment to re-execute with, or None when the tunable would change nothing.
+    """The environment to re-execute with, or None when there is nothing to do.
 
-    Nothing changes when the user opted out (`DFJ_HUGEPAGES=0`), when the tunable is already set,
+    Nothing is done unless the user opted in (`DFJ_HUGEPAGES=1`); nor when the tunable is already set,
     when the kernel gives every mapping huge pages anyway (THP 'always') or none at all ('never'),
     or when the C library is not glibc >= 2.35 (the first with the tunable).
     """
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if environ.get(OPT_IN, "").strip().lower() not in ("1", "true", "yes", "on"):
         return None
     if thp != "madvise":
         return None
@@ -81,7 +88,8 @@ def launched_as_command(orig_argv: list[str]) -> bool:
 
 
 def reexec_with_hugepages() -> None:
-    """Re-executes this command once with the hugetlb tunable (see the module docstring); else returns."""
+    """With `DFJ_HUGEPAGES=1`, re-executes this command once with the hugetlb tunable (see the module
+    docstring); else returns. Called by the command mains only, never on import."""
     if not sys.platform.startswith("linux") or not launched_as_command(getattr(sys, "orig_argv", [])):
         return
     env = hugepage_environ(dict(os.environ), thp_mode(), libc_version())
@@ -101,5 +109,9 @@ def host_setup() -> dict:
     For benchmark records and `python -m diff_fastener_jax`.
     """
     tunables = os.environ.get("GLIBC_TUNABLES")
-    return {"glibc_tunables": tunables, "malloc_hugepages": TUNABLE in (tunables or ""), "thp_mode": thp_mode(),
-            "libc": libc_version()}
+    return {
+        "glibc_tunables": tunables,
+        "malloc_hugepages": TUNABLE in (tunables or ""),
+        "thp_mode": thp_mode(),
+        "libc": libc_version(),
+    }

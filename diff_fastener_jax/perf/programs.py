@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diff_fastener_jax import parallel
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.inference import make_infer_fn
 from diff_fastener_jax.models import init_params
@@ -17,18 +18,21 @@ from diff_fastener_jax.perf.xla_stats import (
     compiled_memory_bytes,
     median_seconds,
 )
-from diff_fastener_jax.training import parallel
 from diff_fastener_jax.training.train_step import create_train_state, make_train_step
 
 
-def _row(batch: int, devices: int, flops: float, nbytes: float, compiled, sec: float | None,
-         xla_flops: float) -> dict:
+def _row(batch: int, devices: int, flops: float, nbytes: float, compiled, sec: float | None, xla_flops: float) -> dict:
     """One record row. `flops`: matrix-unit FLOPs counted from the jaxpr (perf/flop_count.py), the
     numerator of every rate; `xla_flops`, `nbytes`: XLA's cost analysis of the compiled program (on
     GPUs it leaves cuDNN's convolutions out, so it is kept for reference only)."""
-    row = {"batch": batch, "devices": devices, "gflops_per_image": flops / batch / 1e9,
-           "xla_gflops_per_image": xla_flops / batch / 1e9,
-           "gbytes_per_image": nbytes / batch / 1e9, "xla_peak_memory_bytes": compiled_memory_bytes(compiled)}
+    row = {
+        "batch": batch,
+        "devices": devices,
+        "gflops_per_image": flops / batch / 1e9,
+        "xla_gflops_per_image": xla_flops / batch / 1e9,
+        "gbytes_per_image": nbytes / batch / 1e9,
+        "xla_peak_memory_bytes": compiled_memory_bytes(compiled),
+    }
     if sec is not None:
         row.update({"images_per_s": batch / sec, "ms_per_image": 1000 * sec / batch, "tflops": flops / sec / 1e12})
     return row
@@ -40,6 +44,7 @@ def _abstract(tree, sharding=None):
 
 
 # ----------------------------------------------------------------------------- inference
+
 
 def _infer_inputs(config, batch: int, mesh, abstract: bool, params=None):
     """(params, images[, class_ids]) for `infer`: abstract ShapeDtypeStructs, or real arrays (random
@@ -87,15 +92,19 @@ def compile_infer(config, batch: int, mesh=None) -> tuple[dict, float]:
 
 # ----------------------------------------------------------------------------- training
 
+
 def synthetic_train_batch(batch: int, size: int, channels: int, seed: int = 0, num_classes: int = 0) -> dict:
     """A host batch shaped like the data pipeline's: alternating normal / synthetic rows, sparse masks,
     class ids cycling over `num_classes` (0 for one-category models)."""
     rng = np.random.default_rng(seed)
     image = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
-    return {"image": image, "clean": image.copy(),
-            "mask": (rng.uniform(size=(batch, size, size, 1)) > 0.9).astype(np.float32),
-            "is_synthetic": np.tile([0.0, 1.0], (batch + 1) // 2)[:batch].astype(np.float32),
-            "class_id": np.arange(batch, dtype=np.int32) % max(1, num_classes)}
+    return {
+        "image": image,
+        "clean": image.copy(),
+        "mask": (rng.uniform(size=(batch, size, size, 1)) > 0.9).astype(np.float32),
+        "is_synthetic": np.tile([0.0, 1.0], (batch + 1) // 2)[:batch].astype(np.float32),
+        "class_id": np.arange(batch, dtype=np.int32) % max(1, num_classes),
+    }
 
 
 def _train_setup(config, batch: int):
@@ -113,8 +122,9 @@ def bench_train(config, batch: int, repeats: int) -> tuple[dict, float]:
     step = make_train_step(config, mesh)
     state, init_s = blocked_seconds(lambda: create_train_state(config, jax.random.key(0)))  # compile + run
     state = parallel.replicate(state, mesh)
-    host = synthetic_train_batch(batch, config.data.image_size, config.model.in_channels,
-                                 num_classes=len(class_names(config)))
+    host = synthetic_train_batch(
+        batch, config.data.image_size, config.model.in_channels, num_classes=len(class_names(config))
+    )
     data = parallel.shard_batch(host, mesh)
     key = jax.random.key(3)
     compiled, compile_s, flops = compile_counted(step, (state, data, key))
@@ -146,11 +156,14 @@ def _abstract_train_program(config, batch: int):
     """(jitted train step, its abstract (state, batch, key) arguments, devices used, resolved config)."""
     config, mesh, n_used = _train_setup(config, batch)
     step = make_train_step(config, mesh)
-    state = _abstract(jax.eval_shape(lambda k: create_train_state(config, k), jax.random.key(0)),
-                      parallel.replicated(mesh))
+    state = _abstract(
+        jax.eval_shape(lambda k: create_train_state(config, k), jax.random.key(0)), parallel.replicated(mesh)
+    )
     size, c = config.data.image_size, config.model.in_channels
-    data = _abstract(jax.eval_shape(lambda: synthetic_train_batch(batch, size, c, num_classes=len(class_names(config)))),
-                     parallel.data_sharding(mesh))
+    data = _abstract(
+        jax.eval_shape(lambda: synthetic_train_batch(batch, size, c, num_classes=len(class_names(config)))),
+        parallel.data_sharding(mesh),
+    )
     key = jax.eval_shape(lambda: jax.random.key(3))
     return step, (state, data, key), n_used, config
 

@@ -2,7 +2,7 @@
 
 XLA:CPU in jaxlib 0.10 hands several kinds of fusion to YNNPACK ("__ynn_fusion"), chosen by
 `xla_cpu_experimental_ynn_fusion_type`. The two that matter here pull in opposite directions
-(benchmarks/RESULTS.md has the measurements):
+(docs/performance.md has the measurements):
 
 - **Convolutions: keep them off.** YNNPACK's filter-gradient convolution (a 'valid' conv whose
   window is the whole H x W feature map) runs at about 5 GFLOP/s, 10-15x slower than the forward

@@ -102,10 +102,14 @@ class Checkpointer:
             _save_whole_arrays_on_cpu()
         self.protected: set[int] = set()  # steps kept whatever their age (the selected step)
         policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-            [ocp.checkpoint_managers.LatestN(n=keep), _KeepSteps(self.protected)])
+            [ocp.checkpoint_managers.LatestN(n=keep), _KeepSteps(self.protected)]
+        )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, create=not read_only, enable_async_checkpointing=async_save and not read_only,
-            cleanup_tmp_directories=not read_only)
+            preservation_policy=policy,
+            create=not read_only,
+            enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def protect(self, steps) -> None:
@@ -127,8 +131,9 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict | None, meta: dict) -> None:
         """Saves `state` (a pytree of jax arrays) at `step`; returns before the write finishes."""
         atomic_write_json(self._data_path(step), data_state)
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        )
         self._prune_data_states()
 
     def _prune_data_states(self) -> None:
@@ -150,11 +155,13 @@ class Checkpointer:
         saved = self.read_meta(step).get("param_shapes", {})
         if saved != expected_shapes:
             diff = sorted(set(saved) ^ set(expected_shapes)) or sorted(
-                k for k in saved if saved[k] != expected_shapes.get(k))
+                k for k in saved if saved[k] != expected_shapes.get(k)
+            )
             raise IncompatibleCheckpointError(
                 f"checkpoint {self.directory}/{step} was written by a model with other shapes "
                 f"(first differences: {diff[:3]})",
-                hint="use another --workdir, or the run's original config (its config.json)")
+                hint="use another --workdir, or the run's original config (its config.json)",
+            )
 
     def restore(self, step: int, abstract_state, expected_shapes: dict | None = None):
         """Returns (state, data_state) at `step`; refuses a checkpoint with other parameter shapes."""
@@ -177,8 +184,9 @@ class Checkpointer:
         return state, data_state
 
     def _restore_state(self, step: int, abstract_state):
-        return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"
+        ]
 
     def restore_latest(self, abstract_state, expected_shapes: dict | None = None):
         """(step, state, data_state) of the newest checkpoint that reads back, or (None, None, None).
@@ -194,9 +202,13 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure: fall back to the previous step
                 if jax.process_index() == 0:
-                    print(f"[warn] checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: "
-                          f"{str(e)[:200]}); moved to {self.directory}/unreadable/{step}, falling back to "
-                          f"the previous checkpoint", file=sys.stderr, flush=True)
+                    print(
+                        f"[warn] checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: "
+                        f"{str(e)[:200]}); moved to {self.directory}/unreadable/{step}, falling back to "
+                        f"the previous checkpoint",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 self._set_aside(step)
         return None, None, None
 

@@ -1,5 +1,5 @@
-"""Training losses (DESIGN.md §4), pure functions; every reduction is done in float32 even when the
-inputs are bfloat16.
+"""Training losses (DiffusionAD's noise + focal + SmoothL1, GLAD's anomaly-oriented noise target), pure
+functions; every reduction is done in float32 even when the inputs are bfloat16.
 
 - noise loss on the normal half: mean over normal examples of MSE(e_s, n1) + MSE(e_b, n2)
 - focal loss on the segmentation output (alpha 0.5, gamma 4), from probabilities or (stabler) logits
@@ -29,8 +29,9 @@ def per_example_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
 
 
-def noise_loss(eps_small: jax.Array, noise_small: jax.Array, eps_big: jax.Array, noise_big: jax.Array,
-               is_synthetic: jax.Array) -> jax.Array:
+def noise_loss(
+    eps_small: jax.Array, noise_small: jax.Array, eps_big: jax.Array, noise_big: jax.Array, is_synthetic: jax.Array
+) -> jax.Array:
     """Noise-prediction loss on the NORMAL examples only (the paper's (1 - y) factor).
 
     eps_*, noise_* (B, H, W, C); is_synthetic (B,) in {0, 1}. Returns the scalar
@@ -42,8 +43,9 @@ def noise_loss(eps_small: jax.Array, noise_small: jax.Array, eps_big: jax.Array,
     return jnp.sum(normal * per_ex) / jnp.maximum(jnp.sum(normal), 1.0)
 
 
-def focal_loss(prob: jax.Array, target: jax.Array, alpha: float = 0.5, gamma: float = 4.0,
-               eps: float = 1e-6) -> jax.Array:
+def focal_loss(
+    prob: jax.Array, target: jax.Array, alpha: float = 0.5, gamma: float = 4.0, eps: float = 1e-6
+) -> jax.Array:
     """Binary focal loss on probabilities, mean over all elements.
 
     prob, target (B, H, W, 1); target in [0, 1]. With pt = p y + (1 - p)(1 - y) and
@@ -59,8 +61,7 @@ def focal_loss(prob: jax.Array, target: jax.Array, alpha: float = 0.5, gamma: fl
     return jnp.mean(loss)
 
 
-def focal_loss_from_logits(logits: jax.Array, target: jax.Array, alpha: float = 0.5,
-                           gamma: float = 4.0) -> jax.Array:
+def focal_loss_from_logits(logits: jax.Array, target: jax.Array, alpha: float = 0.5, gamma: float = 4.0) -> jax.Array:
     """The same focal loss computed from logits z (p = sigmoid(z)) without clipping.
 
     log pt = log(y sigmoid(z) + (1 - y) sigmoid(-z)) is evaluated as a log-sum-exp of
@@ -90,9 +91,15 @@ def smooth_l1_loss(pred: jax.Array, target: jax.Array, beta: float = 1.0) -> jax
 
 # ----------------------------------------------------------------------------- GLAD (seed 003, eq. 10)
 
-def anomaly_oriented_noise_target(sched: Schedule, noise: jax.Array, x_anomalous: jax.Array,
-                                  x_clean: jax.Array, t: jax.Array,
-                                  mask: jax.Array | None = None) -> jax.Array:
+
+def anomaly_oriented_noise_target(
+    sched: Schedule,
+    noise: jax.Array,
+    x_anomalous: jax.Array,
+    x_clean: jax.Array,
+    t: jax.Array,
+    mask: jax.Array | None = None,
+) -> jax.Array:
     """GLAD's anomaly-oriented noise target for a noised synthetic image (seed 003, eq. 10).
 
     The network sees x_t = sqrt(ab_t) x_a + sqrt(1 - ab_t) eps, where x_a = x + n is the synthetic
@@ -120,9 +127,16 @@ def anomaly_oriented_noise_target(sched: Schedule, noise: jax.Array, x_anomalous
     return _f32(noise) + ratio.reshape(ratio.shape + (1,) * (n.ndim - 1)) * n
 
 
-def anomaly_oriented_noise_loss(sched: Schedule, out: Mapping[str, jax.Array], noise_small: jax.Array,
-                                noise_big: jax.Array, batch: Mapping[str, jax.Array], t_small: jax.Array,
-                                t_big: jax.Array, use_mask: bool = False) -> jax.Array:
+def anomaly_oriented_noise_loss(
+    sched: Schedule,
+    out: Mapping[str, jax.Array],
+    noise_small: jax.Array,
+    noise_big: jax.Array,
+    batch: Mapping[str, jax.Array],
+    t_small: jax.Array,
+    t_big: jax.Array,
+    use_mask: bool = False,
+) -> jax.Array:
     """Noise loss over ALL examples, the synthetic ones with GLAD's eq.-10 target (config
     loss.anomaly_oriented_noise).
 
@@ -133,8 +147,10 @@ def anomaly_oriented_noise_loss(sched: Schedule, out: Mapping[str, jax.Array], n
     of 'clean'). Returns mean_i [MSE(e_s_i, target_s_i) + MSE(e_b_i, target_b_i)].
     """
     if "clean" not in batch:
-        raise KeyError("loss.anomaly_oriented_noise=True needs batch['clean'] (each row's image before "
-                       "anomaly synthesis); the data pipeline did not provide it")
+        raise KeyError(
+            "loss.anomaly_oriented_noise=True needs batch['clean'] (each row's image before "
+            "anomaly synthesis); the data pipeline did not provide it"
+        )
     synth = _f32(batch["is_synthetic"])
     synth = synth.reshape(synth.shape + (1,) * (batch["image"].ndim - 1))  # (B, 1, 1, 1)
     image = _f32(batch["image"])

@@ -48,13 +48,16 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int |
     step = default_step(workdir, steps) if step is None else step
     if step not in steps:
         ckpt.close()
-        raise UserError(f"--checkpoint {step}: no such step in {directory}",
-                        hint=f"available steps: {', '.join(map(str, sorted(steps)))}")
+        raise UserError(
+            f"--checkpoint {step}: no such step in {directory}",
+            hint=f"available steps: {', '.join(map(str, sorted(steps)))}",
+        )
     # Restore onto this process's first device whatever topology saved it (e.g. 2 hosts x 4 GPUs).
     on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_device),
-        jax.eval_shape(lambda: create_train_state(config, jax.random.key(0))))
+        jax.eval_shape(lambda: create_train_state(config, jax.random.key(0))),
+    )
     state, _ = ckpt.restore(step, abstract, expected_shapes=param_shapes(abstract.params))
     ckpt.close()
     params = state.inference_params

@@ -1,7 +1,8 @@
 """Which checkpoint a run keeps: the last step, or the best one on the validation split.
 
-`train.select_on` names a validation metric (held-out normal images + synthetic anomalies, never the
-test set). At every validation the step is offered; a step at least as good as the best so far (ties go
+`train.select_on` names a validation metric (held-out normal images + synthetic anomalies, or, for
+the `val_real_*` metrics, + the real defective images of `data.val_anomalies`; never the test set).
+At every validation the step is offered; a step at least as good as the best so far (ties go
 to the later, longer-trained step) becomes the selected one: training saves a checkpoint there (if the
 step is not a checkpoint step anyway) and keeps it from pruning. At the end the detector is calibrated
 with the selected step's parameters and `detector.json` records the step, so `evaluate`, `export`,
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 
-from diff_fastener_jax.config import SELECT_METRICS, SELECT_ON
+from diff_fastener_jax.config_schema import SELECT_METRICS, SELECT_ON
 from diff_fastener_jax.training.checkpoint import atomic_write_json
 
 SELECTION_FILE = "selection.json"
@@ -71,8 +72,13 @@ class Selection:
         if not self.enabled:
             return {"select_on": "last", "step": int(final_step)}
         best = self.best
-        return {"select_on": self.metric, "mode": self.mode, "step": int(best["step"]) if best else int(final_step),
-                "value": None if best is None else best["value"], "history": self.history}
+        return {
+            "select_on": self.metric,
+            "mode": self.mode,
+            "step": int(best["step"]) if best else int(final_step),
+            "value": None if best is None else best["value"],
+            "history": self.history,
+        }
 
     # persistence -------------------------------------------------------------------------------------
     @classmethod
@@ -89,5 +95,7 @@ class Selection:
         return cls(metric, [e for e in saved.get("history", []) if e["step"] <= upto])
 
     def save(self, workdir: str) -> None:
-        atomic_write_json(os.path.join(workdir, SELECTION_FILE),
-                           {"select_on": self.metric, "mode": self.mode, "history": self.history})
+        atomic_write_json(
+            os.path.join(workdir, SELECTION_FILE),
+            {"select_on": self.metric, "mode": self.mode, "history": self.history},
+        )

@@ -22,9 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 from diff_fastener_jax import diffusion
 from diff_fastener_jax.models import build_models, init_params, jit_init, tile_rows
+from diff_fastener_jax.parallel import DATA_AXIS
 from diff_fastener_jax.perf import xla_options
 from diff_fastener_jax.training import losses
-from diff_fastener_jax.training.parallel import DATA_AXIS
 
 Params = Any
 
@@ -61,8 +61,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, peak: float) -> fl
     if total <= 0:
         raise ValueError("optim.schedule='warmup_cosine' needs train.num_steps > 0 (the decay horizon)")
     warmup = min(int(o.warmup_steps), total - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), total,
-                                              end_value=peak * float(o.final_lr_fraction))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, max(warmup, 1), total, end_value=peak * float(o.final_lr_fraction)
+    )
 
 
 def _rate_at(rate: float | optax.Schedule, step: jax.Array) -> jax.Array:
@@ -73,8 +74,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     """Adam with its own learning rate (schedule) per network, optional global-norm clipping (no weight decay)."""
     o = config.optim
     tx = optax.multi_transform(
-        {"recon": optax.adam(learning_rate_schedule(config, o.lr_recon)),
-         "seg": optax.adam(learning_rate_schedule(config, o.lr_seg))},
+        {
+            "recon": optax.adam(learning_rate_schedule(config, o.lr_recon)),
+            "seg": optax.adam(learning_rate_schedule(config, o.lr_seg)),
+        },
         param_labels={"recon": "recon", "seg": "seg"},
     )
     if o.clip and o.clip > 0:
@@ -82,8 +85,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return tx
 
 
-def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
-                       compiled: bool = True) -> TrainState:
+def create_train_state(config: ml_collections.ConfigDict, key: jax.Array, compiled: bool = True) -> TrainState:
     """Fresh float32 params for both networks and the optimizer state.
 
     `compiled` (default) makes this one jitted program, as in `init_params` (see there): eagerly,
@@ -140,20 +142,27 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
         cls = batch["class_id"] if recon_net.num_classes else None  # (b,) int32 in a unified model
 
         def eps_fn(x, t):
-            return recon_net.apply({"params": params["recon"]}, x, t, train=True, rngs={"dropout": dropout_key},
-                                   class_ids=tile_rows(cls, x.shape[0]))
+            return recon_net.apply(
+                {"params": params["recon"]},
+                x,
+                t,
+                train=True,
+                rngs={"dropout": dropout_key},
+                class_ids=tile_rows(cls, x.shape[0]),
+            )
 
         out = diffusion.norm_guided_reconstruction(
-            eps_fn, sched, image, t_s, t_b, n1, n2, w=config.diffusion.guidance_w, fuse_passes=True)
+            eps_fn, sched, image, t_s, t_b, n1, n2, w=config.diffusion.guidance_w, fuse_passes=True
+        )
         recon = out["recon"]  # (b, H, W, C)
         if lc.detach_recon:
             recon = lax.stop_gradient(recon)
-        logits = seg_net.apply({"params": params["seg"]}, jnp.concatenate([image, recon], axis=-1),
-                               return_logits=True, class_ids=cls)  # (b, H, W, 1)
+        logits = seg_net.apply(
+            {"params": params["seg"]}, jnp.concatenate([image, recon], axis=-1), return_logits=True, class_ids=cls
+        )  # (b, H, W, 1)
         prob = jax.nn.sigmoid(logits)
         if lc.anomaly_oriented_noise:
-            noise = losses.anomaly_oriented_noise_loss(
-                sched, out, n1, n2, batch, t_s, t_b)
+            noise = losses.anomaly_oriented_noise_loss(sched, out, n1, n2, batch, t_s, t_b)
         else:
             noise = losses.noise_loss(out["eps_small"], n1, out["eps_big"], n2, synth)
         terms = {
@@ -194,7 +203,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         split = lambda x: x.reshape((n_micro, micro) + x.shape[1:])  # noqa: E731
         slices = jax.tree_util.tree_map(split, (dict(batch), noises))
         varying_zeros = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-            lambda x: lax.pcast(jnp.zeros(jnp.shape(x), x.dtype), DATA_AXIS, to="varying"), tree)
+            lambda x: lax.pcast(jnp.zeros(jnp.shape(x), x.dtype), DATA_AXIS, to="varying"), tree
+        )
         zero_terms = {k: jnp.zeros((), jnp.float32) for k in ("noise", "focal", "smoothl1")}
         init = (varying_zeros(jnp.zeros((), jnp.float32)), varying_zeros(zero_terms), varying_zeros(params))
 
@@ -220,8 +230,9 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         # (the pmap picture); without it shard_map would already sum the gradients over devices.
         local_params = lax.pcast(state.params, DATA_AXIS, to="varying")
         if micro and micro < b:
-            (total, terms), grads = accumulated_grads(local_params, state.params, b, batch, (t_s, t_b, n1, n2),
-                                                      dropout_key)
+            (total, terms), grads = accumulated_grads(
+                local_params, state.params, b, batch, (t_s, t_b, n1, n2), dropout_key
+            )
         else:
             (total, terms), grads = grad_fn(local_params, batch, t_s, t_b, n1, n2, dropout_key)
         grads = lax.pmean(grads, DATA_AXIS)
@@ -234,17 +245,25 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
             # Warm-up of the decay, (1 + n) / (10 + n): early random weights fade out in short runs.
             n = state.step.astype(jnp.float32)
             decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-            new_ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
-                                             state.ema_params, new_params)
+            new_ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new_params)
         else:
             new_ema = state.ema_params  # {}: nothing carried
         finite = jnp.isfinite(total)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b_: jnp.where(finite, a, b_), new, old)  # noqa: E731
-        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                               opt_state=keep(new_opt, state.opt_state), ema_params=keep(new_ema, state.ema_params))
-        metrics = {"total": total, **terms, "grad_norm": optax.global_norm(grads),
-                   "lr_recon": _rate_at(lr_recon, state.step), "lr_seg": _rate_at(lr_seg, state.step),
-                   "finite": finite.astype(jnp.float32)}
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            ema_params=keep(new_ema, state.ema_params),
+        )
+        metrics = {
+            "total": total,
+            **terms,
+            "grad_norm": optax.global_norm(grads),
+            "lr_recon": _rate_at(lr_recon, state.step),
+            "lr_seg": _rate_at(lr_seg, state.step),
+            "finite": finite.astype(jnp.float32),
+        }
         return new_state, metrics
 
     sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()))

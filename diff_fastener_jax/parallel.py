@@ -34,7 +34,8 @@ def check_global_batch(global_batch: int, mesh: Mesh, *, half_split: bool = True
         what = "2 x the device count" if half_split else "the device count"
         raise ValueError(
             f"train.batch_size={global_batch} must be a positive multiple of {what} ({unit} with {n} "
-            f"devices) so every device gets an equal, half-normal/half-synthetic share")
+            f"devices) so every device gets an equal, half-normal/half-synthetic share"
+        )
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
