@@ -4,7 +4,12 @@ The trained model is conftest's `smoke_run` fixture (the whole suite trains it o
 `smoke_export(tmp_path_factory, run)` exports it once per pytest run (`helpers.shared_once`).
 """
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
 
 
 def smoke_test_images(workdir: str, n: int | None = None) -> list[str]:
@@ -51,3 +56,47 @@ def png_bytes(a) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(folder: str, log_path, *args: str, env: dict | None = None):
+    """`python -m diff_fastener_jax.serve --model folder` on 127.0.0.1 and a free port, `args` appended,
+    its output in `log_path`; yields (base url, process) once /health answers; stopped afterwards."""
+    import httpx
+    import pytest
+
+    url_port = free_port()
+    log = open(log_path, "w+")
+    command = [sys.executable, "-m", "diff_fastener_jax.serve", "--model", folder]
+    command += ["--host", "127.0.0.1", "--port", str(url_port), *args]
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{url_port}"
+    try:
+        deadline = time.time() + 300  # JAX import, model load and warm-up compile on a loaded machine
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("server did not become healthy")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -3,16 +3,12 @@
 import base64
 import io
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from helpers import ROOT
 from PIL import Image
-from ship_support import smoke_export, smoke_test_images
+from ship_support import running_service, smoke_export, smoke_test_images
 
 from diff_fastener_jax import Detector
 
@@ -20,59 +16,14 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smoke_run):
     """(base url, export folder, smoke run) of a server started in a subprocess; stopped afterwards."""
-    folder, run = smoke_export(tmp_path_factory, smoke_run), smoke_run
-    port = _free_port()
+    folder = smoke_export(tmp_path_factory, smoke_run)
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "diff_fastener_jax.serve",
-            "--model",
-            folder,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--max_upload_mb",
-            "0.05",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):  # up to ~5 minutes on a loaded machine: JAX import, load, warm-up compile
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1.0)
-        else:
-            pytest.fail("server did not become healthy")
-        yield url, folder, run
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    with running_service(folder, log_path, "--max_upload_mb", "0.05", env=env) as (url, _):
+        yield url, folder, smoke_run
 
 
 def _post(url, files, **params):

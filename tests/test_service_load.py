@@ -5,16 +5,12 @@ and keep its peak resident memory under a fixed bound.
 """
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from helpers import subprocess_env
-from ship_support import png_bytes, png_header, smoke_export, smoke_test_images
+from ship_support import png_bytes, png_header, running_service, smoke_export, smoke_test_images
 
 from diff_fastener_jax import Detector
 
@@ -26,12 +22,6 @@ NUM_REQUESTS, CONCURRENCY = 24, 8
 # 0.7 GB measured on a 2-core CPU host; the bound leaves room for allocator noise, not for a decoded bomb.
 PEAK_RSS_BOUND_MB = 1500
 LIMITS = {"max_upload_mb": "1", "max_pixels": "1000000", "max_files": "4", "max_queue": str(NUM_REQUESTS)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -49,50 +39,11 @@ def server(tmp_path_factory, smoke_run):
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc to read the server's peak memory")
     folder = smoke_export(tmp_path_factory, smoke_run)
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("load") / "server.log"
-    log = open(log_path, "w+")
     args = [a for k, v in LIMITS.items() for a in (f"--{k}", v)]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "diff_fastener_jax.serve",
-            "--model",
-            folder,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *args,
-        ],
-        env=subprocess_env(XLA_FLAGS="", PYTHONUNBUFFERED="1"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300  # JAX import, model load and warm-up compile on a loaded machine
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("server did not become healthy")
-            time.sleep(0.5)
+    env = subprocess_env(XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    with running_service(folder, log_path, *args, env=env) as (url, proc):
         yield url, folder, smoke_run, proc, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def multipart(field: str, name: str, data: bytes, boundary: str = "l0ad") -> tuple[bytes, str]:

@@ -9,7 +9,6 @@ import fnmatch
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import ROOT
 from PIL import Image
-from ship_support import png_bytes, smoke_export, smoke_test_images
+from ship_support import free_port, png_bytes, smoke_export, smoke_test_images
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -116,12 +115,6 @@ def find_chromium() -> tuple[str | None, str | None]:
     """(chromium, chromedriver) executables, or None where one is missing."""
     browser = next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
     return browser, shutil.which(CHROMEDRIVER_NAME)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
