@@ -435,3 +435,19 @@ def test_every_implementation_choice_gives_the_same_networks_on_cpu():
     for name in variants:
         for ours, reference in zip(outputs[name], outputs["flax"]):
             np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_non_square_image_size_builds_the_same_parameters_as_its_short_side():
+    """data.image_size=(H, W): attention resolutions refer to the short side, and the parameter tree
+    (traced, not computed) equals the square model's: convolutions and attention hold no spatial size."""
+    from diff_fastener_jax.models.layout import attention_downsample_factors
+
+    assert attention_downsample_factors((32, 64), (16, 8)) == (2, 4)
+    assert attention_downsample_factors(32, (16, 8)) == (2, 4)
+    with pytest.raises(ValueError, match="does not divide"):
+        attention_downsample_factors((24, 64), (16,))
+    config = tiny_config(**TWO_LEVELS)
+    key = jax.random.PRNGKey(0)
+    square = jax.eval_shape(lambda k: init_params(config, k, 32, compiled=False), key)
+    wide = jax.eval_shape(lambda k: init_params(config, k, (32, 64), compiled=False), key)
+    assert jax.tree.map(lambda a: a.shape, wide) == jax.tree.map(lambda a: a.shape, square)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diff_fastener_jax.config import class_names
+from diff_fastener_jax.data.sizing import size_hw
 from diff_fastener_jax.models.backend import (
     Implementations,
     resolve_dtype_name,
@@ -81,10 +82,8 @@ def build_models(
     return recon, seg
 
 
-def init_params(
-    config: ml_collections.ConfigDict, key: jax.Array, image_size: int | None = None, compiled: bool = True
-):
-    """Initialises {'recon': ..., 'seg': ...} float32 params for one image of `image_size`.
+def init_params(config: ml_collections.ConfigDict, key: jax.Array, image_size=None, compiled: bool = True):
+    """Initialises {'recon': ..., 'seg': ...} float32 params for one image of `image_size` (int or (H, W)).
 
     `compiled` (default) runs the initialisation as one jitted program. Flax's `init` traces a forward
     pass; run eagerly, each of its operations is compiled and dispatched on its own: 59-64 s for the
@@ -95,15 +94,15 @@ def init_params(
     and a persistent compilation cache keeps. Both paths give bit-identical parameters.
     """
     recon, seg = build_models(config)
-    size = image_size or config.data.image_size
+    h, w = size_hw(image_size or config.data.image_size)
     c = config.model.in_channels
 
     def init(key):
         k1, k2 = jax.random.split(key)
-        x = jnp.zeros((1, size, size, c), jnp.float32)
+        x = jnp.zeros((1, h, w, c), jnp.float32)
         cls = jnp.zeros((1,), jnp.int32) if recon.num_classes else None
         recon_params = recon.init(k1, x, jnp.zeros((1,), jnp.int32), class_ids=cls)["params"]
-        seg_params = seg.init(k2, jnp.zeros((1, size, size, 2 * c), jnp.float32), class_ids=cls)["params"]
+        seg_params = seg.init(k2, jnp.zeros((1, h, w, 2 * c), jnp.float32), class_ids=cls)["params"]
         return {"recon": recon_params, "seg": seg_params}
 
     return jit_init(init, key) if compiled else init(key)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import ml_collections
 
+from diff_fastener_jax.data.sizing import size_hw
 
-def attention_downsample_factors(image_size: int, resolutions) -> tuple[int, ...]:
-    """Feature-map sizes (at `image_size` input) -> the level downsampling factors that get attention.
+
+def attention_downsample_factors(image_size, resolutions) -> tuple[int, ...]:
+    """Feature-map sizes (at `image_size` input: an int or (H, W), whose short side they refer to) ->
+    the level downsampling factors that get attention.
 
     Fixing the factors at build time keeps the parameter count independent of the input resolution.
     """
+    short_side = min(size_hw(image_size))
     factors = []
     for r in resolutions:
-        if r <= 0 or image_size % r:
+        if r <= 0 or short_side % r:
             raise ValueError(f"model.attention_resolutions: {r} does not divide data.image_size={image_size}")
-        factors.append(image_size // r)
+        factors.append(short_side // r)
     return tuple(sorted(factors))
 
 
