@@ -35,3 +35,22 @@ def test_mpdd_metal_plate_layout_and_masks():
     arrays = datasets.load_arrays([s for s in test if s.label == 1][:4], 64)
     assert arrays["image"].shape == (4, 64, 64, 3)
     assert np.all(arrays["mask"].reshape(4, -1).max(axis=1) == 1.0)  # every defect mask is non-empty
+
+
+BOTTLE = os.environ.get("DFJ_BOTTLE_ROOT", os.path.join(os.path.dirname(ROOT), "shared", "data", "mvtec_bottle"))
+
+
+def test_mvtec_bottle_reads_with_image_labels_only():
+    """MVTec AD bottle without a ground_truth/ folder: image labels, no masks, pixel metrics undefined."""
+    if not os.path.isdir(os.path.join(BOTTLE, "train")):
+        pytest.skip(f"real MVTec bottle data not found at {BOTTLE}")
+    config = tiny_config(
+        **{"data.format": "mvtec", "data.root": os.path.dirname(BOTTLE), "data.category": os.path.basename(BOTTLE)}
+    )
+    train = datasets.list_samples(config.data, "train", seed=0)
+    val = datasets.list_samples(config.data, "val", seed=0)
+    test = datasets.list_samples(config.data, "test", seed=0)
+    assert len(train) + len(val) == 209 and len(val) >= 1
+    assert len(test) == 83 and sum(s.label for s in test) == 63
+    assert sorted({s.defect for s in test}) == ["broken_large", "broken_small", "contamination", "good"]
+    assert not any(s.mask_path for s in test) and not datasets.has_pixel_labels(test)
