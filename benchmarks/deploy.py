@@ -2,6 +2,7 @@ r"""Latency and throughput of the CPU runtimes of an exported detector: JAX, ONN
 
   python benchmarks/deploy.py --config configs/demo.py [--batches 1,8] [--repeats 5] [--out FILE]
   python benchmarks/deploy.py --model exported/demo   # an export folder with model.onnx
+  python benchmarks/deploy.py --model exported/default --separate   # one runtime in memory at a time
 
 With --config it exports the config's inference program with freshly initialised parameters (seed 0;
 speed does not depend on their values) into a temporary folder: model.onnx (dynamic batch),
@@ -12,6 +13,12 @@ runtime's scores are within --tolerance of JAX's (exit 1 otherwise), then --repe
 the runtimes in turn (round robin: a shared machine's changing load hits them alike); the median call
 is reported as milliseconds per call and images per second. Prints a table and writes a JSON record.
 Needs the package installed (pip install -e '.[export]'; openvino for its column).
+
+With --separate each runtime is measured in a child process of its own (this script on the same folder
+with --runtimes NAME), one after the other, so only one runtime's model is in memory at a time; the
+parent compares the children's saved scores (same seeded images) and merges their records. This loses
+the round-robin interleaving: a host load that changes between the children favours one runtime, so
+it is opt-in, for models too large to hold three times.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,8 +77,23 @@ def jax_detector(folder: str, batch: int):
     return api.Detector(config, api.load_params(os.path.join(folder, api.PARAMS_FILE)), D.read(folder), threshold=0.0)
 
 
-def measure(folder: str, names: list[str], batches: list[int], repeats: int, tolerance: float) -> dict:
-    """{runtime: {batch: {median_ms, images_per_s, max_abs_score_diff_vs_jax, ...}}} on one random batch."""
+def score_diffs(scores: dict, names: list[str], batch: int, tolerance: float) -> dict[str, float]:
+    """{runtime: largest score difference from JAX's} (from the first runtime's without JAX); exits over `tolerance`."""
+    reference = scores["jax"] if "jax" in scores else scores[names[0]]  # (B,)
+    diffs = {name: float(np.abs(scores[name] - reference).max()) for name in names}
+    for name, diff in diffs.items():
+        if diff > tolerance:
+            sys.exit(f"error: {name} scores differ from JAX's by {diff:.2e} > {tolerance:g} at batch {batch}")
+    return diffs
+
+
+def measure(
+    folder: str, names: list[str], batches: list[int], repeats: int, tolerance: float, scores_dir: str | None = None
+) -> dict:
+    """{runtime: {batch: {median_ms, images_per_s, max_abs_score_diff_vs_jax, ...}}} on one random batch.
+
+    With `scores_dir`, each runtime's warm-up scores are saved there as <runtime>_batch<B>.npy.
+    """
     from diff_fastener_jax import Detector
 
     exported = {name: Detector.load(folder, runtime=name, threshold=0.0) for name in names if name != "jax"}
@@ -85,12 +108,10 @@ def measure(folder: str, names: list[str], batches: list[int], repeats: int, tol
             t = time.perf_counter()
             scores[name] = det.infer(images)[1]
             results[name][batch] = {"first_call_s": round(time.perf_counter() - t, 3)}
-        reference = scores["jax"] if "jax" in scores else scores[names[0]]
-        for name in names:
-            diff = float(np.abs(scores[name] - reference).max())
+            if scores_dir:
+                np.save(os.path.join(scores_dir, f"{name}_batch{batch}.npy"), scores[name])
+        for name, diff in score_diffs(scores, names, batch, tolerance).items():
             results[name][batch]["max_abs_score_diff_vs_jax"] = diff
-            if diff > tolerance:
-                sys.exit(f"error: {name} scores differ from JAX's by {diff:.2e} > {tolerance:g} at batch {batch}")
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(repeats):
             for name, det in dets.items():
@@ -104,6 +125,31 @@ def measure(folder: str, names: list[str], batches: list[int], repeats: int, tol
                 "images_per_s": round(batch / median, 3),
                 "calls_ms": [round(1000 * t, 2) for t in ts],
             }
+    return results
+
+
+def measure_separately(
+    folder: str, names: list[str], batches: list[int], repeats: int, tolerance: float, scores_dir: str | None = None
+) -> dict:
+    """`measure`'s results with each runtime measured by a child process of its own, one after the other."""
+    with tempfile.TemporaryDirectory() as tmp:
+        scores_dir = scores_dir or tmp
+        results = {}
+        for name in names:
+            out = os.path.join(tmp, f"{name}.json")
+            command = [sys.executable, os.path.abspath(__file__), "--model", folder, "--runtimes", name]
+            command += ["--batches", ",".join(map(str, batches)), "--repeats", str(repeats)]
+            command += ["--out", out, "--scores-dir", scores_dir]
+            print(f"{name}: measuring in a child process ...", file=sys.stderr, flush=True)
+            code = subprocess.run(command, stdout=subprocess.DEVNULL).returncode  # its progress shows on stderr
+            if code:
+                sys.exit(f"error: the child process measuring {name} failed (exit {code})")
+            with open(out) as f:
+                results[name] = {int(b): row for b, row in json.load(f)["results"][name].items()}
+        for batch in batches:
+            scores = {name: np.load(os.path.join(scores_dir, f"{name}_batch{batch}.npy")) for name in names}
+            for name, diff in score_diffs(scores, names, batch, tolerance).items():
+                results[name][batch]["max_abs_score_diff_vs_jax"] = diff
     return results
 
 
@@ -137,6 +183,13 @@ def main() -> int:
         help="with --config: write the untrained export here and keep it (reused when it "
         "already holds one), instead of a temporary folder",
     )
+    p.add_argument(
+        "--separate",
+        action="store_true",
+        help="measure each runtime in a child process of its own, one after the other "
+        "(one model in memory at a time; no round robin)",
+    )
+    p.add_argument("--scores-dir", help="save each runtime's scores per batch here as <runtime>_batch<B>.npy")
     args = p.parse_args()
 
     from diff_fastener_jax.deploy import runtimes
@@ -155,6 +208,7 @@ def main() -> int:
         "batches": batches,
         "repeats": args.repeats,
         "runtimes": names,
+        **({"separate_processes": True} if args.separate else {}),
         "host": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "versions": _versions(),
     }
@@ -171,7 +225,10 @@ def main() -> int:
             folder = args.model
         with open(os.path.join(folder, "detector.json")) as f:
             record["input"] = json.load(f)["input"]
-        record["results"] = measure(folder, names, batches, args.repeats, args.tolerance)
+        if args.scores_dir:
+            os.makedirs(args.scores_dir, exist_ok=True)
+        run = measure_separately if args.separate else measure
+        record["results"] = run(folder, names, batches, args.repeats, args.tolerance, args.scores_dir)
     record["fastest"] = {str(b): min(names, key=lambda n: record["results"][n][b]["median_ms"]) for b in batches}
     print(table(record["results"], batches))
     print("fastest: " + ", ".join(f"batch {b}: {n}" for b, n in record["fastest"].items()))

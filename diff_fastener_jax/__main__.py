@@ -26,7 +26,7 @@ COMMANDS = {
     "crossval": "the paper's k-fold protocol over the normal images",
     "models": "parameter counts and FLOPs of a config's networks",
 }
-CONSOLE_PROGRAM = "diff-fastener"  # [project.scripts] in pyproject.toml
+CONSOLE_PROGRAM = hostenv.CONSOLE_SCRIPT
 _HELP = ("-h", "--help", "-help", "help")
 
 
@@ -37,7 +37,10 @@ def run_command(name: str, args: list[str], program: str) -> None:
 
     cli.PROGRAM_NAME = f"{program} {name}"
     sys.argv = [sys.argv[0], *args]
-    runpy.run_module(f"diff_fastener_jax.{name}", run_name="__main__", alter_sys=True)
+    # cli.run ends a missing training stack as one error line; this covers the `models` package too,
+    # whose import needs JAX before its command starts.
+    with cli.needs_training_stack():
+        runpy.run_module(f"diff_fastener_jax.{name}", run_name="__main__", alter_sys=True)
 
 
 def dispatch(argv: list[str], program: str) -> int:
@@ -65,6 +68,7 @@ def dispatch(argv: list[str], program: str) -> int:
 
 def console_main() -> int:
     """The `diff-fastener` console script."""
+    hostenv.reexec_with_hugepages()  # DFJ_HUGEPAGES=1 only
     return dispatch(sys.argv[1:], CONSOLE_PROGRAM)
 
 

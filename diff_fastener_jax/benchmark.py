@@ -37,13 +37,6 @@ from ml_collections import config_flags
 from diff_fastener_jax import cli
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.perf import hostenv
-from diff_fastener_jax.perf.benchmark import (
-    json_safe,
-    measure,
-    modern_argv,
-    parse_batch_sizes,
-    print_table,
-)
 
 FLAGS = flags.FLAGS
 
@@ -75,6 +68,9 @@ def define_flags() -> None:
 
 
 def main(argv) -> int:
+    # Here, not at the top: without JAX the command ends with cli.run's one error line.
+    from diff_fastener_jax.perf.benchmark import json_safe, measure, parse_batch_sizes, print_table
+
     batch_sizes = parse_batch_sizes(FLAGS.batch_sizes)
     if FLAGS.dtype:
         FLAGS.config.model.dtype = FLAGS.dtype
@@ -102,6 +98,8 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    with cli.needs_training_stack():
+        from diff_fastener_jax.perf.benchmark import modern_argv
     try:
         _argv = modern_argv(sys.argv)
     except UserError as e:

@@ -13,6 +13,7 @@ A command module (train, evaluate, crossval, models, ...) does three things:
         # cli.define_config("run") instead: no file, the config saved in --workdir (config.json)
 
     def main(argv):                          # absl-style: argv holds only the program name
+        from diff_fastener_jax.training.loop import train_and_evaluate   # JAX: see below
         config = cli.get_config(workdir=FLAGS.workdir)   # overrides applied, validated
         ...
         return 0
@@ -38,13 +39,19 @@ What every command then gets:
     --config file, unknown or ill-typed overrides and flags, a --workdir / --out that is a file,
     absl `app.UsageError`. `--verbose` (or the environment variable `DFJ_VERBOSE=1`) prints the
     traceback first. Anything else is a bug and keeps its traceback (exit 1).
+  * A missing training stack (JAX, Flax, ...: `errors.TRAINING_STACK`, the `train` extra) ends as
+    one `error: <command> needs the training stack ...` line naming the extra to install, exit 2.
+    Commands import the training stack inside `main` (or `define_flags`), not at module level, so
+    that this holds for `python -m diff_fastener_jax.<cmd>` too: an inspection PC with only the
+    `runtime` extra runs predict/serve on export folders and gets this line from the rest.
   * `DFJ_HUGEPAGES=1`: the command re-executes itself once with malloc huge pages (`perf.hostenv`).
 
-Public API: `run`, `define_config`, `get_config`, `fail`, `EXIT_USER_ERROR`.
+Public API: `run`, `define_config`, `get_config`, `fail`, `needs_training_stack`, `EXIT_USER_ERROR`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -53,7 +60,7 @@ import traceback
 from absl import app, flags, logging
 
 from diff_fastener_jax import config as config_lib
-from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.errors import TrainingStackMissing, UserError
 from diff_fastener_jax.perf import hostenv
 
 EXIT_USER_ERROR = 2
@@ -139,6 +146,19 @@ def fail(message: str, hint: str | None = None, *, exc: BaseException | None = N
         print(f"hint: {' '.join(str(hint).split())}", file=sys.stderr)
     sys.stderr.flush()
     sys.exit(EXIT_USER_ERROR)
+
+
+@contextlib.contextmanager
+def needs_training_stack():
+    """Ends a ModuleNotFoundError of the training stack (jax, flax, ...) raised inside the block as one
+    `error: <command> needs the training stack ...` line (`fail`); other import errors propagate."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        missing = TrainingStackMissing.from_import_error(prog_name(), e)
+        if missing is None:
+            raise
+        fail(str(missing), exc=e)
 
 
 def _verbose(argv=None) -> bool:
@@ -288,7 +308,8 @@ def run(
     except UserError as e:
         fail(str(e), e.hint, exc=e)
     if define_flags is not None:
-        define_flags()
+        with needs_training_stack():
+            define_flags()
     _define_common_flags()
     if any(a in _HELP_ARGS for a in head[1:]):
         print(help_text(doc or "", show))
@@ -322,7 +343,8 @@ def run(
                     check_folder_flag(name, FLAGS[name].value)
             if not FLAGS["verbosity"].present:  # orbax logs every save/restore at INFO
                 logging.set_verbosity(logging.WARNING)
-            return main(args)
+            with needs_training_stack():
+                return main(args)
         except UserError as e:
             fail(str(e), e.hint, exc=e)
         except app.UsageError as e:

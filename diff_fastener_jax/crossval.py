@@ -18,7 +18,6 @@ from __future__ import annotations
 from absl import flags
 
 from diff_fastener_jax import cli
-from diff_fastener_jax.evaluation.crossval import run_crossval
 
 FLAGS = flags.FLAGS
 
@@ -31,6 +30,9 @@ def define_flags() -> None:
 
 
 def main(argv) -> int:
+    # Here, not at the top: without JAX the command ends with cli.run's one error line.
+    from diff_fastener_jax.evaluation.crossval import run_crossval
+
     record = run_crossval(cli.get_config(), FLAGS.workdir, FLAGS.folds)
     for k, v in record["summary"].items():
         print(f"{k:<20} {v['mean']:.4f} ± {v['std']:.4f}")

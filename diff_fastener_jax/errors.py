@@ -21,3 +21,30 @@ class UserError(Exception):
 
 class DatasetError(UserError, ValueError):
     """Bad dataset input: a missing/empty folder, an unreadable image, an unmatched mask, ..."""
+
+
+# The training stack by import name: the `train` extra's packages (pyproject.toml). Scoring an export
+# folder with ONNX Runtime or OpenVINO needs none of them.
+TRAINING_STACK = ("jax", "jaxlib", "flax", "optax", "orbax", "grain", "sklearn", "scipy", "matplotlib")
+TRAIN_EXTRA = "pip install 'diff-fastener-jax[train]'"
+
+
+class TrainingStackMissing(UserError):
+    """`what` (a command, or an action) needs the training stack, and its module `module` is not
+    installed here (an inspection PC with only the `runtime` extra)."""
+
+    def __init__(self, what: str, module: str, hint: str | None = None):
+        super().__init__(
+            f"{what} needs the training stack (jax, flax, ...), and {module} is not installed here: {TRAIN_EXTRA}",
+            hint,
+        )
+        self.module = module
+
+    @classmethod
+    def from_import_error(cls, what: str, exc: BaseException) -> TrainingStackMissing | None:
+        """The error for `exc` when it is the ModuleNotFoundError of a missing training-stack package;
+        else None (a missing submodule, `jax.foo`, of an installed package is a bug, not this)."""
+        module = getattr(exc, "name", None)
+        if isinstance(exc, ModuleNotFoundError) and module in TRAINING_STACK:
+            return cls(what, module)
+        return None

@@ -20,7 +20,6 @@ import os
 from absl import flags
 
 from diff_fastener_jax import cli
-from diff_fastener_jax.evaluation.evaluate import evaluate_workdir
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +38,9 @@ def define_flags() -> None:
 
 
 def main(argv) -> int:
+    # Here, not at the top: without JAX the command ends with cli.run's one error line.
+    from diff_fastener_jax.evaluation.evaluate import evaluate_workdir
+
     config = cli.get_config(workdir=FLAGS.workdir)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
     result = evaluate_workdir(FLAGS.workdir, out, FLAGS.checkpoint, config=config, recalibrate=FLAGS.recalibrate)

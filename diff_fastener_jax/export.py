@@ -29,12 +29,15 @@ from absl import app, flags
 
 from diff_fastener_jax import cli
 from diff_fastener_jax.deploy import detector as api  # noqa
-from diff_fastener_jax.deploy.export import DEFAULT_FORMATS, EXPORT_FORMATS, export_run
 
 
 def define_flags() -> None:
     """This command's flags (defined only when it runs: absl flags are process-global and other
     commands define --workdir too)."""
+    # Here, not at the top: deploy.export imports JAX, and without it the command ends with
+    # cli.run's one error line.
+    from diff_fastener_jax.deploy.export import DEFAULT_FORMATS, EXPORT_FORMATS
+
     flags.DEFINE_string("workdir", None, "training run folder")
     flags.DEFINE_string("out", None, "export folder to write")
     flags.DEFINE_integer(
@@ -49,6 +52,8 @@ def define_flags() -> None:
 
 
 def main(argv):
+    from diff_fastener_jax.deploy.export import export_run
+
     f = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 from absl import flags, logging
 
 from diff_fastener_jax import cli
-from diff_fastener_jax.training.loop import initialize_distributed, train_and_evaluate
 
 FLAGS = flags.FLAGS
 
@@ -34,6 +33,9 @@ def define_flags() -> None:
 
 
 def main(argv) -> int:
+    # Here, not at the top: without JAX the command ends with cli.run's one error line.
+    from diff_fastener_jax.training.loop import initialize_distributed, train_and_evaluate
+
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; our progress goes to stdout
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     train_and_evaluate(cli.get_config(), FLAGS.workdir)

@@ -41,6 +41,7 @@ SLOW = {
     # one compile of a whole program or more
     "test_runtimes.py::test_unified_model_onnx_takes_class_ids": "converts a unified model to ONNX, compiles it",
     "test_runtimes.py::test_openvino_unified_model": "converts a unified model to ONNX and OpenVINO",
+    "test_runtimes.py::test_runtime_extra_alone_scores_an_export_without_jax": "a fresh venv, pip install from the package index",
     "test_console.py::test_command_help_equals_the_module_help": "two command subprocesses that import JAX",
     "test_adaptive.py::test_adaptive_infer_program_reports_each_images_step_and_is_batch_independent": "compiles the adaptive program (30 U-Net passes) twice",
     "test_benchmark.py::test_bfloat16_inference_close_to_float32": "compiles inference in two dtypes",

@@ -2,6 +2,7 @@
 and that it does; importing the package never does."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,6 +54,9 @@ def test_hugepage_environ_decides_when_a_reexec_changes_something(environ, thp, 
         (["python", "-m", "pytest", "tests"], False),
         (["python", "-c", "import diff_fastener_jax"], False),
         (["python", "script.py", "-m", "diff_fastener_jax.train"], False),
+        (["/venv/bin/python", "/venv/bin/diff-fastener", "train", "--config", "c.py"], True),
+        (["/venv/bin/python", "/venv/bin/diff-fastener-other", "train"], False),
+        (["python", "-m"], False),
         (["python"], False),
     ],
 )
@@ -60,9 +64,13 @@ def test_only_our_commands_reexecute(argv, expected):
     assert hostenv.launched_as_command(argv) is expected
 
 
-def _host_of(env) -> dict:
+def _host_of(env, console: bool = False) -> dict:
+    """The host facts a command sees: `python -m diff_fastener_jax --json`, or the console script's."""
+    script = os.path.join(os.path.dirname(sys.executable), hostenv.CONSOLE_SCRIPT)
+    if console and not os.path.isfile(script):
+        pytest.skip(f"the console script is not installed beside {sys.executable}")
     out = subprocess.run(
-        [sys.executable, "-m", "diff_fastener_jax", "--json"],
+        [script, "--json"] if console else [sys.executable, "-m", "diff_fastener_jax", "--json"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -99,3 +107,5 @@ def test_a_command_runs_with_the_tunable_only_when_opted_in():
     if wanted is None:
         pytest.skip(f"this host gains nothing from the tunable (THP {hostenv.thp_mode()!r}, {hostenv.libc_version()})")
     assert _host_of({**env, **ON})["glibc_tunables"] == hostenv.TUNABLE
+    assert _host_of({**env, **ON}, console=True)["glibc_tunables"] == hostenv.TUNABLE
+    assert _host_of(env, console=True)["glibc_tunables"] is None

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from diff_fastener_jax.errors import UserError
+from diff_fastener_jax.errors import TRAIN_EXTRA, TrainingStackMissing, UserError
 
 RUNTIMES = ("auto", "jax", "onnx", "openvino")
 ONNX_FILE = "model.onnx"
@@ -35,21 +35,26 @@ OPENVINO_PRECISION = "f32"
 # What each runtime imports, and the extra that installs it.
 _MODULES = {"jax": ("jax", "flax"), "onnx": ("onnxruntime",), "openvino": ("openvino",)}
 _EXTRAS = {
-    "jax": "pip install diff-fastener-jax",
-    "onnx": "pip install onnxruntime",
+    "jax": TRAIN_EXTRA,
+    "onnx": "pip install 'diff-fastener-jax[runtime]'",
     "openvino": "pip install 'diff-fastener-jax[openvino]'",
 }
 
 
 def installed(runtime: str) -> bool:
     """Whether `runtime`'s Python packages can be imported here (without importing them)."""
+    return _first_missing(runtime) is None
+
+
+def _first_missing(runtime: str) -> str | None:
+    """The first of `runtime`'s modules that cannot be imported here (found without importing), or None."""
     for module in _MODULES[runtime]:
         try:
             if importlib.util.find_spec(module) is None:
-                return False
+                return module
         except (ImportError, ValueError):
-            return False
-    return True
+            return module
+    return None
 
 
 def resolve(runtime: str, folder: str | None) -> str:
@@ -57,8 +62,16 @@ def resolve(runtime: str, folder: str | None) -> str:
     folder `folder` (None: a training run, which only JAX reads). UserError when it cannot run here."""
     if runtime not in RUNTIMES:
         raise UserError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    missing_jax = _first_missing("jax")
+    if folder is None and runtime in ("auto", "jax") and missing_jax:
+        raise TrainingStackMissing(
+            "scoring a training run",
+            missing_jax,
+            hint="or export it where JAX is installed (diff-fastener export --workdir RUN --out FOLDER) "
+            "and score that folder: --model FOLDER",
+        )
     if runtime == "auto":
-        if installed("jax"):
+        if not missing_jax:
             return "jax"
         has_onnx = folder is not None and os.path.isfile(os.path.join(folder, ONNX_FILE))
         has_ir = folder is not None and os.path.isfile(os.path.join(folder, OPENVINO_FILE))
@@ -67,15 +80,9 @@ def resolve(runtime: str, folder: str | None) -> str:
         if (has_ir or has_onnx) and installed("openvino"):
             return "openvino"
         raise UserError(
-            f"{folder or 'this run'}: no runtime can score it here: JAX is not installed"
-            + (
-                ""
-                if folder is None
-                else f", and neither onnxruntime with {ONNX_FILE} nor "
-                f"openvino with {OPENVINO_FILE} or {ONNX_FILE} is available"
-            ),
-            hint="install JAX (pip install diff-fastener-jax), or export the run with "
-            "--formats stablehlo,onnx and pip install onnxruntime",
+            f"{folder}: no runtime can score it here: JAX is not installed, and neither onnxruntime with "
+            f"{ONNX_FILE} nor openvino with {OPENVINO_FILE} or {ONNX_FILE} is available",
+            hint=f"{_EXTRAS['onnx']} (for an export with --formats stablehlo,onnx), or {TRAIN_EXTRA}",
         )
     if not installed(runtime):
         raise UserError(f"runtime {runtime!r} is not installed here", hint=_EXTRAS[runtime])

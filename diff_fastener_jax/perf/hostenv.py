@@ -14,7 +14,8 @@ glibc reads tunables only when a process starts, so there are two ways to opt in
   * export the tunable before starting Python:
     `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m diff_fastener_jax.train ...`
     (`launch/local.sh` and `launch/slurm.sbatch` do this);
-  * set `DFJ_HUGEPAGES=1`: a command launched as `python -m diff_fastener_jax.<cmd>` then execs itself
+  * set `DFJ_HUGEPAGES=1`: a command launched as `python -m diff_fastener_jax.<cmd>` or as
+    `diff-fastener <cmd>` then execs itself
     once with the tunable added to GLIBC_TUNABLES (`cli.run` and the package's `__main__` call
     `reexec_with_hugepages` first). The re-exec keeps the process id, the arguments and the rest of
     the environment.
@@ -31,6 +32,7 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_IN = "DFJ_HUGEPAGES"
+CONSOLE_SCRIPT = "diff-fastener"  # [project.scripts] in pyproject.toml
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -75,13 +77,16 @@ def hugepage_environ(environ: dict, thp: str | None, libc: str | None) -> dict |
 
 
 def launched_as_command(orig_argv: list[str]) -> bool:
-    """Whether the interpreter was started as `python [options] -m diff_fastener_jax.<cmd> ...`."""
+    """Whether the interpreter was started as `python [options] -m diff_fastener_jax.<cmd> ...` or as
+    the console script (`python /venv/bin/diff-fastener <cmd> ...`, how its shebang line starts it)."""
     i = 1
-    while i < len(orig_argv) - 1:
+    while i < len(orig_argv):
         arg = orig_argv[i]
         if arg == "-m":
-            return orig_argv[i + 1].split(".")[0] == "diff_fastener_jax"
-        if arg == "-c" or not arg.startswith("-"):  # -c code or a script: not one of our commands
+            return i + 1 < len(orig_argv) and orig_argv[i + 1].split(".")[0] == "diff_fastener_jax"
+        if not arg.startswith("-"):  # a script: ours only if it is the console script
+            return os.path.basename(arg) == CONSOLE_SCRIPT
+        if arg == "-c":  # -c code: not one of our commands
             return False
         i += 2 if arg in ("-X", "-W") else 1  # the interpreter options that take a value
     return False
