@@ -104,4 +104,5 @@ if __name__ == "__main__":
         _argv = modern_argv(sys.argv)
     except UserError as e:
         cli.fail(str(e), e.hint, exc=e)
-    cli.run(main, __doc__, define_flags=define_flags, required=("config",), argv=_argv)
+    # --out is the JSON record (a file), not a folder
+    cli.run(main, __doc__, define_flags=define_flags, required=("config",), argv=_argv, folder_flags=("workdir",))

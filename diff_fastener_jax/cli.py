@@ -289,12 +289,14 @@ def run(
     required: tuple[str, ...] = (),
     show: tuple[str, ...] = (),
     argv: list[str] | None = None,
+    folder_flags: tuple[str, ...] = _FOLDER_FLAGS,
 ) -> None:
     """Runs absl-style `main(argv)` with the conventions above; never returns (exits with main's status).
 
     `doc` is the --help text (pass the module's `__doc__`); `define_flags()` defines the command's
     flags; `required` names flags that must be given; `show` names flags defined in other modules that
-    this command uses (listed in --help); `argv` defaults to sys.argv.
+    this command uses (listed in --help); `argv` defaults to sys.argv; `folder_flags` names the flags
+    that hold a folder (refused when they name a file).
     """
     if argv is None:
         hostenv.reexec_with_hugepages()  # DFJ_HUGEPAGES=1 only; before anything is parsed or loaded
@@ -338,7 +340,7 @@ def run(
             for name in required:
                 if name in FLAGS and FLAGS[name].value is None:
                     raise app.UsageError(f"--{name} is required")
-            for name in _FOLDER_FLAGS:
+            for name in folder_flags:
                 if name in FLAGS:
                     check_folder_flag(name, FLAGS[name].value)
             if not FLAGS["verbosity"].present:  # orbax logs every save/restore at INFO

@@ -108,6 +108,7 @@ def test_bfloat16_gradients_close_to_float32():
 
 def test_benchmark_command_writes_record(tmp_path):
     out = tmp_path / "bench.json"
+    out.write_text("{}")  # --out is a file: an earlier record is replaced, not refused as "not a folder"
     proc = run_cli(
         "benchmark",
         "--config",
@@ -228,6 +229,20 @@ def test_compile_only_records_memory_and_flops_without_running():
         assert row["xla_peak_memory_bytes"] > 0 and row["gflops_per_image"] > 0
     assert r["infer"][0]["gflops_per_image"] < r["train"]["gflops_per_image"]
     assert set(r["compile_s"]) == {"infer_b1", "infer_b4", "train"}
+
+
+def test_a_patch_trained_model_is_benchmarked_on_its_training_crops():
+    """The train step of a `data.patch_size` model runs on P x P crops, inference on whole images."""
+    from diff_fastener_jax.perf import programs
+
+    config = tiny_config()
+    with config.ignore_type():  # an (H, W) evaluation resolution where the schema's default is one int
+        config.data.image_size = (32, 64)
+    config.data.patch_size = 16
+    _, (state, data, key), _, _ = programs._abstract_train_program(config, 2)
+    assert data["image"].shape == (2, 16, 16, 3) and data["mask"].shape == (2, 16, 16, 1)
+    _, images = programs._infer_inputs(config, 2, None, abstract=True)
+    assert images.shape == (2, 32, 64, 3)
 
 
 def test_init_only_times_both_initialisations():

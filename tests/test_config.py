@@ -293,3 +293,20 @@ def test_resume_changes_name_what_changes_the_run():
     old = C.flatten(constant) | {"eval.pixel_bins": 10000}
     del old["train.allow_resume_changes"]
     assert C.resume_changes(old, tiny_config(**{"train.num_steps": 20, "train.allow_resume_changes": True})) == []
+
+
+def test_the_real_data_recipe_covers_256_px_images_by_5x5_overlapping_128_px_tiles():
+    """configs/real_cpu.py as measured in docs/experiments.md: it validates, and its program scores a
+    256 x 256 image by a 5 x 5 grid of 128 px tiles every 32 px, with no dataset needed."""
+    import os
+
+    from helpers import ROOT
+
+    from diff_fastener_jax.inference import network_image_shape, tiling_record
+
+    config = C.load_config(os.path.join(ROOT, "configs", "real_cpu.py"))
+    C.validate_config(config, check_data=False)
+    assert network_image_shape(config) == (128, 128, 3)
+    record = tiling_record(config)
+    assert record["tiles"] == [5, 5] and record["tile_stride"] == 32 and record["patch_size"] == 128
+    assert not config.loss.anomaly_oriented_noise and config.train.num_steps == 700

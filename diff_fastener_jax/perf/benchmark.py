@@ -64,6 +64,8 @@ def _record_head(config, devices) -> dict:
         # The per-program compiler options of the timed programs (None: XLA's defaults).
         "xla_options": xla_options.compiler_options(device.platform),
         "image_size": config.data.image_size,
+        # > 0: the train step runs on P x P crops (data.patch_size), inference on whole images by tiles
+        "patch_size": int(config.data.get("patch_size", 0)),
         "host_cpus": os.cpu_count(),
         "host_load_avg_1min_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "infer": [],
@@ -199,7 +201,7 @@ def print_table(r: dict) -> None:
     """Human-readable summary of a `run_benchmark` / `run_compile_only` record."""
     print(
         f"device {r['device']} | dtype {r['dtype']} | attention {r['attention']} | remat {r['remat']} | "
-        f"{r['image_size']}² | params recon {r['params_recon'] / 1e6:.2f} M, seg {r['params_seg'] / 1e6:.2f} M"
+        f"{r['image_size']}²{f' (train on {p}² crops)' if (p := r.get('patch_size')) else ''} | params recon {r['params_recon'] / 1e6:.2f} M, seg {r['params_seg'] / 1e6:.2f} M"
     )
     if r.get("host_setup"):
         host = r["host_setup"]

@@ -9,7 +9,8 @@ import numpy as np
 
 from diff_fastener_jax import parallel
 from diff_fastener_jax.config import class_names
-from diff_fastener_jax.inference import make_infer_fn
+from diff_fastener_jax.data.sizing import size_hw
+from diff_fastener_jax.inference import make_infer_fn, model_image_shape, network_image_shape
 from diff_fastener_jax.models import init_params
 from diff_fastener_jax.perf.flop_count import compile_counted, jaxpr_flops
 from diff_fastener_jax.perf.xla_stats import (
@@ -49,18 +50,18 @@ def _abstract(tree, sharding=None):
 def _infer_inputs(config, batch: int, mesh, abstract: bool, params=None):
     """(params, images[, class_ids]) for `infer`: abstract ShapeDtypeStructs, or real arrays (random
     images in [-1, 1]; class ids cycling over a unified model's classes)."""
-    size, c = config.data.image_size, config.model.in_channels
+    h, w, c = model_image_shape(config)
     num_classes = len(class_names(config))
     if abstract:
         params = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)) if params is None else params
         sharding = None if mesh is None else parallel.data_sharding(mesh)
-        inputs = [jax.ShapeDtypeStruct((batch, size, size, c), jnp.float32, sharding=sharding)]
+        inputs = [jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32, sharding=sharding)]
         if num_classes:
             inputs.append(jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding))
         if mesh is not None:
             params = _abstract(params, parallel.replicated(mesh))
         return (params, *inputs)
-    inputs = [jax.random.uniform(jax.random.key(2), (batch, size, size, c), minval=-1.0, maxval=1.0)]
+    inputs = [jax.random.uniform(jax.random.key(2), (batch, h, w, c), minval=-1.0, maxval=1.0)]
     if num_classes:
         inputs.append(jnp.arange(batch, dtype=jnp.int32) % num_classes)
     if mesh is not None:
@@ -93,15 +94,17 @@ def compile_infer(config, batch: int, mesh=None) -> tuple[dict, float]:
 # ----------------------------------------------------------------------------- training
 
 
-def synthetic_train_batch(batch: int, size: int, channels: int, seed: int = 0, num_classes: int = 0) -> dict:
-    """A host batch shaped like the data pipeline's: alternating normal / synthetic rows, sparse masks,
-    class ids cycling over `num_classes` (0 for one-category models)."""
+def synthetic_train_batch(batch: int, size, channels: int, seed: int = 0, num_classes: int = 0) -> dict:
+    """A host batch shaped like the data pipeline's (`size`: int or (H, W), the networks' training input):
+    alternating normal / synthetic rows, sparse masks, class ids cycling over `num_classes` (0 for
+    one-category models)."""
     rng = np.random.default_rng(seed)
-    image = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
+    h, w = size_hw(size)
+    image = rng.uniform(-1, 1, (batch, h, w, channels)).astype(np.float32)
     return {
         "image": image,
         "clean": image.copy(),
-        "mask": (rng.uniform(size=(batch, size, size, 1)) > 0.9).astype(np.float32),
+        "mask": (rng.uniform(size=(batch, h, w, 1)) > 0.9).astype(np.float32),
         "is_synthetic": np.tile([0.0, 1.0], (batch + 1) // 2)[:batch].astype(np.float32),
         "class_id": np.arange(batch, dtype=np.int32) % max(1, num_classes),
     }
@@ -122,9 +125,8 @@ def bench_train(config, batch: int, repeats: int) -> tuple[dict, float]:
     step = make_train_step(config, mesh)
     state, init_s = blocked_seconds(lambda: create_train_state(config, jax.random.key(0)))  # compile + run
     state = parallel.replicate(state, mesh)
-    host = synthetic_train_batch(
-        batch, config.data.image_size, config.model.in_channels, num_classes=len(class_names(config))
-    )
+    h, w, c = network_image_shape(config)  # a patch-trained model trains on P x P crops
+    host = synthetic_train_batch(batch, (h, w), c, num_classes=len(class_names(config)))
     data = parallel.shard_batch(host, mesh)
     key = jax.random.key(3)
     compiled, compile_s, flops = compile_counted(step, (state, data, key))
@@ -159,9 +161,9 @@ def _abstract_train_program(config, batch: int):
     state = _abstract(
         jax.eval_shape(lambda k: create_train_state(config, k), jax.random.key(0)), parallel.replicated(mesh)
     )
-    size, c = config.data.image_size, config.model.in_channels
+    h, w, c = network_image_shape(config)  # a patch-trained model trains on P x P crops
     data = _abstract(
-        jax.eval_shape(lambda: synthetic_train_batch(batch, size, c, num_classes=len(class_names(config)))),
+        jax.eval_shape(lambda: synthetic_train_batch(batch, (h, w), c, num_classes=len(class_names(config)))),
         parallel.data_sharding(mesh),
     )
     key = jax.eval_shape(lambda: jax.random.key(3))
