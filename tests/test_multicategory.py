@@ -127,7 +127,9 @@ def unified_run(two_category_root, tmp_path_factory):
 
 
 def test_unified_run_calibrates_evaluates_and_predicts_per_category(unified_run, tmp_path):
-    from diff_fastener_jax import Detector, evaluate, predict
+    from diff_fastener_jax import Detector
+    from diff_fastener_jax.deploy import predict
+    from diff_fastener_jax.evaluation import evaluate
 
     saved = json.load(open(os.path.join(unified_run, "config.json")))
     assert saved["data"]["category"] == CATEGORIES  # 'all' resolved and fixed with the run
