@@ -32,7 +32,7 @@ from diff_fastener_jax.deploy.predict import (
     images_root,
     predict,
 )
-from diff_fastener_jax.deploy.runtimes import RUNTIMES
+from diff_fastener_jax.deploy.runtimes import RUNTIME_FLAG_HELP, RUNTIMES
 
 
 def define_flags() -> None:
@@ -47,8 +47,7 @@ def define_flags() -> None:
         "runtime",
         "auto",
         list(RUNTIMES),
-        "what scores the images: jax, onnx (model.onnx in "
-        "onnxruntime), openvino, or auto (JAX if installed, else ONNX Runtime, else OpenVINO)",
+        RUNTIME_FLAG_HELP,
     )
     flags.DEFINE_enum("maps", "png16", list(MAP_FORMATS), "raw anomaly maps as 16-bit PNG or float32 .npy")
     flags.DEFINE_string(

@@ -24,7 +24,7 @@ from absl import app, flags
 
 from diff_fastener_jax import cli
 from diff_fastener_jax.deploy.detector import Detector
-from diff_fastener_jax.deploy.runtimes import RUNTIMES
+from diff_fastener_jax.deploy.runtimes import RUNTIME_FLAG_HELP, RUNTIMES
 from diff_fastener_jax.deploy.service import ServiceLimits, create_app
 from diff_fastener_jax.errors import UserError
 
@@ -52,8 +52,7 @@ def define_flags() -> None:
         "runtime",
         "auto",
         list(RUNTIMES),
-        "what scores the images: jax, onnx (model.onnx in "
-        "onnxruntime), openvino, or auto (JAX if installed, else ONNX Runtime, else OpenVINO)",
+        RUNTIME_FLAG_HELP,
     )
 
 

@@ -24,6 +24,11 @@ import numpy as np
 from diff_fastener_jax.errors import TRAIN_EXTRA, TrainingStackMissing, UserError
 
 RUNTIMES = ("auto", "jax", "onnx", "openvino")
+# The --runtime flag's help, for every command that takes it (predict, serve)
+RUNTIME_FLAG_HELP = (
+    "what scores the images: jax, onnx (model.onnx in onnxruntime), openvino, or auto (JAX if installed, "
+    "else ONNX Runtime, else OpenVINO)"
+)
 ONNX_FILE = "model.onnx"
 OPENVINO_FILE, OPENVINO_WEIGHTS = "model.xml", "model.bin"
 ONNX_INPUTS = ("images", "class_ids")  # class_ids only for a unified multi-category model
