@@ -34,7 +34,7 @@ import ml_collections
 
 # Config files are loaded by path (absl's config_flags, config.load_config): import from the installed
 # package only, never from `configs`, so that no working directory or import path is assumed.
-from diff_fastener_jax.config_schema import base_config
+from diff_fastener_jax.config_schema import base_config, use_cpu_model, use_short_run_optimiser
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,24 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.demo_n_train = 64
     c.data.demo_n_test = 48
-    c.model.base_channels = 32
-    c.model.channel_mults = (1, 2, 2, 2)
-    c.model.num_res_blocks = 1
+    use_cpu_model(c)
     c.model.attention_resolutions = (8,)
-    c.model.num_heads = 4
-    c.model.num_groups = 8
-    c.model.dacm_reduction = 8
-    c.model.skip_every = 2  # = num_res_blocks + 1: one skip per level
-    c.model.seg_channels = (16, 32, 64, 64)
-    # Short-run recipe: a peak rate 3x the paper's constant 3e-4, warmed up and decayed so the last
-    # steps settle, an EMA of the weights (evaluated and validated), clipped gradients.
-    c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 40
-    c.optim.final_lr_fraction = 0.05
-    c.optim.lr_recon = 1e-3
-    c.optim.lr_seg = 1e-3
-    c.optim.ema_decay = 0.99
-    c.optim.clip = 1.0
+    use_short_run_optimiser(c)
     # Anomalies that look like the test defects (parts of the scene moved or removed, only visible
     # changes labelled), and GLAD's anomaly-oriented noise target so the reconstruction net learns to
     # undo them (not only to copy its input).

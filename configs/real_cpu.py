@@ -31,7 +31,7 @@ import ml_collections
 
 # Config files are loaded by path (absl's config_flags, config.load_config): import from the installed
 # package only, never from `configs`, so that no working directory or import path is assumed.
-from diff_fastener_jax.config_schema import base_config
+from diff_fastener_jax.config_schema import base_config, use_cpu_model, use_short_run_optimiser
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,24 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.patch_size = 128
     c.data.synthesis = "perlin:0.35,cutpaste:0.15,crack:0.2,pore:0.15,intensity:0.1,blur:0.05"
     c.data.num_workers = 0  # two cores: the host pipeline runs between steps in the training process
-    c.model.base_channels = 32
-    c.model.channel_mults = (1, 2, 2, 2)
-    c.model.num_res_blocks = 1
+    use_cpu_model(c)
     c.model.attention_resolutions = ()  # attention only in the middle (16 x 16 at a 128 px patch)
-    c.model.num_heads = 4
-    c.model.num_groups = 8
-    c.model.dacm_reduction = 8
-    c.model.skip_every = 2  # = num_res_blocks + 1: one skip per level
-    c.model.seg_channels = (16, 32, 64, 64)
     c.loss.anomaly_oriented_noise = False
     c.diffusion.train_t_window = 50
-    c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 40
-    c.optim.final_lr_fraction = 0.05
-    c.optim.lr_recon = 1e-3
-    c.optim.lr_seg = 1e-3
-    c.optim.ema_decay = 0.99
-    c.optim.clip = 1.0
+    use_short_run_optimiser(c)
     c.train.batch_size = 4
     c.train.num_steps = 700
     c.train.log_every = 50

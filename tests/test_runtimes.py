@@ -200,9 +200,11 @@ def _run_without_jax(args: list[str], tmp_path, *, module: str | None = None):
             ["--config", "configs/demo.py:smoke", "--workdir", "{run}"],
         ),
         ("python -m diff_fastener_jax.export", "diff_fastener_jax.export", ["--workdir", "{run}", "--out", "{out}"]),
-        ("diff-fastener models", None, ["models", "--config", "configs/demo.py:smoke"]),  # the package needs JAX
+        ("diff-fastener models", None, ["models", "--config", "configs/demo.py:smoke"]),
+        # a command that is a package's __main__: the package is imported before the command starts
+        ("python -m diff_fastener_jax.models", "diff_fastener_jax.models", ["--config", "configs/demo.py:smoke"]),
     ],
-    ids=["console", "module", "module-flags", "console-package"],
+    ids=["console", "module", "module-flags", "console-package", "module-package"],
 )
 def test_training_commands_without_jax_end_with_one_error_line(command, module, args, tmp_path):
     run, out = tmp_path / "run", tmp_path / "out"

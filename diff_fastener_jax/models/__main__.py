@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
 from absl import flags
 
 from diff_fastener_jax import cli
-from diff_fastener_jax.models import build_models, count_params, kept_skips
-from diff_fastener_jax.perf.flop_count import program_flops
 
 FLAGS = flags.FLAGS
 
@@ -32,11 +28,19 @@ def forward_gflops(fn, *args) -> float:
     """GFLOPs of one call of `fn(*args)`: its convolutions and matmuls, counted from the jaxpr
     (`perf/flop_count.py`). Nothing is compiled, and the count is the same on every backend (XLA:GPU's
     cost analysis would leave out the convolutions it hands to cuDNN)."""
+    from diff_fastener_jax.perf.flop_count import program_flops
+
     return program_flops(fn, *args) / 1e9
 
 
 def model_summary(config, batch: int = 1) -> dict:
     """Params and per-image forward GFLOPs of both networks at `config.data.image_size`."""
+    # JAX loads here, inside the command (cli.run turns its absence into one error line)
+    import jax
+    import jax.numpy as jnp
+
+    from diff_fastener_jax.models import build_models, count_params, kept_skips
+
     recon, seg = build_models(config)
     size = config.data.image_size
     c = config.model.in_channels
