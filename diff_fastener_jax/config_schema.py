@@ -24,7 +24,7 @@ LR_SCHEDULES = ("constant", "warmup_cosine")
 # learning-rate schedules whose rate at a step depends on train.num_steps (the decay horizon)
 STEP_DEPENDENT_LR_SCHEDULES = ("warmup_cosine",)
 INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm", "adaptive")
-ANOMALY_MAPS = ("segmentation", "recon_error")
+ANOMALY_MAPS = ("segmentation", "recon_error", "segmentation+recon_error")
 # infer.tiling, for models trained on data.patch_size crops: 'tiles' (overlapping patch-size tiles,
 # stitched) | 'whole' (the network applied to the whole image at once, fully convolutionally)
 TILINGS = ("tiles", "whole")
@@ -259,7 +259,10 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.infer.adaptive_delta = 0.1
     c.infer.adaptive_margin = 1
     c.infer.adaptive_fusion_gain = 5.0
-    c.infer.map = "segmentation"  # ANOMALY_MAPS: 'segmentation' | 'recon_error' (seed 002 baseline)
+    # ANOMALY_MAPS: 'segmentation' (the paper) | 'recon_error' (seed 002 baseline) | 'segmentation+recon_error'
+    # (their mean: the reconstruction error adds weight to large texture changes, e.g. rust over a plate,
+    # that the segmentation net marks only faintly; docs/experiments.md measures where it helps and hurts)
+    c.infer.map = "segmentation"
     # Gaussian smoothing of the anomaly map before scoring, sigma in pixels at 256² (scaled with the
     # square root of the map's area, the same in both directions); 0 = the paper's raw map. Smoothing trades the sharpness of the map's edges for fewer
     # isolated false-positive pixels (PatchCore smooths with sigma 4 at 224²).

@@ -269,7 +269,7 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
             f"infer.method must be {', '.join(INFER_METHODS[:-1])} or {INFER_METHODS[-1]}, got {config.infer.method!r}"
         )
     if config.infer.map not in ANOMALY_MAPS:
-        raise ValueError(f"infer.map must be 'segmentation' or 'recon_error', got {config.infer.map!r}")
+        raise ValueError(f"infer.map must be one of {ANOMALY_MAPS}, got {config.infer.map!r}")
     if not config.infer.map_sigma >= 0:
         raise ValueError(f"infer.map_sigma must be >= 0 (pixels at 256²), got {config.infer.map_sigma}")
     if config.infer.tiling not in TILINGS:
@@ -283,14 +283,14 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     denoise_step)` (for jit, jax.export, ONNX). `class_ids` (N,) int32, each image's category, is
     required by (and only by) a unified multi-category model.
 
-    images (N, H, W, C) in [-1, 1] at `data.image_size` (tiled for a patch-trained model: module docstring); recon (N, H, W, C); anomaly_map (N, H, W) in
-    [0, 1] (segmentation probability, or |x - recon| averaged over channels / 2 for
-    `infer.map='recon_error'`), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
-    top-K map values; denoise_step (N,) int32, the
-    diffusion step the reconstruction started from (`diffusion.eval_t_big` for the fixed-step methods,
-    each image's own for 'adaptive'). Every image gets the same
-    fixed noise (`fixed_noise`; ddim/ddpm draw theirs from one fixed raw key), so row i of the outputs
-    depends on images[i] alone. Closes over no typed PRNG key (jax2onnx cannot convert one).
+    images (N, H, W, C) in [-1, 1] at `data.image_size` (tiled for a patch-trained model: module
+    docstring); recon (N, H, W, C); anomaly_map (N, H, W) in [0, 1] (segmentation probability;
+    |x - recon| averaged over channels / 2 for `infer.map='recon_error'`; the mean of the two for
+    'segmentation+recon_error'), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
+    top-K map values; denoise_step (N,) int32, the diffusion step the reconstruction started from
+    (`diffusion.eval_t_big` for the fixed-step methods, each image's own for 'adaptive'). Every image
+    gets the same fixed noise (`fixed_noise`; ddim/ddpm draw theirs from one fixed raw key), so row i
+    of the outputs depends on images[i] alone. Closes over no typed PRNG key (jax2onnx cannot convert one).
     `fuse_passes=False` runs the two noise scales as two network calls instead of one on a 2N batch
     (the same numbers up to float rounding; jax2onnx cannot slice a symbolic 2N batch in half).
     """
@@ -380,12 +380,14 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
                 )
             else:
                 recon = diffusion.ddpm_reconstruct(eps_fn, sched, images, int(d.eval_t_big), keys)
-        if config.infer.map == "segmentation":
+        amap = None
+        if config.infer.map != "recon_error":
             amap = seg_net.apply(
                 {"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1), class_ids=class_ids
             )[..., 0]
-        else:
-            amap = diffusion.recon_error_map(images, recon) / 2.0  # [-1, 1] images: error in [0, 2]
+        if config.infer.map != "segmentation":
+            error = diffusion.recon_error_map(images, recon) / 2.0  # [-1, 1] images: error in [0, 2]
+            amap = error if amap is None else (amap + error) / 2.0  # the mean stays in [0, 1]
         return recon, amap, step
 
     return infer

@@ -102,6 +102,21 @@ def test_infer_recon_error_map_and_sharded():
     np.testing.assert_allclose(np.asarray(score4), np.asarray(score), rtol=1e-5, atol=1e-6)
 
 
+def test_segmentation_plus_recon_error_map_is_the_mean_of_the_two(smoke):
+    config, params, _ = smoke
+    images = jnp.asarray(_images(4, seed=3))
+    raw = {"infer.map_sigma": 0.0}  # smoothing is linear; unsmoothed maps compare directly
+    seg = make_infer_fn(tiny_config(**raw))(params, images)
+    blend = make_infer_fn(tiny_config(**raw, **{"infer.map": "segmentation+recon_error"}))(params, images)
+    error = np.abs(np.asarray(images) - np.asarray(seg.recon)).mean(-1) / 2
+    np.testing.assert_allclose(np.asarray(blend.recon), np.asarray(seg.recon), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(blend.anomaly_map), (np.asarray(seg.anomaly_map) + error) / 2, atol=1e-6)
+    assert 0.0 <= float(blend.anomaly_map.min()) and float(blend.anomaly_map.max()) <= 1.0
+    k = top_k_count(config, 32, 32)
+    top = np.sort(np.asarray(blend.anomaly_map).reshape(4, -1), axis=1)[:, -k:].mean(1)
+    np.testing.assert_allclose(np.asarray(blend.score), top, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["one_step", "ddim", "ddpm", "adaptive"])
 def test_infer_ablation_methods_are_batch_independent(method):
     config = tiny_config(
