@@ -626,6 +626,17 @@ def validate_infer(config: ml_collections.ConfigDict) -> None:
     _positive("infer.adaptive_fusion_gain", i.adaptive_fusion_gain)
     _positive("infer.top_k", i.top_k, 50)
     _need(i.map_sigma >= 0, "infer.map_sigma", f"must be >= 0 (pixels at 256²), got {i.map_sigma}")
+    _need(
+        isinstance(i.subtract_normal_map, bool),
+        "infer.subtract_normal_map",
+        f"must be true or false, got {i.subtract_normal_map!r}",
+    )
+    _need(
+        not (i.subtract_normal_map and class_names(config)),
+        "infer.subtract_normal_map",
+        "fits one normal map per model; a unified multi-category model's categories do not share one",
+        hint="train one model per category, or leave infer.subtract_normal_map false",
+    )
     _positive("infer.batch_size", i.batch_size, 16)
     _at_least("infer.seed", i.seed, 0)
     _one_of("infer.tiling", i.tiling, TILINGS)

@@ -267,6 +267,13 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # square root of the map's area, the same in both directions); 0 = the paper's raw map. Smoothing trades the sharpness of the map's edges for fewer
     # isolated false-positive pixels (PatchCore smooths with sigma 4 at 224²).
     c.infer.map_sigma = 0.0
+    # True: the image score is the top-K mean of the map minus the normal map, the mean map of the held-out
+    # normal images (blurred; fitted with the threshold, stored as normal_map.npy). On an object seen in
+    # one pose (a bottle from above) the networks answer its fixed structure with the same faint response
+    # in every image; subtracting it lets a faint real defect outscore it. Where the pose or background
+    # varies (MPDD plates) there is no shared response to remove and the score gets worse
+    # (docs/experiments.md). Needs >= 2 held-out normals (data.val_fraction) and a one-category model.
+    c.infer.subtract_normal_map = False
     c.infer.batch_size = 16
     c.infer.seed = 0
     # data.patch_size > 0: how the patch-trained network covers a whole image at data.image_size (TILINGS):

@@ -8,6 +8,11 @@ A model trained on `data.patch_size` P x P crops scores a whole image at `data.i
 same program: overlapping P x P tiles (`infer.tiling='tiles'`, every `infer.tile_stride` px) run through
 the networks as one batch and are stitched into one full-size map (`tiling`), or the networks run once on
 the whole image (`infer.tiling='whole'`). Every tile gets the same P x P noise.
+
+With `infer.subtract_normal_map` the params carry one more array, params[NORMAL_MAP_PARAM] (H, W): the
+blurred mean map of the held-out normal images (`deploy.normal_map`), subtracted from the map before
+the image score is taken. Because it travels with the params, evaluate, predict, the service and both
+exported files apply the same one.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from diff_fastener_jax.data import datasets
 from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models, tile_rows
 from diff_fastener_jax.perf import xla_options
+
+# The params key of the fitted normal map (infer.subtract_normal_map); the networks' keys are 'recon', 'seg'.
+NORMAL_MAP_PARAM = "normal_map"
 
 
 class InferOutputs(NamedTuple):
@@ -287,8 +295,10 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     docstring); recon (N, H, W, C); anomaly_map (N, H, W) in [0, 1] (segmentation probability;
     |x - recon| averaged over channels / 2 for `infer.map='recon_error'`; the mean of the two for
     'segmentation+recon_error'), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
-    top-K map values; denoise_step (N,) int32, the diffusion step the reconstruction started from
-    (`diffusion.eval_t_big` for the fixed-step methods, each image's own for 'adaptive'). Every image
+    top-K map values (of the map minus params[NORMAL_MAP_PARAM] with `infer.subtract_normal_map`; the
+    returned map stays the model's own, so its pixel values keep their meaning); denoise_step (N,)
+    int32, the diffusion step the reconstruction started from (`diffusion.eval_t_big` for the
+    fixed-step methods, each image's own for 'adaptive'). Every image
     gets the same fixed noise (`fixed_noise`; ddim/ddpm draw theirs from one fixed raw key), so row i
     of the outputs depends on images[i] alone. Closes over no typed PRNG key (jax2onnx cannot convert one).
     `fuse_passes=False` runs the two noise scales as two network calls instead of one on a 2N batch
@@ -313,6 +323,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     sigma_h, sigma_w = map_smoothing(config, shape[0], shape[1])
     smooth_rows, smooth_cols = smoothing_matrix(shape[0], sigma_h), smoothing_matrix(shape[1], sigma_w)
     method = config.infer.method
+    subtract_normal = bool(config.infer.subtract_normal_map)
 
     def infer(params, images, class_ids=None):
         if tuple(images.shape[1:]) != shape:
@@ -322,6 +333,11 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
         if bool(recon_net.num_classes) != (class_ids is not None):
             raise ValueError(
                 f"infer: this model has {recon_net.num_classes} classes; pass class_ids (N,) exactly when it has some"
+            )
+        if subtract_normal != (NORMAL_MAP_PARAM in params):
+            raise ValueError(
+                f"infer: infer.subtract_normal_map is {subtract_normal}: params must "
+                f"{'' if subtract_normal else 'not '}carry {NORMAL_MAP_PARAM!r} (deploy.normal_map)"
             )
         if not tiled:
             recon, amap, step = network_pass(params, images, class_ids)
@@ -335,7 +351,8 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
             step = jnp.max(step.reshape(-1, num_tiles), axis=1)  # (N,): the latest start of any tile
         if sigma_h > 0:
             amap = smooth_map(amap, smooth_rows, smooth_cols)
-        return InferOutputs(recon, amap, top_k_score(amap, k), step)
+        scored = amap - params[NORMAL_MAP_PARAM] if subtract_normal else amap  # (N, H, W) - (H, W)
+        return InferOutputs(recon, amap, top_k_score(scored, k), step)
 
     def network_pass(params, images, class_ids):
         """The networks on (n, h, w, C) inputs at the noise's shape: (recon, raw map (n, h, w), step (n,))."""

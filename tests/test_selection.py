@@ -128,7 +128,7 @@ def test_training_keeps_calibrates_and_evaluates_the_selected_step(demo_root, tm
     assert not all(
         np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params4), jax.tree_util.tree_leaves(params6))
     )
-    assert record["threshold"]["value"] == pytest.approx(calibrate(run_config, params4)["value"], rel=1e-5)
+    assert record["threshold"]["value"] == pytest.approx(calibrate(run_config, params4)[0]["value"], rel=1e-5)
 
     result = evaluate_workdir(workdir, str(tmp_path / "eval"))
     assert result["threshold"] == pytest.approx(record["threshold"]["value"], rel=1e-6)

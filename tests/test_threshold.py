@@ -31,7 +31,7 @@ def brightness_infer(params, images):
 @pytest.mark.parametrize("n, reliable", [(2, False), (25, True)])
 def test_calibration_records_its_count_and_warns_below_the_minimum(tmp_path, capsys, n, reliable):
     config = tiny_config(**{"data.image_size": 8})
-    record = D.calibrate(config, None, calibration_samples=normals(tmp_path, n), infer=brightness_infer)
+    record, _ = D.calibrate(config, None, calibration_samples=normals(tmp_path, n), infer=brightness_infer)
     assert record["num_images"] == n and record["value"] is not None
     assert record["calibration"] == {
         "num_normals": n,
@@ -52,7 +52,7 @@ def test_calibration_records_its_count_and_warns_below_the_minimum(tmp_path, cap
 
 def test_no_normals_is_recorded_as_unreliable(tmp_path):
     config = tiny_config(**{"data.image_size": 8})
-    record = D.calibrate(config, None, calibration_samples=normals(tmp_path, 0), infer=brightness_infer)
+    record, _ = D.calibrate(config, None, calibration_samples=normals(tmp_path, 0), infer=brightness_infer)
     assert record["value"] is None
     assert record["calibration"] == {"num_normals": 0, "min_resolvable_fpr": None, "reliable": False}
 
@@ -64,7 +64,7 @@ def test_a_threshold_is_refused_under_another_compute_dtype(tmp_path, capsys):
     from diff_fastener_jax.errors import UserError
 
     config = tiny_config(**{"data.image_size": 8, "model.dtype": "float32"})
-    record = D.calibrate(config, None, calibration_samples=normals(tmp_path, 2), infer=brightness_infer)
+    record, _ = D.calibrate(config, None, calibration_samples=normals(tmp_path, 2), infer=brightness_infer)
     assert record["dtype"] == "float32"
     D.check_threshold_dtype(record, config, "here")  # the same dtype: accepted
     gpu = record | {"dtype": "bfloat16"}

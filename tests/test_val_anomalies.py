@@ -74,7 +74,7 @@ def test_val_anomalies_never_reach_training_calibration_or_test(run_config, tmp_
     for _ in range(6):  # more than an epoch of pairs
         next(it)
     pipeline.make_val_batches(config, seed=0, num_batches=2)
-    record = threshold.calibrate(config, None, infer=_fake_infer)
+    record, _ = threshold.calibrate(config, None, infer=_fake_infer)
     assert record["value"] is not None and record["num_images"] == len(samples["val"])
     assert loaded and not real & set(loaded)
     assert not real & {s.path for s in datasets.list_samples(config.data, "test", seed=config.seed)}

@@ -136,6 +136,14 @@ class Detector:
 
             config = load_run_config(path)
             params, step = load_run_params(path, config, checkpoint)
+            from diff_fastener_jax.inference import NORMAL_MAP_PARAM
+
+            if config.infer.subtract_normal_map and NORMAL_MAP_PARAM not in params:
+                raise UserError(
+                    f"{path}: infer.subtract_normal_map is on, but the run holds no normal map fitted for step {step}",
+                    hint="training writes normal_map.npy with detector.json at its end; export the run "
+                    "(python -m diff_fastener_jax.export fits one) and load the export folder",
+                )
             if os.path.isfile(os.path.join(path, D.DETECTOR_FILE)):
                 record = D.read(path)
             else:

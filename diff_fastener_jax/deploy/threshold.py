@@ -65,34 +65,51 @@ def versions() -> dict:
     }
 
 
-def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=None, infer=None, mesh=None) -> dict:
-    """The threshold record for `params`: `eval.threshold` if >= 0, else the score exceeded by
-    `eval.fpr_target` of the held-out NORMAL validation images (never the test set).
+def calibrate(
+    config: ml_collections.ConfigDict, params, *, calibration_samples=None, infer=None, mesh=None
+) -> tuple[dict, np.ndarray | None]:
+    """(threshold record, normal map) for `params`. The threshold is `eval.threshold` if >= 0, else the
+    score exceeded by `eval.fpr_target` of the held-out NORMAL validation images (never the test set).
+    The normal map (H, W) is fitted on the same images when `infer.subtract_normal_map` (else None;
+    `normal_map.fit`: each image is then scored against the other images' normal map).
 
-    Returns {"value": float | None, "source": str, "fpr_target", "num_images", "rule", "calibration"};
-    value is None (with the reason as source) when there are no held-out normal images to calibrate on.
-    "calibration" says how far the value can be trusted (`calibration_facts`); below
-    MIN_CALIBRATION_NORMALS images one `warning:` line on stderr says so. A unified multi-category model
-    also gets "per_category": {name: value}, each calibrated on that category's own held-out normals
-    (`threshold_for` picks an image's).
+    The record is {"value": float | None, "source": str, "fpr_target", "num_images", "rule",
+    "calibration"} (+ "normal_map": how it was fitted); value is None (with the reason as source) when
+    there are no held-out normal images to calibrate on. "calibration" says how far the value can be
+    trusted (`calibration_facts`); below MIN_CALIBRATION_NORMALS images one `warning:` line on stderr
+    says so. A unified multi-category model also gets "per_category": {name: value}, each calibrated on
+    that category's own held-out normals (`threshold_for` picks an image's). `infer`, when given, is
+    the program built for `config` (and `mesh` its mesh).
     """
     record = {"rule": "score > threshold", "fpr_target": float(config.eval.fpr_target), "num_images": 0}
-    if config.eval.threshold >= 0:
-        return record | {"value": float(config.eval.threshold), "source": "config eval.threshold"}
+    subtract_normal = bool(config.infer.subtract_normal_map)
+    if config.eval.threshold >= 0 and not subtract_normal:
+        return record | {"value": float(config.eval.threshold), "source": "config eval.threshold"}, None
     if calibration_samples is None:
         calibration_samples = datasets.list_samples(config.data, "val", seed=config.seed)
     calib = [s for s in calibration_samples if s.label == 0]
-    record["calibration"] = calibration_facts(len(calib))
-    if not calib:
+    given = config.eval.threshold >= 0
+    if not given:
+        record["calibration"] = calibration_facts(len(calib))
+    if not calib and not subtract_normal:
         return record | {
             "value": None,
             "source": "not calibrated: no held-out normal validation images (data.val_fraction is 0)",
-        }
+        }, None
     import jax
 
-    from diff_fastener_jax.inference import prepare_inference, sample_batches, score_in_batches
+    from diff_fastener_jax.deploy import normal_map
+    from diff_fastener_jax.inference import (
+        model_image_shape,
+        prepare_inference,
+        sample_batches,
+        score_in_batches,
+        top_k_count,
+    )
 
-    if not record["calibration"]["reliable"] and jax.process_index() == 0:
+    if subtract_normal:
+        normal_map.check_count(len(calib))
+    if not given and not record["calibration"]["reliable"] and jax.process_index() == 0:
         print(
             f"warning: the threshold is calibrated on only {len(calib)} held-out normal image(s) (fewer than "
             f"{MIN_CALIBRATION_NORMALS}): the smallest false-positive rate it can resolve is 1/{len(calib)} = "
@@ -101,8 +118,12 @@ def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=
             file=sys.stderr,
             flush=True,
         )
+    h, w, _ = model_image_shape(config)
+    if subtract_normal:  # a zero normal map: the program's scores and maps are the model's own
+        params = normal_map.attach(normal_map.detach(params or {}), np.zeros((h, w), np.float32))
     if infer is None:
         infer, params, mesh = prepare_inference(config, params)
+    maps = []
     bs = config.infer.batch_size
     scores, _ = score_in_batches(
         infer,
@@ -110,10 +131,22 @@ def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=
         sample_batches(calib, config.data.image_size, bs),
         mesh=mesh,
         total=len(calib),
+        on_batch=(lambda i0, images, out: maps.append(out.anomaly_map)) if subtract_normal else None,
         show_progress=False,
         pad_to=bs,
         class_ids=datasets.class_id_array(config, calib),
     )
+    fitted = None
+    if subtract_normal:
+        fitted, scores = normal_map.fit(np.concatenate(maps), top_k_count(config, h, w))
+        record["normal_map"] = {
+            "num_images": len(calib),
+            "blur_sigma_px": normal_map.blur_sigma(h, w),
+            "file": normal_map.NORMAL_MAP_FILE,
+            "scores": "each held-out normal scored against the normal map of the others (leave-one-out)",
+        }
+    if given:
+        return record | {"value": float(config.eval.threshold), "source": "config eval.threshold"}, fitted
     value = float(M.calibrate_threshold(scores, config.eval.fpr_target))
     record |= {
         "value": value,
@@ -131,7 +164,7 @@ def calibrate(config: ml_collections.ConfigDict, params, *, calibration_samples=
         record["calibration"]["per_category"] = {
             name: calibration_facts(int((cats == name).sum())) for name in record["per_category"]
         }
-    return record
+    return record, fitted
 
 
 def compute_dtype_name(config: ml_collections.ConfigDict) -> str:
@@ -192,19 +225,25 @@ def threshold_for(record: dict, categories, default: float | None = None) -> np.
 
 def resolve_threshold(
     config, params, infer, mesh, stored: dict | None = None, *, recalibrate: bool = False, calibration_samples=None
-) -> tuple[dict, str]:
-    """(threshold record, where it came from) for evaluation: `eval.threshold` if >= 0, else the stored
-    calibration unless `recalibrate` (or nothing usable is stored), else a fresh calibration. The
-    record's "value" is set; "per_category" too for unified models (see `calibrate`)."""
-    if config.eval.threshold < 0 and not recalibrate and stored and stored.get("value") is not None:
+) -> tuple[dict, str, np.ndarray | None]:
+    """(threshold record, where it came from, normal map) for evaluation: `eval.threshold` if >= 0, else
+    the stored calibration unless `recalibrate` (or nothing usable is stored), else a fresh calibration.
+    The record's "value" is set; "per_category" too for unified models (see `calibrate`). The normal map
+    is the freshly fitted one when this calibrated with `infer.subtract_normal_map`, else None (the
+    params keep the one they carry); params without one are always calibrated afresh."""
+    from diff_fastener_jax.inference import NORMAL_MAP_PARAM
+
+    has_normal_map = not config.infer.subtract_normal_map or NORMAL_MAP_PARAM in (params or {})
+    usable = stored and stored.get("value") is not None and has_normal_map
+    if config.eval.threshold < 0 and not recalibrate and usable:
         check_threshold_dtype(stored, config, f"the threshold stored in {DETECTOR_FILE}")
-        return stored, f"stored in {DETECTOR_FILE}: {stored['source']}"
-    record = calibrate(config, params, calibration_samples=calibration_samples, infer=infer, mesh=mesh)
+        return stored, f"stored in {DETECTOR_FILE}: {stored['source']}", None
+    record, fitted = calibrate(config, params, calibration_samples=calibration_samples, infer=infer, mesh=mesh)
     if record["value"] is None:
         raise UserError(
             f"cannot calibrate a threshold: {record['source']}", hint="set one with --config.eval.threshold=X"
         )
-    return record, record["source"]
+    return record, record["source"], fitted
 
 
 def detector_record(
@@ -300,6 +339,20 @@ def stored_threshold(workdir: str, step: int, config: ml_collections.ConfigDict)
     return record["threshold"] if same else None
 
 
+def stored_normal_map(workdir: str, step: int, config: ml_collections.ConfigDict) -> np.ndarray | None:
+    """The run's normal map (normal_map.npy) when `infer.subtract_normal_map` and it was fitted with
+    the stored threshold of checkpoint `step` under this very config (`stored_threshold`), else None."""
+    from diff_fastener_jax.deploy import normal_map
+    from diff_fastener_jax.inference import model_image_shape
+
+    if not config.infer.subtract_normal_map:
+        return None
+    stored = stored_threshold(workdir, step, config)
+    if not stored or "normal_map" not in stored:
+        return None
+    return normal_map.load(workdir, model_image_shape(config)[:2])
+
+
 def host_params(params):
     """Parameters as host numpy arrays, whatever devices (or hosts) hold the replicated arrays."""
     import jax
@@ -316,13 +369,18 @@ def calibrate_and_save(
     config: ml_collections.ConfigDict, params, workdir: str, step: int, selection: dict | None = None
 ) -> dict:
     """Calibrates the threshold for the kept `params` (EMA when on) of checkpoint `step` and writes
-    <workdir>/detector.json.
+    <workdir>/detector.json (and normal_map.npy with `infer.subtract_normal_map`).
 
     Called once at the end of training; only process 0 writes. Returns the record.
     """
     import jax
 
-    record = detector_record(config, calibrate(config, host_params(params)), step, selection)
+    from diff_fastener_jax.deploy import normal_map
+
+    calibration, fitted = calibrate(config, host_params(params))
+    record = detector_record(config, calibration, step, selection)
     if jax.process_index() == 0:
+        if fitted is not None:  # first: detector.json names it
+            normal_map.save(workdir, fitted)
         write(os.path.join(workdir, DETECTOR_FILE), record)
     return record

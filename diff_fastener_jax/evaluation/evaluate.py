@@ -8,13 +8,14 @@ import numpy as np
 
 from diff_fastener_jax.config import class_names, validate_config
 from diff_fastener_jax.data import datasets
-from diff_fastener_jax.deploy import threshold
+from diff_fastener_jax.deploy import normal_map, threshold
 from diff_fastener_jax.deploy.threshold import PIXEL_THRESHOLD, is_anomalous, resolve_threshold
 from diff_fastener_jax.evaluation import metrics as M
 from diff_fastener_jax.evaluation import outputs, reference, report
 from diff_fastener_jax.inference import (
     map_smoothing,
     model_image_shape,
+    place_params,
     prepare_inference,
     run_infer,
     sample_batches,
@@ -80,6 +81,14 @@ def evaluate_run(
         train_samples = datasets.list_samples(config.data, "train", seed=config.seed)
     ref = make_reference(config, train_samples, has_masks) if train_samples else None
 
+    # The threshold (and, with infer.subtract_normal_map, the normal map the test scores need) first.
+    record, threshold_source, fitted = resolve_threshold(
+        config, params, infer, mesh, stored_threshold, recalibrate=recalibrate, calibration_samples=calibration_samples
+    )
+    if fitted is not None:
+        params = place_params(normal_map.attach(normal_map.detach(params), fitted), mesh)
+    thresholds = threshold.threshold_for(record, categories if unified else None)  # one, or one per image
+
     # Warm-up: compile once on a full-size batch so images/s measures steady-state inference.
     first = next(sample_batches(test_samples[:1], size, 1))
     run_infer(infer, params, first[0], mesh, pad_to=bs, class_ids=None if class_ids is None else class_ids[:1])
@@ -124,11 +133,6 @@ def evaluate_run(
         class_ids=class_ids,
     )
 
-    record, threshold_source = resolve_threshold(
-        config, params, infer, mesh, stored_threshold, recalibrate=recalibrate, calibration_samples=calibration_samples
-    )
-    thresholds = threshold.threshold_for(record, categories if unified else None)  # one, or one per image
-
     result = {
         "num_images": len(test_samples),
         "num_anomalous": int(labels.sum()),
@@ -152,6 +156,13 @@ def evaluate_run(
         }
     per_defect = result["per_defect"]
     notes = [f"Checkpoint parameters: {'EMA' if config.optim.ema_decay > 0 else 'raw'}; threshold: {threshold_source}."]
+    if config.infer.subtract_normal_map:
+        fit = record.get("normal_map") or {}
+        result["normal_map"] = fit
+        notes.append(
+            f"Image scores: the map minus the normal map, the mean map of {fit.get('num_images', '?')} held-out "
+            "normal images (infer.subtract_normal_map); the maps shown are the model's own."
+        )
     if ref is not None:
         result["reference"] = ref.compute()
         notes += reference.beaten_note(result, result["reference"])

@@ -10,7 +10,7 @@ import numpy as np
 from diff_fastener_jax import parallel
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data.sizing import size_hw
-from diff_fastener_jax.inference import make_infer_fn, model_image_shape, network_image_shape
+from diff_fastener_jax.inference import NORMAL_MAP_PARAM, make_infer_fn, model_image_shape, network_image_shape
 from diff_fastener_jax.models import init_params
 from diff_fastener_jax.perf.flop_count import compile_counted, jaxpr_flops
 from diff_fastener_jax.perf.xla_stats import (
@@ -54,6 +54,12 @@ def _infer_inputs(config, batch: int, mesh, abstract: bool, params=None):
     num_classes = len(class_names(config))
     if abstract:
         params = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)) if params is None else params
+    if config.infer.subtract_normal_map:  # a stand-in normal map: the program's cost does not depend on it
+        params = {
+            **params,
+            NORMAL_MAP_PARAM: jax.ShapeDtypeStruct((h, w), jnp.float32) if abstract else jnp.zeros((h, w)),
+        }
+    if abstract:
         sharding = None if mesh is None else parallel.data_sharding(mesh)
         inputs = [jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32, sharding=sharding)]
         if num_classes:

@@ -80,9 +80,20 @@ def _validation_scores(infer, params, val_batches, mesh=None, unified: bool = Fa
     return out
 
 
+def real_validation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config whose inference program scores validation images during training: `config` with
+    infer.subtract_normal_map off, since the normal map is fitted after training, on the kept checkpoint."""
+    if not config.infer.subtract_normal_map:
+        return config
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.infer.subtract_normal_map = False
+    return out
+
+
 def validation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config whose inference program scores the synthetic validation batches: with patch training
-    (data.patch_size P) those are P x P crops, scored as P x P images; else `config` itself."""
+    (data.patch_size P) those are P x P crops, scored as P x P images; else `real_validation_config`."""
+    config = real_validation_config(config)
     patch = int(config.data.get("patch_size", 0))
     if not patch:
         return config
@@ -287,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
 
     train_step = make_train_step(config, mesh)
     infer = make_infer_fn(validation_config(config))
-    real_infer = make_infer_fn(config) if real_val is not None else None
+    real_infer = make_infer_fn(real_validation_config(config)) if real_val is not None else None
     meta = {"param_shapes": shapes, "config": json.loads(config.to_json_best_effort())}
     writer.write(
         {

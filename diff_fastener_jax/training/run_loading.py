@@ -8,6 +8,7 @@ import jax
 import ml_collections
 
 from diff_fastener_jax.config import apply_overrides, config_from_json
+from diff_fastener_jax.deploy import normal_map, threshold  # threshold: the one reader of detector.json
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.training.checkpoint import Checkpointer, param_shapes
 from diff_fastener_jax.training.train_step import create_train_state
@@ -22,8 +23,6 @@ def load_run_config(workdir: str, overrides: dict | None = None) -> ml_collectio
 def default_step(workdir: str, steps: list[int]) -> int:
     """The step a run stands for: the one selected on validation (`train.select_on`, recorded in
     detector.json at the end of training) when there is one and it is on disk, else the latest."""
-    from diff_fastener_jax.deploy import threshold  # the one reader of detector.json
-
     try:
         record = threshold.read(workdir)
     except UserError:  # none yet (a running run) or unreadable: the latest step
@@ -35,8 +34,10 @@ def default_step(workdir: str, steps: list[int]) -> int:
 
 
 def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int | None = None):
-    """(params, step): the checkpoint's EMA params when EMA was on, else its raw params. `step` defaults
-    to `default_step` (the selected checkpoint of a finished run)."""
+    """(params, step): the checkpoint's EMA params when EMA was on, else its raw params, with the run's
+    normal map attached where `infer.subtract_normal_map` and one was fitted for this step
+    (`threshold.stored_normal_map`). `step` defaults to `default_step` (the selected checkpoint of a
+    finished run)."""
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise UserError(f"no checkpoints in {directory}", hint="train first: python -m diff_fastener_jax.train")
@@ -61,4 +62,7 @@ def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int |
     state, _ = ckpt.restore(step, abstract, expected_shapes=param_shapes(abstract.params))
     ckpt.close()
     params = state.inference_params
+    fitted = threshold.stored_normal_map(workdir, step, config)
+    if fitted is not None:
+        params = normal_map.attach(params, fitted)
     return params, step

@@ -1,0 +1,111 @@
+"""The normal map (`infer.subtract_normal_map`): the mean anomaly map of the held-out normal images.
+
+On an object seen in one pose the networks answer its fixed structure (a bottle's rings, a plate's
+edge) with the same faint response in every image, and a faint real defect elsewhere does not outscore
+it. The normal map is that shared response: the mean of the held-out normals' maps, blurred by
+BLUR_SIGMA px at 256² so that it removes a region's level and not the exact pixels of a few images.
+The inference program subtracts it before taking the image score (inference.NORMAL_MAP_PARAM).
+
+It is fitted in the same pass as the threshold, on the same held-out normals (`threshold.calibrate`).
+Each normal's calibration score is taken against the normal map of the OTHER normals (leave-one-out):
+against a mean that contains its own map, a calibration image would score lower than any unseen normal
+and the threshold would sit too low.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from diff_fastener_jax.errors import UserError
+
+NORMAL_MAP_FILE = "normal_map.npy"
+# Blur of the mean map, sigma in pixels at 256² (scaled with the side of the map, like infer.map_sigma).
+BLUR_SIGMA = 8.0
+# The leave-one-out calibration needs another normal to compare each one with.
+MIN_NORMALS = 2
+
+
+def blur_sigma(height: int, width: int) -> float:
+    """BLUR_SIGMA at 256², in pixels of a (height, width) map (scaled with the square root of its area)."""
+    return BLUR_SIGMA * float(np.sqrt(height * width)) / 256.0
+
+
+def blur_matrices(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (H, H), cols (W, W)) float64: rows @ m @ cols.T is m blurred by `blur_sigma`."""
+    from diff_fastener_jax.inference import smoothing_matrix
+
+    sigma = blur_sigma(height, width)
+    return smoothing_matrix(height, sigma), smoothing_matrix(width, sigma)
+
+
+def check_count(num_normals: int) -> None:
+    """UserError unless there are enough held-out normals to fit a normal map (MIN_NORMALS)."""
+    if num_normals < MIN_NORMALS:
+        raise UserError(
+            f"infer.subtract_normal_map: needs at least {MIN_NORMALS} held-out normal images, got {num_normals}",
+            hint="raise data.val_fraction (or add normal training images), or leave infer.subtract_normal_map false",
+        )
+
+
+def fit(maps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(normal map (H, W) float32, leave-one-out scores (n,) float64) of the held-out normals' maps
+    `maps` (n, H, W), as the inference program returns them; `k`: the program's top-K.
+
+    Score i is the top-K mean of maps[i] minus the blurred mean of the other n - 1 maps. The blur is
+    linear, so each image's leave-one-out map is (n * normal map - blur(maps[i])) / (n - 1).
+    """
+    maps = np.asarray(maps, np.float64)
+    n = maps.shape[0]
+    check_count(n)
+    rows, cols = blur_matrices(maps.shape[1], maps.shape[2])
+    blurred = np.einsum("hk,nkl,wl->nhw", rows, maps, cols)  # (n, H, W)
+    normal_map = blurred.mean(axis=0)  # (H, W)
+    scores = np.empty(n)
+    for i in range(n):
+        others = (n * normal_map - blurred[i]) / (n - 1)
+        flat = np.sort((maps[i] - others).reshape(-1))
+        scores[i] = flat[-k:].mean()
+    return normal_map.astype(np.float32), scores
+
+
+def attach(params, normal_map: np.ndarray) -> dict:
+    """`params` with the normal map as params[NORMAL_MAP_PARAM] (a new dict; the networks' trees shared)."""
+    from diff_fastener_jax.inference import NORMAL_MAP_PARAM
+
+    return {**params, NORMAL_MAP_PARAM: np.asarray(normal_map, np.float32)}
+
+
+def detach(params) -> dict:
+    """`params` without a normal map (the networks' trees only)."""
+    from diff_fastener_jax.inference import NORMAL_MAP_PARAM
+
+    return {k: v for k, v in params.items() if k != NORMAL_MAP_PARAM}
+
+
+def save(folder: str, normal_map: np.ndarray) -> str:
+    """Writes <folder>/normal_map.npy atomically (a crash never leaves half a file); returns its path."""
+    path = os.path.join(folder, NORMAL_MAP_FILE)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, np.asarray(normal_map, np.float32))
+    os.replace(tmp, path)
+    return path
+
+
+def load(folder: str, shape: tuple[int, int]) -> np.ndarray | None:
+    """<folder>/normal_map.npy, or None when the folder has none. UserError when it is not an (H, W)
+    float32 array of `shape` or holds non-finite values."""
+    path = os.path.join(folder, NORMAL_MAP_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        normal_map = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable .npy array ({e})") from e
+    if normal_map.shape != tuple(shape) or normal_map.dtype != np.float32 or not np.isfinite(normal_map).all():
+        raise UserError(
+            f"{path}: expected a finite float32 array of shape {tuple(shape)}, got {normal_map.dtype} {normal_map.shape}",
+            hint="training writes it with detector.json; evaluate --recalibrate fits one afresh for its evaluation",
+        )
+    return normal_map

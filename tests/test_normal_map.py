@@ -1,0 +1,141 @@
+"""infer.subtract_normal_map: the normal map is the blurred mean map of the held-out normals, each
+calibration image is scored against the others' (leave-one-out), and every path that scores an image
+(evaluate, the Detector, the exported StableHLO program) subtracts the same map."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+from ship_support import smoke_test_images
+
+from diff_fastener_jax.deploy import normal_map
+from diff_fastener_jax.errors import UserError
+
+
+def reference_fit(maps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 reference of `normal_map.fit` with scipy's Gaussian filter (reflected edges)."""
+    n, h, w = maps.shape
+    sigma = normal_map.BLUR_SIGMA * np.sqrt(h * w) / 256.0
+    blur = lambda m: gaussian_filter(m, sigma, mode="reflect", truncate=4.0)  # noqa: E731
+    scores = []
+    for i in range(n):
+        others = blur(np.delete(maps, i, axis=0).mean(axis=0))
+        scores.append(np.sort((maps[i] - others).ravel())[-k:].mean())
+    return blur(maps.mean(axis=0)), np.asarray(scores)
+
+
+def test_fit_matches_a_float64_leave_one_out_reference():
+    maps = np.random.default_rng(0).uniform(0, 1, (5, 24, 40))  # a non-square map: one sigma both ways
+    fitted, scores = normal_map.fit(maps.astype(np.float32), k=7)
+    ref_map, ref_scores = reference_fit(maps.astype(np.float32).astype(np.float64), 7)
+    assert fitted.shape == (24, 40) and fitted.dtype == np.float32 and scores.shape == (5,)
+    np.testing.assert_allclose(fitted, ref_map, atol=1e-6)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-9)
+    # Against its own map included, every image would score lower: the leave-one-out scores are higher.
+    in_sample = [np.sort((m - fitted).ravel())[-7:].mean() for m in maps]
+    assert (scores > np.asarray(in_sample)).all()
+
+
+def test_fit_needs_two_normals():
+    with pytest.raises(UserError, match="at least 2 held-out normal images, got 1"):
+        normal_map.fit(np.zeros((1, 8, 8), np.float32), k=1)
+
+
+def test_a_damaged_normal_map_file_is_refused(tmp_path):
+    normal_map.save(str(tmp_path), np.zeros((8, 8), np.float32))
+    assert normal_map.load(str(tmp_path), (8, 8)).shape == (8, 8)
+    assert sorted(os.listdir(tmp_path)) == [normal_map.NORMAL_MAP_FILE]  # no temporary file left
+    with pytest.raises(UserError, match="expected a finite float32 array of shape \\(8, 16\\)"):
+        normal_map.load(str(tmp_path), (8, 16))
+    np.save(tmp_path / normal_map.NORMAL_MAP_FILE, np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(UserError, match="finite"):
+        normal_map.load(str(tmp_path), (8, 8))
+    assert normal_map.load(str(tmp_path / "elsewhere"), (8, 8)) is None
+
+
+def test_a_unified_model_is_refused():
+    from helpers import tiny_config
+
+    from diff_fastener_jax.config import ConfigError, validate_config
+
+    config = tiny_config(**{"infer.subtract_normal_map": True, "data.category": "a,b"})
+    with pytest.raises(ConfigError, match="infer.subtract_normal_map: fits one normal map per model"):
+        validate_config(config, check_data=False)
+
+
+def _with_option(run: str, dst) -> str:
+    """A copy of `run` whose config turns infer.subtract_normal_map on (no normal map fitted yet) and
+    holds more normals out (the smoke run holds out one; some of these it trained on, which the
+    mechanics tested here do not mind)."""
+    import shutil
+
+    copy = shutil.copytree(run, str(dst))
+    path = os.path.join(copy, "config.json")
+    saved = json.load(open(path))
+    saved["infer"]["subtract_normal_map"] = True
+    saved["data"]["val_fraction"] = 0.5
+    json.dump(saved, open(path, "w"))
+    return copy
+
+
+def test_every_path_subtracts_the_fitted_normal_map(smoke_run, tmp_path):
+    from diff_fastener_jax import Detector
+    from diff_fastener_jax.data import datasets
+    from diff_fastener_jax.deploy import threshold
+    from diff_fastener_jax.deploy.export import export_run, load_stablehlo
+    from diff_fastener_jax.evaluation import metrics as M
+    from diff_fastener_jax.evaluation.evaluate import evaluate_workdir
+    from diff_fastener_jax.inference import NORMAL_MAP_PARAM, top_k_count
+    from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
+
+    run = _with_option(smoke_run, tmp_path / "run")
+    config = load_run_config(run)
+    params, step = load_run_params(run, config)
+    assert NORMAL_MAP_PARAM not in params  # the stored calibration predates the option
+    with pytest.raises(UserError, match="holds no normal map fitted for step"):
+        Detector.load(run)
+
+    # Training's last act, with the option on: normal_map.npy and detector.json.
+    record = threshold.calibrate_and_save(config, params, run, step)
+    val = [s.path for s in datasets.list_samples(config.data, "val", seed=config.seed) if s.label == 0]
+    assert record["threshold"]["normal_map"]["num_images"] == len(val) >= 2
+
+    # A float64 reference from the model's own maps (the run without the option).
+    plain = Detector.load(smoke_run)
+    h, w = plain.height, plain.width
+    k = top_k_count(config, h, w)
+    val_maps, _ = plain.infer(plain.preprocess(val))
+    ref_map, ref_scores = reference_fit(val_maps.astype(np.float64), k)
+    np.testing.assert_allclose(np.load(os.path.join(run, normal_map.NORMAL_MAP_FILE)), ref_map, atol=1e-6)
+    expected = M.calibrate_threshold(ref_scores, config.eval.fpr_target)
+    assert record["threshold"]["value"] == pytest.approx(expected, abs=1e-6)
+
+    # The Detector on the run: the same map as without the option, the score of (map - normal map).
+    paths = smoke_test_images(run, 8)
+    det = Detector.load(run)
+    maps, scores = det.infer(det.preprocess(paths))
+    plain_maps, plain_scores = plain.infer(plain.preprocess(paths))
+    np.testing.assert_allclose(maps, plain_maps, atol=1e-6)
+    subtracted = np.sort((plain_maps - ref_map).reshape(len(paths), -1), axis=1)[:, -k:].mean(1)
+    np.testing.assert_allclose(scores, subtracted, atol=1e-5)
+    assert not np.allclose(scores, plain_scores, atol=1e-3)
+
+    # evaluate: the stored threshold and normal map, the same scores.
+    result = evaluate_workdir(run, str(tmp_path / "eval"), show_progress=False)
+    assert result["threshold_source"].startswith("stored in detector.json")
+    assert result["normal_map"]["num_images"] == len(val)
+    with open(tmp_path / "eval" / "scores.csv") as f:
+        by_path = {r["path"]: float(r["score"]) for r in csv.DictReader(f)}
+    evaluated = [by_path[os.path.relpath(p, config.data.root)] for p in paths]
+    np.testing.assert_allclose(evaluated, scores, atol=2e-6)
+
+    # Both exported programs carry the normal map: StableHLO in its params, ONNX as a constant.
+    folder = str(tmp_path / "export")
+    export_run(run, folder, log=lambda *_: None)
+    _, exported_scores = load_stablehlo(folder)(det.preprocess(paths))
+    np.testing.assert_allclose(np.asarray(exported_scores), scores, atol=2e-6)
+    assert Detector.load(folder, runtime="jax").predict(paths).scores == pytest.approx(scores, abs=2e-6)
+    assert Detector.load(folder, runtime="onnx").predict(paths).scores == pytest.approx(scores, abs=1e-4)
