@@ -50,6 +50,7 @@ from diff_fastener_jax.config_schema import (
     RESUME_FIXED,
     RESUME_FREE,
     SCHEDULES,
+    SCORE_REGIONS,
     SEG_CLASS_CONDITIONINGS,
     SELECT_METRICS,
     SELECT_ON,
@@ -626,6 +627,7 @@ def validate_infer(config: ml_collections.ConfigDict) -> None:
     _positive("infer.adaptive_fusion_gain", i.adaptive_fusion_gain)
     _positive("infer.top_k", i.top_k, 50)
     _need(i.map_sigma >= 0, "infer.map_sigma", f"must be >= 0 (pixels at 256²), got {i.map_sigma}")
+    _one_of("infer.score_region", i.score_region, SCORE_REGIONS)
     _need(
         isinstance(i.subtract_normal_map, bool),
         "infer.subtract_normal_map",

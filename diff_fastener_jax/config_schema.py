@@ -25,6 +25,9 @@ LR_SCHEDULES = ("constant", "warmup_cosine")
 STEP_DEPENDENT_LR_SCHEDULES = ("warmup_cosine",)
 INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm", "adaptive")
 ANOMALY_MAPS = ("segmentation", "recon_error", "segmentation+recon_error")
+# infer.score_region: where the image score's top-K pixels are taken: the whole image, or the object's
+# Otsu foreground (the rule that places the synthetic anomalies; diff_fastener_jax/foreground.py)
+SCORE_REGIONS = ("image", "foreground")
 # infer.tiling, for models trained on data.patch_size crops: 'tiles' (overlapping patch-size tiles,
 # stitched) | 'whole' (the network applied to the whole image at once, fully convolutionally)
 TILINGS = ("tiles", "whole")
@@ -274,6 +277,12 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # varies (MPDD plates) there is no shared response to remove and the score gets worse
     # (docs/experiments.md). Needs >= 2 held-out normals (data.val_fraction) and a one-category model.
     c.infer.subtract_normal_map = False
+    # SCORE_REGIONS: 'image' | 'foreground' = the top-K of the image's data.foreground region only: the
+    # Otsu object ('otsu'), everywhere ('full'); the map stays whole. Training draws its anomalies there,
+    # so the segmentation net's answer on the background (a shadow in a corner, a cable) is no evidence of
+    # a defect. For objects on a background; not for surfaces and textures, whose Otsu class is half the
+    # surface (docs/experiments.md)
+    c.infer.score_region = "image"
     c.infer.batch_size = 16
     c.infer.seed = 0
     # data.patch_size > 0: how the patch-trained network covers a whole image at data.image_size (TILINGS):

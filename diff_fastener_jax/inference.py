@@ -26,11 +26,12 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from diff_fastener_jax import diffusion, parallel, tiling
+from diff_fastener_jax import diffusion, foreground, parallel, tiling
 from diff_fastener_jax.config_schema import (
     ANOMALY_MAPS,
     INFER_METHODS,
     PATCH_OFF,
+    SCORE_REGIONS,
     TILE_STRIDE_HALF_PATCH,
     TILINGS,
 )
@@ -193,6 +194,13 @@ def tile_plans(config: ml_collections.ConfigDict) -> tuple[tiling.AxisPlan, tili
     return tiling.axis_plan(h, p, stride), tiling.axis_plan(w, p, stride)
 
 
+def scores_otsu_foreground(config: ml_collections.ConfigDict) -> bool:
+    """Whether the image score takes its top-K from the Otsu foreground alone: `infer.score_region` is
+    'foreground', the region where training draws its anomalies (`data.foreground`), and that is the
+    Otsu object; with data.foreground='full' (textures) the foreground is the whole image."""
+    return config.infer.score_region == "foreground" and config.data.foreground == "otsu"
+
+
 def top_k_count(config: ml_collections.ConfigDict, height: int, width: int) -> int:
     """K for the image score: `infer.top_k` at 256², scaled with the pixel count, at least 1."""
     return max(1, int(round(config.infer.top_k * height * width / (256 * 256))))
@@ -278,6 +286,8 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.infer.map not in ANOMALY_MAPS:
         raise ValueError(f"infer.map must be one of {ANOMALY_MAPS}, got {config.infer.map!r}")
+    if config.infer.score_region not in SCORE_REGIONS:
+        raise ValueError(f"infer.score_region must be one of {SCORE_REGIONS}, got {config.infer.score_region!r}")
     if not config.infer.map_sigma >= 0:
         raise ValueError(f"infer.map_sigma must be >= 0 (pixels at 256²), got {config.infer.map_sigma}")
     if config.infer.tiling not in TILINGS:
@@ -295,12 +305,13 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     docstring); recon (N, H, W, C); anomaly_map (N, H, W) in [0, 1] (segmentation probability;
     |x - recon| averaged over channels / 2 for `infer.map='recon_error'`; the mean of the two for
     'segmentation+recon_error'), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
-    top-K map values (of the map minus params[NORMAL_MAP_PARAM] with `infer.subtract_normal_map`; the
-    returned map stays the model's own, so its pixel values keep their meaning); denoise_step (N,)
-    int32, the diffusion step the reconstruction started from (`diffusion.eval_t_big` for the
-    fixed-step methods, each image's own for 'adaptive'). Every image
-    gets the same fixed noise (`fixed_noise`; ddim/ddpm draw theirs from one fixed raw key), so row i
-    of the outputs depends on images[i] alone. Closes over no typed PRNG key (jax2onnx cannot convert one).
+    top-K map values (of the map minus params[NORMAL_MAP_PARAM] with `infer.subtract_normal_map`, of
+    the image's Otsu foreground alone with `infer.score_region='foreground'`; the returned map stays
+    the model's own, so its pixel values keep their meaning); denoise_step (N,) int32, the diffusion
+    step the reconstruction started from (`diffusion.eval_t_big` for the fixed-step methods, each
+    image's own for 'adaptive'). Every image gets the same fixed noise (`fixed_noise`; ddim/ddpm draw
+    theirs from one fixed raw key), so row i of the outputs depends on images[i] alone. Closes over no
+    typed PRNG key (jax2onnx cannot convert one).
     `fuse_passes=False` runs the two noise scales as two network calls instead of one on a 2N batch
     (the same numbers up to float rounding; jax2onnx cannot slice a symbolic 2N batch in half).
     """
@@ -324,6 +335,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     smooth_rows, smooth_cols = smoothing_matrix(shape[0], sigma_h), smoothing_matrix(shape[1], sigma_w)
     method = config.infer.method
     subtract_normal = bool(config.infer.subtract_normal_map)
+    foreground_only = scores_otsu_foreground(config)
 
     def infer(params, images, class_ids=None):
         if tuple(images.shape[1:]) != shape:
@@ -352,6 +364,8 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
         if sigma_h > 0:
             amap = smooth_map(amap, smooth_rows, smooth_cols)
         scored = amap - params[NORMAL_MAP_PARAM] if subtract_normal else amap  # (N, H, W) - (H, W)
+        if foreground_only:
+            scored = foreground.masked_to_foreground(scored, foreground.otsu_foreground(images))
         return InferOutputs(recon, amap, top_k_score(scored, k), step)
 
     def network_pass(params, images, class_ids):

@@ -139,3 +139,27 @@ def test_every_path_subtracts_the_fitted_normal_map(smoke_run, tmp_path):
     np.testing.assert_allclose(np.asarray(exported_scores), scores, atol=2e-6)
     assert Detector.load(folder, runtime="jax").predict(paths).scores == pytest.approx(scores, abs=2e-6)
     assert Detector.load(folder, runtime="onnx").predict(paths).scores == pytest.approx(scores, abs=1e-4)
+
+
+def test_training_with_the_option_validates_without_it_and_writes_the_normal_map(demo_root, tmp_path):
+    """Validation during training scores with the model's own map (no normal map exists yet); the end of
+    training fits one on the held-out normals and the run loads it with its params."""
+    from helpers import tiny_config
+
+    from diff_fastener_jax.data import datasets
+    from diff_fastener_jax.deploy import threshold
+    from diff_fastener_jax.inference import NORMAL_MAP_PARAM
+    from diff_fastener_jax.training.loop import train_and_evaluate
+    from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
+
+    config = tiny_config(**{"data.root": demo_root, "infer.subtract_normal_map": True, "data.val_fraction": 0.5})
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir, quiet=True)  # validates at steps 3 and 6
+    normals = [s for s in datasets.list_samples(config.data, "val", seed=config.seed) if s.label == 0]
+    assert threshold.read(workdir)["threshold"]["normal_map"]["num_images"] == len(normals) >= 2
+    params, step = load_run_params(workdir, load_run_config(workdir))
+    assert step == 6 and params[NORMAL_MAP_PARAM].shape == (32, 32)
+    np.testing.assert_array_equal(params[NORMAL_MAP_PARAM], np.load(os.path.join(workdir, normal_map.NORMAL_MAP_FILE)))
+    # The option turned off by an override: the same checkpoint loads without a normal map.
+    plain, _ = load_run_params(workdir, load_run_config(workdir, {"infer.subtract_normal_map": False}))
+    assert NORMAL_MAP_PARAM not in plain

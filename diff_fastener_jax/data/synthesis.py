@@ -53,6 +53,10 @@ def otsu_threshold(gray: np.ndarray) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+# Below this share of the image, Otsu found no usable object: the whole image is the foreground.
+MIN_FOREGROUND_SHARE = 0.01
+
+
 def foreground_mask(image: np.ndarray, mode: str = "otsu") -> np.ndarray:
     """bool (H, W): where anomalies may go. 'full' = everywhere (textures); 'otsu' = the Otsu class of
     the greyscale image that touches the border less (the object, whether darker or brighter than its
@@ -66,7 +70,7 @@ def foreground_mask(image: np.ndarray, mode: str = "otsu") -> np.ndarray:
     bright = gray > otsu_threshold(gray)
     border = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
     fg = ~bright if border.mean() > 0.5 else bright
-    if fg.mean() < 0.01:
+    if fg.mean() < MIN_FOREGROUND_SHARE:
         return np.ones((h, w), bool)
     return fg
 

@@ -254,6 +254,7 @@ def detector_record(
     from diff_fastener_jax.inference import (
         map_smoothing,
         model_image_shape,
+        scores_otsu_foreground,
         tiling_record,
         top_k_count,
     )
@@ -287,7 +288,10 @@ def detector_record(
             **tiling_record(config),
             "map_sigma_px": list(map_smoothing(config, h, w)),
             "top_k": top_k_count(config, h, w),
-            "score": "mean of the top_k anomaly-map values",
+            "score": "mean of the top_k anomaly-map values"
+            + (" minus the normal map" if config.infer.subtract_normal_map else "")
+            + (" inside the image's Otsu foreground" if scores_otsu_foreground(config) else ""),
+            "score_region": config.infer.score_region,
         },
         "threshold": threshold,
         "pixel_threshold": PIXEL_THRESHOLD,
