@@ -1,6 +1,7 @@
 """infer.subtract_normal_map: the normal map is the blurred mean map of the held-out normals, each
-calibration image is scored against the others' (leave-one-out), and every path that scores an image
-(evaluate, the Detector, the exported StableHLO program) subtracts the same map."""
+calibration image is scored against the others' (leave-one-out, inside its score region), and every
+path that scores an image (evaluate, the Detector, the exported StableHLO and ONNX programs) subtracts
+the same map."""
 
 import csv
 import json
@@ -11,19 +12,22 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from ship_support import smoke_test_images
 
+from diff_fastener_jax.data.synthesis import foreground_mask
 from diff_fastener_jax.deploy import normal_map
 from diff_fastener_jax.errors import UserError
 
 
-def reference_fit(maps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def reference_fit(maps: np.ndarray, k: int, regions=None) -> tuple[np.ndarray, np.ndarray]:
     """float64 reference of `normal_map.fit` with scipy's Gaussian filter (reflected edges)."""
     n, h, w = maps.shape
     sigma = normal_map.BLUR_SIGMA * np.sqrt(h * w) / 256.0
     blur = lambda m: gaussian_filter(m, sigma, mode="reflect", truncate=4.0)  # noqa: E731
     scores = []
     for i in range(n):
-        others = blur(np.delete(maps, i, axis=0).mean(axis=0))
-        scores.append(np.sort((maps[i] - others).ravel())[-k:].mean())
+        scored = maps[i] - blur(np.delete(maps, i, axis=0).mean(axis=0))
+        if regions is not None:
+            scored = np.where(regions[i], scored, -1.0)
+        scores.append(np.sort(scored.ravel())[-k:].mean())
     return blur(maps.mean(axis=0)), np.asarray(scores)
 
 
@@ -37,6 +41,16 @@ def test_fit_matches_a_float64_leave_one_out_reference():
     # Against its own map included, every image would score lower: the leave-one-out scores are higher.
     in_sample = [np.sort((m - fitted).ravel())[-7:].mean() for m in maps]
     assert (scores > np.asarray(in_sample)).all()
+
+
+def test_fit_scores_each_normal_inside_its_score_region():
+    rng = np.random.default_rng(1)
+    maps = rng.uniform(0, 1, (4, 16, 16)).astype(np.float32)
+    regions = rng.uniform(size=(4, 16, 16)) < 0.3  # infer.score_region='foreground'
+    _, scores = normal_map.fit(maps, k=5, regions=regions)
+    _, ref_scores = reference_fit(maps.astype(np.float64), 5, regions)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-9)
+    assert not np.allclose(scores, normal_map.fit(maps, k=5)[1])
 
 
 def test_fit_needs_two_normals():
@@ -67,21 +81,22 @@ def test_a_unified_model_is_refused():
 
 
 def _with_option(run: str, dst) -> str:
-    """A copy of `run` whose config turns infer.subtract_normal_map on (no normal map fitted yet) and
-    holds more normals out (the smoke run holds out one; some of these it trained on, which the
-    mechanics tested here do not mind)."""
+    """A copy of `run` whose config turns infer.subtract_normal_map on (no normal map fitted yet), with
+    the score taken in the Otsu foreground (infer.score_region), and holds more normals out (the smoke
+    run holds out one; some of these it trained on, which the mechanics tested here do not mind)."""
     import shutil
 
     copy = shutil.copytree(run, str(dst))
     path = os.path.join(copy, "config.json")
     saved = json.load(open(path))
     saved["infer"]["subtract_normal_map"] = True
+    saved["infer"]["score_region"] = "foreground"
     saved["data"]["val_fraction"] = 0.5
     json.dump(saved, open(path, "w"))
     return copy
 
 
-def test_every_path_subtracts_the_fitted_normal_map(smoke_run, tmp_path):
+def test_every_path_subtracts_the_fitted_normal_map_inside_the_score_region(smoke_run, tmp_path):
     from diff_fastener_jax import Detector
     from diff_fastener_jax.data import datasets
     from diff_fastener_jax.deploy import threshold
@@ -108,7 +123,8 @@ def test_every_path_subtracts_the_fitted_normal_map(smoke_run, tmp_path):
     h, w = plain.height, plain.width
     k = top_k_count(config, h, w)
     val_maps, _ = plain.infer(plain.preprocess(val))
-    ref_map, ref_scores = reference_fit(val_maps.astype(np.float64), k)
+    val_regions = np.stack([foreground_mask(x, "otsu") for x in plain.preprocess(val)])
+    ref_map, ref_scores = reference_fit(val_maps.astype(np.float64), k, val_regions)
     np.testing.assert_allclose(np.load(os.path.join(run, normal_map.NORMAL_MAP_FILE)), ref_map, atol=1e-6)
     expected = M.calibrate_threshold(ref_scores, config.eval.fpr_target)
     assert record["threshold"]["value"] == pytest.approx(expected, abs=1e-6)
@@ -119,7 +135,9 @@ def test_every_path_subtracts_the_fitted_normal_map(smoke_run, tmp_path):
     maps, scores = det.infer(det.preprocess(paths))
     plain_maps, plain_scores = plain.infer(plain.preprocess(paths))
     np.testing.assert_allclose(maps, plain_maps, atol=1e-6)
-    subtracted = np.sort((plain_maps - ref_map).reshape(len(paths), -1), axis=1)[:, -k:].mean(1)
+    regions = np.stack([foreground_mask(x, "otsu") for x in plain.preprocess(paths)])
+    inside = np.where(regions, plain_maps - ref_map, -1.0).reshape(len(paths), -1)
+    subtracted = np.sort(inside, axis=1)[:, -k:].mean(1)
     np.testing.assert_allclose(scores, subtracted, atol=1e-5)
     assert not np.allclose(scores, plain_scores, atol=1e-3)
 

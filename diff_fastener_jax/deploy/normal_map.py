@@ -49,12 +49,14 @@ def check_count(num_normals: int) -> None:
         )
 
 
-def fit(maps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def fit(maps: np.ndarray, k: int, regions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(normal map (H, W) float32, leave-one-out scores (n,) float64) of the held-out normals' maps
-    `maps` (n, H, W), as the inference program returns them; `k`: the program's top-K.
+    `maps` (n, H, W), as the inference program returns them; `k`: the program's top-K; `regions`
+    (n, H, W) bool: where each image's score is taken (`infer.score_region`), None for everywhere.
 
-    Score i is the top-K mean of maps[i] minus the blurred mean of the other n - 1 maps. The blur is
-    linear, so each image's leave-one-out map is (n * normal map - blur(maps[i])) / (n - 1).
+    Score i is the top-K mean of maps[i] minus the blurred mean of the other n - 1 maps (-1 outside
+    its region, as in the program). The blur is linear, so each image's leave-one-out map is
+    (n * normal map - blur(maps[i])) / (n - 1).
     """
     maps = np.asarray(maps, np.float64)
     n = maps.shape[0]
@@ -64,8 +66,10 @@ def fit(maps: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     normal_map = blurred.mean(axis=0)  # (H, W)
     scores = np.empty(n)
     for i in range(n):
-        others = (n * normal_map - blurred[i]) / (n - 1)
-        flat = np.sort((maps[i] - others).reshape(-1))
+        scored = maps[i] - (n * normal_map - blurred[i]) / (n - 1)
+        if regions is not None:
+            scored = np.where(regions[i], scored, -1.0)
+        flat = np.sort(scored.reshape(-1))
         scores[i] = flat[-k:].mean()
     return normal_map.astype(np.float32), scores
 

@@ -98,12 +98,14 @@ def calibrate(
         }, None
     import jax
 
+    from diff_fastener_jax.data.synthesis import foreground_mask  # the program's region rule (tested equal)
     from diff_fastener_jax.deploy import normal_map
     from diff_fastener_jax.inference import (
         model_image_shape,
         prepare_inference,
         sample_batches,
         score_in_batches,
+        scores_otsu_foreground,
         top_k_count,
     )
 
@@ -123,7 +125,14 @@ def calibrate(
         params = normal_map.attach(normal_map.detach(params or {}), np.zeros((h, w), np.float32))
     if infer is None:
         infer, params, mesh = prepare_inference(config, params)
-    maps = []
+    maps, regions = [], []
+    foreground_only = scores_otsu_foreground(config)
+
+    def keep_maps(i0, images, out):  # what the normal map's fit needs: the maps and the score regions
+        maps.append(out.anomaly_map)
+        if foreground_only:
+            regions.append(np.stack([foreground_mask(x, "otsu") for x in images]))
+
     bs = config.infer.batch_size
     scores, _ = score_in_batches(
         infer,
@@ -131,14 +140,16 @@ def calibrate(
         sample_batches(calib, config.data.image_size, bs),
         mesh=mesh,
         total=len(calib),
-        on_batch=(lambda i0, images, out: maps.append(out.anomaly_map)) if subtract_normal else None,
+        on_batch=keep_maps if subtract_normal else None,
         show_progress=False,
         pad_to=bs,
         class_ids=datasets.class_id_array(config, calib),
     )
     fitted = None
     if subtract_normal:
-        fitted, scores = normal_map.fit(np.concatenate(maps), top_k_count(config, h, w))
+        fitted, scores = normal_map.fit(
+            np.concatenate(maps), top_k_count(config, h, w), np.concatenate(regions) if regions else None
+        )
         record["normal_map"] = {
             "num_images": len(calib),
             "blur_sigma_px": normal_map.blur_sigma(h, w),
