@@ -25,7 +25,7 @@ Recipe:
 Measured (docs/experiments.md, seed 0, two trainings at once on the 2-core VM): MPDD metal_plate image
 AUROC 0.972, pixel AUROC 0.975, AUPRO 0.906; MVTec bottle image AUROC 0.965 (the reference detectors:
 0.867 and 0.973). Close to, not yet at, the real-data goals (0.99 / 0.98 / 0.93 and 0.98). Training
-alone on MPDD: 28 min 4 s and 30 min 15 s in two runs of the same command. Scoring options for one
+alone: MPDD 28 min 4 s and 30 min 15 s in two runs of the same command, bottle 31 min 19 s. Scoring options for one
 kind of data each (the README's results): `--config.infer.score_region=foreground` for objects on a
 background (MPDD 0.989, bottle 0.971; not for plain surfaces), `--config.infer.subtract_normal_map=true`
 for an object always seen in one pose (bottle 0.987; MPDD, whose plates vary in position, 0.951).
