@@ -136,9 +136,9 @@ class Detector:
 
             config = load_run_config(path)
             params, step = load_run_params(path, config, checkpoint)
-            from diff_fastener_jax.inference import NORMAL_MAP_PARAM
+            from diff_fastener_jax.deploy import normal_map
 
-            if config.infer.subtract_normal_map and NORMAL_MAP_PARAM not in params:
+            if normal_map.missing(config, params):
                 raise UserError(
                     f"{path}: infer.subtract_normal_map is on, but the run holds no normal map fitted for step {step}",
                     hint="training writes normal_map.npy with detector.json at its end; export the run "

@@ -17,7 +17,7 @@ from diff_fastener_jax.deploy import detector as api  # noqa
 from diff_fastener_jax.deploy import normal_map, runtimes
 from diff_fastener_jax.deploy import threshold as D
 from diff_fastener_jax.errors import UserError
-from diff_fastener_jax.inference import NORMAL_MAP_PARAM, make_infer_program, model_image_shape
+from diff_fastener_jax.inference import make_infer_program, model_image_shape
 
 STABLEHLO_FILE = "model.stablehlo"
 
@@ -253,14 +253,14 @@ def export_run(
     params, step = load_run_params(workdir, config, checkpoint)
     params = D.host_params(params)
     threshold = D.stored_threshold(workdir, step, config)
-    if config.infer.subtract_normal_map and NORMAL_MAP_PARAM not in params:
+    if normal_map.missing(config, params):
         threshold = None  # the normal map is fitted with the threshold: both afresh
     if threshold is not None:  # the exported programs compute in this process's dtype
         D.check_threshold_dtype(threshold, config, f"{workdir}/{D.DETECTOR_FILE}")
     else:
         threshold, fitted = D.calibrate(config, params)
         if fitted is not None:  # travels in params.npz and inside both programs
-            params = normal_map.attach(normal_map.detach(params), fitted)
+            params = normal_map.attach(params, fitted)
     record = D.detector_record(config, threshold, step)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for leftover in glob.glob(

@@ -75,17 +75,19 @@ def fit(maps: np.ndarray, k: int, regions: np.ndarray | None = None) -> tuple[np
 
 
 def attach(params, normal_map: np.ndarray) -> dict:
-    """`params` with the normal map as params[NORMAL_MAP_PARAM] (a new dict; the networks' trees shared)."""
+    """`params` with `normal_map` as params[NORMAL_MAP_PARAM], replacing any it carried (a new dict; the
+    networks' trees shared)."""
     from diff_fastener_jax.inference import NORMAL_MAP_PARAM
 
     return {**params, NORMAL_MAP_PARAM: np.asarray(normal_map, np.float32)}
 
 
-def detach(params) -> dict:
-    """`params` without a normal map (the networks' trees only)."""
+def missing(config, params) -> bool:
+    """Whether `config` scores with a normal map (`infer.subtract_normal_map`) that `params` lacks: it
+    must then be fitted (`threshold.calibrate`) before the program can run."""
     from diff_fastener_jax.inference import NORMAL_MAP_PARAM
 
-    return {k: v for k, v in params.items() if k != NORMAL_MAP_PARAM}
+    return bool(config.infer.subtract_normal_map) and NORMAL_MAP_PARAM not in (params or {})
 
 
 def save(folder: str, normal_map: np.ndarray) -> str:

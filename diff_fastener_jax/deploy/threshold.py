@@ -122,7 +122,7 @@ def calibrate(
         )
     h, w, _ = model_image_shape(config)
     if subtract_normal:  # a zero normal map: the program's scores and maps are the model's own
-        params = normal_map.attach(normal_map.detach(params or {}), np.zeros((h, w), np.float32))
+        params = normal_map.attach(params or {}, np.zeros((h, w), np.float32))
     if infer is None:
         infer, params, mesh = prepare_inference(config, params)
     maps, regions = [], []
@@ -242,10 +242,9 @@ def resolve_threshold(
     The record's "value" is set; "per_category" too for unified models (see `calibrate`). The normal map
     is the freshly fitted one when this calibrated with `infer.subtract_normal_map`, else None (the
     params keep the one they carry); params without one are always calibrated afresh."""
-    from diff_fastener_jax.inference import NORMAL_MAP_PARAM
+    from diff_fastener_jax.deploy import normal_map
 
-    has_normal_map = not config.infer.subtract_normal_map or NORMAL_MAP_PARAM in (params or {})
-    usable = stored and stored.get("value") is not None and has_normal_map
+    usable = stored and stored.get("value") is not None and not normal_map.missing(config, params)
     if config.eval.threshold < 0 and not recalibrate and usable:
         check_threshold_dtype(stored, config, f"the threshold stored in {DETECTOR_FILE}")
         return stored, f"stored in {DETECTOR_FILE}: {stored['source']}", None

@@ -86,7 +86,7 @@ def evaluate_run(
         config, params, infer, mesh, stored_threshold, recalibrate=recalibrate, calibration_samples=calibration_samples
     )
     if fitted is not None:
-        params = place_params(normal_map.attach(normal_map.detach(params), fitted), mesh)
+        params = place_params(normal_map.attach(params, fitted), mesh)
     thresholds = threshold.threshold_for(record, categories if unified else None)  # one, or one per image
 
     # Warm-up: compile once on a full-size batch so images/s measures steady-state inference.
