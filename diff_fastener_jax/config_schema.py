@@ -12,7 +12,8 @@ import ml_collections
 
 DATA_PRESETS = ("mvtec", "visa", "fastener", "demo")
 DATA_FORMATS = ("mvtec", "visa", "folder", "demo")
-FOREGROUNDS = ("otsu", "full")
+# 'auto': decided from the training normals when training starts (data/foreground_kind.py)
+FOREGROUNDS = ("otsu", "full", "auto")
 DEMO_FRAMINGS = ("fastener", "track")  # one fastener per image (a crop) | the whole sleeper crossing
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # 'auto': bfloat16 on GPUs/TPUs, float32 on CPUs
@@ -177,7 +178,9 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     c.data.patch_size = PATCH_OFF
     c.data.val_fraction = 0.1  # held-out slice of train/good for validation and threshold calibration
     c.data.texture_dir = ""  # optional folder of anomaly source textures (e.g. DTD); never downloaded
-    c.data.foreground = "otsu"  # FOREGROUNDS: 'otsu' (objects) | 'full' (textures); used when no masks are supplied
+    # FOREGROUNDS: 'otsu' (objects) | 'full' (textures) | 'auto' (which of the two the training normals
+    # show, decided once and saved in config.json); used when no masks are supplied
+    c.data.foreground = "otsu"
     # share of synthetic anomalies that are cut-paste (a Perlin-masked, opaque, shifted copy of the image
     # itself: normal-looking pixels in the wrong place, like a missing or displaced part) instead of a
     # blended texture; 0 = the paper's synthesis only
@@ -280,8 +283,8 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # SCORE_REGIONS: 'image' | 'foreground' = the top-K of the image's data.foreground region only: the
     # Otsu object ('otsu'), everywhere ('full'); the map stays whole. Training draws its anomalies there,
     # so the segmentation net's answer on the background (a shadow in a corner, a cable) is no evidence of
-    # a defect. For objects on a background; not for surfaces and textures, whose Otsu class is half the
-    # surface (docs/experiments.md)
+    # a defect. For objects on a background, or with data.foreground='auto'; not with 'otsu' on surfaces
+    # and textures, whose Otsu class is half the surface (docs/experiments.md)
     c.infer.score_region = "image"
     c.infer.batch_size = 16
     c.infer.seed = 0

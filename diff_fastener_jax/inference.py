@@ -197,8 +197,10 @@ def tile_plans(config: ml_collections.ConfigDict) -> tuple[tiling.AxisPlan, tili
 def scores_otsu_foreground(config: ml_collections.ConfigDict) -> bool:
     """Whether the image score takes its top-K from the Otsu foreground alone: `infer.score_region` is
     'foreground', the region where training draws its anomalies (`data.foreground`), and that is the
-    Otsu object; with data.foreground='full' (textures) the foreground is the whole image."""
-    return config.infer.score_region == "foreground" and config.data.foreground == "otsu"
+    Otsu object; with data.foreground='full' (textures) the foreground is the whole image. A run's config
+    holds 'auto' resolved (`foreground_kind.resolve`); an unresolved 'auto' (a config never trained, as the
+    benchmark builds it) computes the Otsu region, the costlier program."""
+    return config.infer.score_region == "foreground" and config.data.foreground in ("otsu", "auto")
 
 
 def top_k_count(config: ml_collections.ConfigDict, height: int, width: int) -> int:

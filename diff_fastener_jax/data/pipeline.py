@@ -38,7 +38,7 @@ import grain
 import numpy as np
 
 from diff_fastener_jax.config_schema import parse_synthesis
-from diff_fastener_jax.data import datasets, image_io, patches
+from diff_fastener_jax.data import datasets, foreground_kind, image_io, patches
 from diff_fastener_jax.data.sizing import resize_of
 from diff_fastener_jax.data.synthesis import TextureBank, foreground_mask, synthesize_anomaly
 
@@ -234,6 +234,7 @@ def build_train_dataset(
     if samples is None:
         samples = datasets.list_samples(config.data, "train", seed=seed)
     check_patches_fit(config, samples)
+    config, _ = foreground_kind.resolve(config, samples)  # data.foreground='auto' outside `train`
     paths = [s.path for s in samples]
     foregrounds = [s.foreground_path for s in samples]
     ds = (
@@ -368,6 +369,9 @@ def make_val_batches(config, *, seed: int, num_batches: int, samples=None) -> li
         return []
     b = local_batch_size(int(config.train.batch_size), 1)
     check_patches_fit(config, samples)
+    # `train` resolves data.foreground='auto' from the training normals first; any other caller gets the
+    # same rule applied to the held-out normals of the same category
+    config, _ = foreground_kind.resolve(config, samples)
     n = len(samples)
     bank = _texture_bank(config.data)
     synth = _synthesizer(config, bank)

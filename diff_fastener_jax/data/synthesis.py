@@ -16,14 +16,13 @@ from collections import OrderedDict
 
 import numpy as np
 
-from diff_fastener_jax.config_schema import FOREGROUNDS
 from diff_fastener_jax.data import defect_families, perlin
 from diff_fastener_jax.data.image_io import IMAGE_EXTENSIONS, load_image
 from diff_fastener_jax.errors import DatasetError
 
 BETA_RANGE = (0.2, 0.8)
 MAX_MASK_TRIES = 10  # Perlin draws before falling back to a rectangle
-FG_MODES = FOREGROUNDS
+FG_MODES = ("otsu", "full")  # data.foreground once 'auto' is resolved (data/foreground_kind.py)
 # Cut-paste: a pixel counts as changed when the pasted copy differs from it by more than this (mean
 # |difference| over channels, images in [-1, 1]; sensor noise and concrete grain stay below ~0.1), and
 # a cut-paste needs this many changed pixels, else the paper's blended texture is drawn instead.
@@ -65,14 +64,23 @@ def foreground_mask(image: np.ndarray, mode: str = "otsu") -> np.ndarray:
     if mode == "full":
         return np.ones((h, w), bool)
     if mode != "otsu":
-        raise ValueError(f"data.foreground must be one of {FG_MODES}, got {mode!r}")
-    gray = (np.asarray(image, np.float32).mean(axis=-1) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
-    bright = gray > otsu_threshold(gray)
-    border = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
-    fg = ~bright if border.mean() > 0.5 else bright
+        raise ValueError(
+            f"foreground_mask: mode must be one of {FG_MODES}, got {mode!r} ('auto' is resolved from the training "
+            "images first: data.foreground_kind.resolve)"
+        )
+    _, fg = otsu_object(image)
     if fg.mean() < MIN_FOREGROUND_SHARE:
         return np.ones((h, w), bool)
     return fg
+
+
+def otsu_object(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(grey (H, W) float32 in [0, 1], object bool (H, W)) of `image` (H, W, 3) in [-1, 1]: the object is the
+    class of the grey levels' Otsu split that touches the image border less."""
+    gray = (np.asarray(image, np.float32).mean(axis=-1) + 1.0) / 2.0  # [-1, 1] -> [0, 1]
+    bright = gray > otsu_threshold(gray)
+    border = np.concatenate([bright[0], bright[-1], bright[:, 0], bright[:, -1]])
+    return gray, (~bright if border.mean() > 0.5 else bright)
 
 
 def _random_rectangle(foreground: np.ndarray, rng: np.random.Generator) -> np.ndarray:

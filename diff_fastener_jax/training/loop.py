@@ -20,7 +20,7 @@ from diff_fastener_jax.config import (
     resume_changes,
     validate_config,
 )
-from diff_fastener_jax.data import datasets, pipeline
+from diff_fastener_jax.data import datasets, foreground_kind, pipeline
 from diff_fastener_jax.data.demo import resolve_data_root
 from diff_fastener_jax.data.sizing import resize_of
 from diff_fastener_jax.deploy import threshold
@@ -253,6 +253,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
     """
     mesh = parallel.make_mesh()
     config, samples = prepare_run(config, workdir, mesh.devices.size)  # before anything compiles
+    # data.foreground='auto' becomes 'otsu' or 'full' here, so config.json, synthesis, calibration and
+    # every later scoring of the run use the one choice
+    config, foreground_choice = foreground_kind.resolve(config, samples["train"])
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -313,6 +316,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
         f"{len(train_samples)} normal training images, global batch {config.train.batch_size}",
     )
 
+    if foreground_choice is not None:
+        writer.write(
+            {"event": "foreground", "step": start, **foreground_choice},
+            f"data.foreground auto -> {foreground_choice['foreground']}: {foreground_choice['object_images']} of "
+            f"{foreground_choice['images']} training images show one object on a background",
+        )
     writer.start_progress(total_steps, start)
     last: dict = {}
     pending = None  # (step, metrics) of the previous step, checked while the next one runs
