@@ -13,9 +13,10 @@ Synthesis draws its anomalies inside the image's Otsu object for objects and any
   whereas the shades of a textured surface interleave along tens to hundreds of sides.
 
 Measured at the recipe's 256² (docs/experiments.md): MPDD plates and MVTec bottles have separability
->= 0.91 and outlines of 4-7 sides; grey surfaces (noise, stains, vignetted or brushed metal, woven or
-blotched textures, tiles with grout) 0.63-0.93 and 28-256 sides. A category is 'otsu' when at least
-half of up to SAMPLE_IMAGES evenly spaced training normals pass both tests, else 'full'.
+>= 0.91 and outlines of 3.6-7 sides. Constructed grey surfaces fail one test or both: noise, stains,
+vignetted or brushed metal, woven or blotched textures 0.63-0.81 with 70-256 sides; a smooth gradient
+0.75 with 1 side; tiles with grout 0.93 with 28 sides. A category is 'otsu' when at least half of up
+to SAMPLE_IMAGES evenly spaced training normals pass both tests, else 'full'.
 """
 
 from __future__ import annotations
