@@ -16,13 +16,15 @@ from collections import OrderedDict
 
 import numpy as np
 
+from diff_fastener_jax.config_schema import FOREGROUNDS
 from diff_fastener_jax.data import defect_families, perlin
 from diff_fastener_jax.data.image_io import IMAGE_EXTENSIONS, load_image
 from diff_fastener_jax.errors import DatasetError
 
 BETA_RANGE = (0.2, 0.8)
 MAX_MASK_TRIES = 10  # Perlin draws before falling back to a rectangle
-FG_MODES = ("otsu", "full")  # data.foreground once 'auto' is resolved (data/foreground_kind.py)
+# data.foreground once 'auto' is resolved from the training images (data/foreground_kind.py)
+FG_MODES = tuple(mode for mode in FOREGROUNDS if mode != "auto")
 # Cut-paste: a pixel counts as changed when the pasted copy differs from it by more than this (mean
 # |difference| over channels, images in [-1, 1]; sensor noise and concrete grain stay below ~0.1), and
 # a cut-paste needs this many changed pixels, else the paper's blended texture is drawn instead.
