@@ -120,6 +120,7 @@ def get_config(workdir: str | None = None, *, name: str = "config", validate: bo
             raise app.UsageError("--workdir is required")
         cfg = config_lib.config_from_json(os.path.join(workdir, "config.json"))
         config_lib.apply_overrides(cfg, dict(FLAGS[name].override_values))
+        config_lib.refuse_auto_on_trained_run(cfg)
     else:
         cfg = FLAGS[name].value
         if cfg is None:

@@ -41,11 +41,13 @@ from diff_fastener_jax.config_schema import (
     INT_OR_PAIR_KEYS,
     LR_SCHEDULES,
     NO_FOLD,
+    NORMAL_MAPS,
     NUM_STEPS_FROM_EPOCHS,
     PATCH_OFF,
     REAL_VAL_METRICS,
     REFERENCE_DETECTORS,
     REMAT_MODES,
+    RENAMED_KEYS,
     RESIZE_MODES,
     RESUME_FIXED,
     RESUME_FREE,
@@ -145,6 +147,10 @@ def example_value(key: str):
 
 def suggest_key(key: str) -> str | None:
     """'did you mean data.root?' for a mistyped dotted key, or None when nothing is close."""
+    if key in RENAMED_KEYS:
+        new, values_now = RENAMED_KEYS[key]
+        mapping = ", ".join(f"{json.dumps(old)} -> {now}" for old, now in values_now.items())
+        return f"{key} is now {new} ({mapping})"
     known = list(known_keys())
     close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
     if not close:  # a right leaf under a wrong section ('train.top_k' -> 'infer.top_k')
@@ -271,10 +277,39 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     return apply_overrides(base_config(), values)
 
 
+# Settings whose 'auto' training decides once, from the training normals (data/foreground_kind.py), and
+# the choices a trained run's config takes instead
+DECIDED_AT_TRAINING = {
+    key: tuple(v for v in allowed if v != "auto")
+    for key, allowed in (("data.foreground", FOREGROUNDS), ("infer.normal_map", NORMAL_MAPS))
+}
+
+
+def refuse_auto_on_trained_run(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError when a trained run's config (config.json with command-line overrides) holds an
+    'auto' that only training decides: the run's saved config always holds the decided value."""
+    values = flatten(config)
+    for key, choices in DECIDED_AT_TRAINING.items():
+        if values.get(key) == "auto":
+            raise ConfigError(
+                f"--config.{key}=auto: decided when training starts, from the training images; a trained run "
+                "needs the choice itself",
+                hint=" or ".join(f"--config.{key}={choice}" for choice in choices),
+            )
+
+
 def migrate_saved(values: dict[str, object]) -> dict[str, object]:
-    """A saved config's dotted values without the `DROPPED_KEYS` (read by nothing), so that a run's
-    config.json that holds them loads without an error."""
-    return {k: v for k, v in values.items() if k not in DROPPED_KEYS}
+    """A saved config's dotted values without the `DROPPED_KEYS` (read by nothing) and with the
+    `RENAMED_KEYS` under their names and values now, so that an older run's config.json loads."""
+    out = {}
+    for key, value in values.items():
+        if key in DROPPED_KEYS:
+            continue
+        if key in RENAMED_KEYS:
+            key, values_now = RENAMED_KEYS[key]
+            value = values_now.get(value, value)
+        out[key] = value
+    return out
 
 
 def _comparable(value):
@@ -628,16 +663,12 @@ def validate_infer(config: ml_collections.ConfigDict) -> None:
     _positive("infer.top_k", i.top_k, 50)
     _need(i.map_sigma >= 0, "infer.map_sigma", f"must be >= 0 (pixels at 256²), got {i.map_sigma}")
     _one_of("infer.score_region", i.score_region, SCORE_REGIONS)
+    _one_of("infer.normal_map", i.normal_map, NORMAL_MAPS)
     _need(
-        isinstance(i.subtract_normal_map, bool),
-        "infer.subtract_normal_map",
-        f"must be true or false, got {i.subtract_normal_map!r}",
-    )
-    _need(
-        not (i.subtract_normal_map and class_names(config)),
-        "infer.subtract_normal_map",
-        "fits one normal map per model; a unified multi-category model's categories do not share one",
-        hint="train one model per category, or leave infer.subtract_normal_map false",
+        not (i.normal_map == "subtract" and class_names(config)),
+        "infer.normal_map",
+        "'subtract' fits one normal map per model; a unified multi-category model's categories do not share one",
+        hint="train one model per category, or use infer.normal_map='auto' or 'off'",
     )
     _positive("infer.batch_size", i.batch_size, 16)
     _at_least("infer.seed", i.seed, 0)

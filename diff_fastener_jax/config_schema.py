@@ -15,7 +15,7 @@ DATA_FORMATS = ("mvtec", "visa", "folder", "demo")
 # 'auto': decided from the training normals when training starts (data/foreground_kind.py)
 FOREGROUNDS = ("otsu", "full", "auto")
 DEMO_FRAMINGS = ("fastener", "track")  # one fastener per image (a crop) | the whole sleeper crossing
-ACTIVATIONS = ("gelu", "silu", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # 'auto': bfloat16 on GPUs/TPUs, float32 on CPUs
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_MODES = ("none", "blocks")
@@ -29,6 +29,9 @@ ANOMALY_MAPS = ("segmentation", "recon_error", "segmentation+recon_error")
 # infer.score_region: where the image score's top-K pixels are taken: the whole image, or the object's
 # Otsu foreground (the rule that places the synthetic anomalies; diff_fastener_jax/foreground.py)
 SCORE_REGIONS = ("image", "foreground")
+# infer.normal_map: 'off' | 'subtract' (score the map minus the held-out normals' mean map) | 'auto'
+# ('subtract' where the training normals show one object in one pose, else 'off'; data/foreground_kind.py)
+NORMAL_MAPS = ("off", "subtract", "auto")
 # infer.tiling, for models trained on data.patch_size crops: 'tiles' (overlapping patch-size tiles,
 # stitched) | 'whole' (the network applied to the whole image at once, fully convolutionally)
 TILINGS = ("tiles", "whole")
@@ -121,6 +124,9 @@ RESUME_FREE = ("model.attention", "model.remat")
 # Keys that nothing reads and the schema leaves out: a saved config.json that holds them loads, and
 # they are dropped without an error (`config.migrate_saved`).
 DROPPED_KEYS = ("eval.pixel_bins",)
+# Keys that a saved config.json may hold under an earlier name: old key -> (key, {old value: value}).
+# `config.migrate_saved` reads them as the new key; on the command line the old key names the new one.
+RENAMED_KEYS = {"infer.subtract_normal_map": ("infer.normal_map", {True: "subtract", False: "off"})}
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -133,7 +139,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.attention_resolutions = (32, 16, 8)  # feature-map sizes (pixels) that get self-attention
     m.num_heads = 4
     m.num_groups = 32  # GroupNorm groups (clamped to the channel count for tiny widths)
-    m.activation = "gelu"  # ACTIVATIONS: 'gelu' (paper) | 'silu' (reference) | 'relu'
+    m.activation = "gelu"  # ACTIVATIONS: 'gelu' (paper) | 'gelu_tanh' (faster on CPUs) | 'silu' (reference) | 'relu'
     m.dropout = 0.0
     m.skip_every = 3  # Sparse-Skip: keep every k-th encoder skip; 1 = dense (reference)
     m.use_dacm = True
@@ -273,13 +279,14 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # square root of the map's area, the same in both directions); 0 = the paper's raw map. Smoothing trades the sharpness of the map's edges for fewer
     # isolated false-positive pixels (PatchCore smooths with sigma 4 at 224²).
     c.infer.map_sigma = 0.0
-    # True: the image score is the top-K mean of the map minus the normal map, the mean map of the held-out
-    # normal images (blurred; fitted with the threshold, stored as normal_map.npy). On an object seen in
-    # one pose (a bottle from above) the networks answer its fixed structure with the same faint response
-    # in every image; subtracting it lets a faint real defect outscore it. Where the pose or background
-    # varies (MPDD plates) there is no shared response to remove and the score gets worse
-    # (docs/experiments.md). Needs >= 2 held-out normals (data.val_fraction) and a one-category model.
-    c.infer.subtract_normal_map = False
+    # NORMAL_MAPS. 'subtract': the image score is the top-K mean of the map minus the normal map, the mean
+    # map of the held-out normal images (blurred; fitted with the threshold, stored as normal_map.npy). On
+    # an object seen in one pose (a bottle from above) the networks answer its fixed structure with the
+    # same faint response in every image; subtracting it lets a faint real defect outscore it. Where the
+    # pose or background varies (MPDD plates) there is no shared response to remove and the score gets
+    # worse (docs/experiments.md). Needs >= 2 held-out normals (data.val_fraction) and a one-category
+    # model. 'auto' decides when training starts, from how much the training normals' objects overlap.
+    c.infer.normal_map = "off"
     # SCORE_REGIONS: 'image' | 'foreground' = the top-K of the image's data.foreground region only: the
     # Otsu object ('otsu'), everywhere ('full'); the map stays whole. Training draws its anomalies there,
     # so the segmentation net's answer on the background (a shadow in a corner, a cable) is no evidence of

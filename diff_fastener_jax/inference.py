@@ -9,7 +9,7 @@ same program: overlapping P x P tiles (`infer.tiling='tiles'`, every `infer.tile
 the networks as one batch and are stitched into one full-size map (`tiling`), or the networks run once on
 the whole image (`infer.tiling='whole'`). Every tile gets the same P x P noise.
 
-With `infer.subtract_normal_map` the params carry one more array, params[NORMAL_MAP_PARAM] (H, W): the
+With `infer.normal_map='subtract'` the params carry one more array, params[NORMAL_MAP_PARAM] (H, W): the
 blurred mean map of the held-out normal images (`deploy.normal_map`), subtracted from the map before
 the image score is taken. Because it travels with the params, evaluate, predict, the service and both
 exported files apply the same one.
@@ -40,7 +40,7 @@ from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models, tile_rows
 from diff_fastener_jax.perf import xla_options
 
-# The params key of the fitted normal map (infer.subtract_normal_map); the networks' keys are 'recon', 'seg'.
+# The params key of the fitted normal map (infer.normal_map='subtract'); the networks' keys are 'recon', 'seg'.
 NORMAL_MAP_PARAM = "normal_map"
 
 
@@ -307,7 +307,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     docstring); recon (N, H, W, C); anomaly_map (N, H, W) in [0, 1] (segmentation probability;
     |x - recon| averaged over channels / 2 for `infer.map='recon_error'`; the mean of the two for
     'segmentation+recon_error'), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
-    top-K map values (of the map minus params[NORMAL_MAP_PARAM] with `infer.subtract_normal_map`, of
+    top-K map values (of the map minus params[NORMAL_MAP_PARAM] with `infer.normal_map='subtract'`, of
     the image's Otsu foreground alone with `infer.score_region='foreground'`; the returned map stays
     the model's own, so its pixel values keep their meaning); denoise_step (N,) int32, the diffusion
     step the reconstruction started from (`diffusion.eval_t_big` for the fixed-step methods, each
@@ -336,7 +336,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     sigma_h, sigma_w = map_smoothing(config, shape[0], shape[1])
     smooth_rows, smooth_cols = smoothing_matrix(shape[0], sigma_h), smoothing_matrix(shape[1], sigma_w)
     method = config.infer.method
-    subtract_normal = bool(config.infer.subtract_normal_map)
+    subtract_normal = config.infer.normal_map == "subtract"
     foreground_only = scores_otsu_foreground(config)
 
     def infer(params, images, class_ids=None):
@@ -350,7 +350,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
             )
         if subtract_normal != (NORMAL_MAP_PARAM in params):
             raise ValueError(
-                f"infer: infer.subtract_normal_map is {subtract_normal}: params must "
+                f"infer: infer.normal_map is {config.infer.normal_map!r}: params must "
                 f"{'' if subtract_normal else 'not '}carry {NORMAL_MAP_PARAM!r} (deploy.normal_map)"
             )
         if not tiled:

@@ -120,7 +120,7 @@ class MetricsWriter:
     def resume_at(self, step: int) -> None:
         """Makes the file what it was at checkpoint `step`, before a resumed (or restarted, step 0) run
         writes again: drops every record of a later step (those steps are redone), the events that the
-        run writes again ("start"/"resume"/"foreground" at `step`, "selected", "done") and a torn last line."""
+        run writes again ("start"/"resume"/"auto" at `step`, "selected", "done") and a torn last line."""
         if not self.is_writer or not os.path.isfile(self.path):
             return
         kept = []
@@ -133,7 +133,7 @@ class MetricsWriter:
                 at = record.get("step")
                 later = isinstance(at, (int, float)) and at > step
                 rewritten = record.get("event") in ("selected", "done") or (
-                    record.get("event") in ("start", "resume", "foreground") and at == step
+                    record.get("event") in ("start", "resume", "auto") and at == step
                 )
                 if line.endswith("\n") and not later and not rewritten:
                     kept.append(line)

@@ -67,7 +67,7 @@ SLOW = {
     "test_validation.py::test_validation_logs_ema_scores_equal_to_a_direct_computation": "trains with validation",
     "test_selection.py::test_training_keeps_calibrates_and_evaluates_the_selected_step": "trains and evaluates a run",
     "test_train.py::test_interrupted_save_leaves_previous_checkpoint_usable": "trains a run",
-    "test_foreground_kind.py::test_training_saves_and_logs_the_choice": "trains a run",
+    "test_foreground_kind.py::test_training_saves_and_logs_the_choices": "trains a run",
     "test_resume.py::test_resume_with_another_step_count_needs_confirmation": "trains a run and resumes it",
     # subprocesses: the other CLI tests cover the command wrapper in the inner loop
     "test_benchmark.py::test_benchmark_command_writes_record": "runs the whole benchmark command",

@@ -99,7 +99,7 @@ def test_print_config_applies_overrides_and_exits_before_writing(tmp_path):
         ),
         (
             ("--config.model.activation=tanh",),
-            "model.activation: 'tanh' is not one of gelu, silu, relu",
+            "model.activation: 'tanh' is not one of gelu, gelu_tanh, silu, relu",
             "--config.model.activation=gelu",
         ),
         (("--config.data.format=mvtec", "--config.data.root=/nonexistent"), "data.root: folder '/nonexistent'", None),
@@ -166,6 +166,12 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path):
 def test_evaluate_unknown_checkpoint_step_lists_the_available_ones(smoke_run, tmp_path):
     proc = run_cli("evaluate", "--workdir", smoke_run, "--checkpoint", "4", "--out", tmp_path / "eval")
     _assert_user_error(proc, "--checkpoint 4: no such step", "available steps: 3, 6")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_refuses_an_auto_that_only_training_decides(smoke_run, tmp_path):
+    proc = run_cli("evaluate", "--workdir", smoke_run, "--out", tmp_path / "eval", "--config.infer.normal_map=auto")
+    _assert_user_error(proc, "--config.infer.normal_map=auto: decided when training starts", "normal_map=off or")
     assert not (tmp_path / "eval").exists()
 
 

@@ -253,6 +253,32 @@ def test_a_saved_config_with_a_dropped_key_loads(tmp_path):
     assert "eval.pixel_bins" in C.DROPPED_KEYS and "eval.pixel_bins" not in C.known_keys()
 
 
+def test_a_saved_config_with_a_renamed_key_loads_under_the_new_name(tmp_path):
+    for old_value, value in ((True, "subtract"), (False, "off")):
+        saved = json.loads(tiny_config().to_json_best_effort())
+        del saved["infer"]["normal_map"]
+        saved["infer"]["subtract_normal_map"] = old_value
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(saved))
+        assert C.config_from_json(str(path)).infer.normal_map == value
+    # on the command line the old key is an unknown key whose hint names the new one
+    with pytest.raises(C.ConfigError, match="unknown config key infer.subtract_normal_map") as caught:
+        C.check_keys(["infer.subtract_normal_map"])
+    assert caught.value.hint == "infer.subtract_normal_map is now infer.normal_map (true -> subtract, false -> off)"
+
+
+def test_a_trained_runs_config_refuses_auto():
+    for key, choices in (
+        ("data.foreground", "otsu or --config.data.foreground=full"),
+        ("infer.normal_map", "subtract"),
+    ):
+        config = tiny_config(**{key: "auto"})
+        with pytest.raises(C.ConfigError, match=f"--config.{key}=auto: decided when training starts") as caught:
+            C.refuse_auto_on_trained_run(config)
+        assert choices in caught.value.hint
+    C.refuse_auto_on_trained_run(tiny_config(**{"data.foreground": "full", "infer.normal_map": "subtract"}))
+
+
 def test_dropped_keys_are_read_nowhere():
     import os
     import subprocess
@@ -311,3 +337,4 @@ def test_the_real_data_recipe_covers_256_px_images_by_5x5_overlapping_128_px_til
     record = tiling_record(config)
     assert record["tiles"] == [5, 5] and record["tile_stride"] == 32 and record["patch_size"] == 128
     assert not config.loss.anomaly_oriented_noise and config.train.num_steps == 700
+    assert (config.data.foreground, config.infer.normal_map) == ("auto", "auto")

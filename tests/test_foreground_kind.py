@@ -1,5 +1,7 @@
-"""data.foreground='auto': the two facts of an image's Otsu split against closed forms, objects told
-from surfaces, the category-level choice, and training saving and logging what it chose."""
+"""The 'auto' settings: for data.foreground, the two facts of an image's Otsu split against closed
+forms, objects told from surfaces and the category-level choice; for infer.normal_map, the pose overlap
+against closed forms and the choice on objects in one pose, in varying poses and on surfaces; training
+saving and logging what it chose."""
 
 import json
 import os
@@ -113,6 +115,63 @@ def test_a_category_is_otsu_when_most_normals_show_an_object(tmp_path):
     assert foreground_kind.resolve(fixed, only_surfaces) == (fixed, None)
 
 
+def _square(top: int, left: int, side: int = 100) -> np.ndarray:
+    mask = np.zeros((SIDE, SIDE), bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+def test_the_pose_overlap_is_the_median_pairwise_iou():
+    # a square of side a and the same square moved s px along a row overlap by (a - s) / (a + s)
+    assert foreground_kind.pose_overlap([_square(50, 50), _square(50, 50)]) == 1.0
+    assert foreground_kind.pose_overlap([_square(50, 50), _square(50, 70)]) == pytest.approx(80 / 120)
+    assert foreground_kind.pose_overlap([_square(0, 0), _square(150, 150)]) == 0.0
+    # three masks, three pairs: 1.0, 80/120 and 80/120 -> the median 2/3
+    three = [_square(50, 50), _square(50, 50), _square(50, 70)]
+    assert foreground_kind.pose_overlap(three) == pytest.approx(2 / 3)
+    assert foreground_kind.pose_overlap([np.zeros((4, 4), bool)] * 2) == 0.0
+    with pytest.raises(ValueError, match="at least 2 masks"):
+        foreground_kind.pose_overlap([_square(0, 0)])
+
+
+def _shifted_disc(dy: int, dx: int, rng) -> np.ndarray:
+    return np.roll(_disc(70, rng, 0.03), (dy, dx), axis=(0, 1))
+
+
+def test_normal_map_auto_subtracts_only_for_an_object_in_one_pose(tmp_path):
+    rng = np.random.default_rng(3)
+    config = tiny_config(**{"data.foreground": "auto", "infer.normal_map": "auto", "data.image_size": SIDE})
+    # the same disc within 2 px: IoU >= 0.95
+    one_pose = _write(tmp_path / "a", [_shifted_disc(*rng.integers(-2, 3, 2), rng) for _ in range(8)])
+    chosen, record = foreground_kind.resolve(config, one_pose)
+    assert (chosen.data.foreground, chosen.infer.normal_map) == ("otsu", "subtract")
+    assert record["pose_overlap"] >= 0.95 and record["images"] == 8
+    assert "infer.normal_map auto -> subtract: the objects of 8 training images overlap by" in (
+        foreground_kind.describe(record)
+    )
+    # the same disc anywhere within 60 px: IoU mostly below 0.6
+    moved = _write(tmp_path / "b", [_shifted_disc(*rng.integers(-60, 61, 2), rng) for _ in range(8)])
+    chosen, record = foreground_kind.resolve(config, moved)
+    assert (chosen.data.foreground, chosen.infer.normal_map) == ("otsu", "off")
+    assert record["pose_overlap"] < foreground_kind.POSE_MIN_OVERLAP
+    # a surface has no object to keep a pose: 'off' without an overlap
+    surfaces = _write(tmp_path / "c", list(_surfaces(rng).values()))
+    chosen, record = foreground_kind.resolve(config, surfaces)
+    assert (chosen.data.foreground, chosen.infer.normal_map, record["pose_overlap"]) == ("full", "off", None)
+    # one pose, but too few held-out normals to fit a map on (the calibration needs MIN_NORMALS)
+    chosen, record = foreground_kind.resolve(config, one_pose, held_out_normals=1)
+    assert chosen.infer.normal_map == "off" and record["held_out_normals"] == 1
+    assert "1 held-out normal image(s) are too few" in foreground_kind.describe(record)
+    assert foreground_kind.resolve(config, one_pose, held_out_normals=2)[0].infer.normal_map == "subtract"
+    # foreground set by the user: only the normal map is decided, and only it is recorded
+    fixed = tiny_config(**{"data.foreground": "otsu", "infer.normal_map": "auto", "data.image_size": SIDE})
+    chosen, record = foreground_kind.resolve(fixed, one_pose)
+    assert chosen.infer.normal_map == "subtract" and "foreground" not in record
+    # a unified model of several categories shares no normal map
+    unified = tiny_config(**{"infer.normal_map": "auto", "data.category": "a,b", "data.image_size": SIDE})
+    assert foreground_kind.resolve(unified, one_pose)[0].infer.normal_map == "off"
+
+
 def test_auto_is_a_setting_that_synthesis_never_sees_unresolved():
     from diff_fastener_jax.config import validate_config
     from diff_fastener_jax.inference import scores_otsu_foreground
@@ -124,16 +183,21 @@ def test_auto_is_a_setting_that_synthesis_never_sees_unresolved():
         synthesis.foreground_mask(_disc(40), "auto")
 
 
-def test_training_saves_and_logs_the_choice(demo_root, tmp_path):
+def test_training_saves_and_logs_the_choices(demo_root, tmp_path):
     from diff_fastener_jax.data import datasets
     from diff_fastener_jax.training.loop import train_and_evaluate
 
-    config = tiny_config(**{"data.root": demo_root, "data.foreground": "auto", "train.num_steps": 2})
+    config = tiny_config(
+        **{"data.root": demo_root, "data.foreground": "auto", "infer.normal_map": "auto", "train.num_steps": 2}
+    )
     workdir = str(tmp_path / "run")
     train_and_evaluate(config, workdir, quiet=True)
-    _, want = foreground_kind.resolve(config, datasets.list_splits(config.data, seed=config.seed)["train"])
+    splits = datasets.list_splits(config.data, seed=config.seed)
+    held_out = sum(s.label == 0 for s in splits["val"])
+    _, want = foreground_kind.resolve(config, splits["train"], held_out)
     with open(os.path.join(workdir, "config.json")) as f:
-        assert json.load(f)["data"]["foreground"] == want["foreground"]
+        saved = json.load(f)
+    assert (saved["data"]["foreground"], saved["infer"]["normal_map"]) == (want["foreground"], want["normal_map"])
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        events = [r for r in map(json.loads, f) if r.get("event") == "foreground"]
+        events = [r for r in map(json.loads, f) if r.get("event") == "auto"]
     assert len(events) == 1 and {k: events[0][k] for k in want} == want

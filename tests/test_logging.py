@@ -61,7 +61,7 @@ def test_resume_drops_the_lines_a_resumed_run_writes_again(tmp_path):
     strict JSON (NaN is null)."""
     writer = MetricsWriter(str(tmp_path), quiet=True)
     writer.write({"event": "start", "step": 0})
-    writer.write({"event": "foreground", "step": 0, "foreground": "otsu"})
+    writer.write({"event": "auto", "step": 0, "foreground": "otsu"})
     for step in (1, 2, 3, 4, 5):
         writer.write({"step": step, "total": 1.0 / step})
     writer.write({"step": 3, "event": "validation", "val_image_auroc": float("nan")})
@@ -69,7 +69,7 @@ def test_resume_drops_the_lines_a_resumed_run_writes_again(tmp_path):
         f.write('{"step": 6, "tot')  # the crash cut this line short
     writer.resume_at(3)
     writer.write({"event": "resume", "step": 3})
-    writer.write({"event": "foreground", "step": 3, "foreground": "otsu"})
+    writer.write({"event": "auto", "step": 3, "foreground": "otsu"})
     for step in (4, 5, 6):
         writer.write({"step": step, "total": 1.0 / step})
     writer.write({"event": "done", "step": 6})
@@ -84,8 +84,8 @@ def test_resume_drops_the_lines_a_resumed_run_writes_again(tmp_path):
     # choice once per start.
     writer.resume_at(3)
     writer.write({"event": "resume", "step": 3})
-    writer.write({"event": "foreground", "step": 3, "foreground": "otsu"})
+    writer.write({"event": "auto", "step": 3, "foreground": "otsu"})
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [x["step"] for x in lines if x.get("event") == "resume"] == [3]
-    assert [x["step"] for x in lines if x.get("event") == "foreground"] == [0, 3]
+    assert [x["step"] for x in lines if x.get("event") == "auto"] == [0, 3]
     assert [x for x in lines if x.get("event") == "done"] == []

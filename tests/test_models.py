@@ -178,6 +178,22 @@ def test_dacm_conv_has_dilation_two():
     assert offsets == {(i, j) for i in (-2, 0, 2) for j in (-2, 0, 2)}
 
 
+def test_the_activations_match_float64_references():
+    """'gelu' is x * Phi(x) with Phi the normal CDF (erf form); 'gelu_tanh' its tanh form, within 5e-4 of
+    it everywhere (largest near |x| = 2), so a model may swap one for the other."""
+    from math import erf, sqrt, tanh
+
+    from diff_fastener_jax.models.layers import get_activation
+
+    x = np.linspace(-8.0, 8.0, 4001)
+    exact = np.array([v * 0.5 * (1.0 + erf(v / sqrt(2.0))) for v in x])
+    tanh_form = np.array([0.5 * v * (1.0 + tanh(sqrt(2.0 / np.pi) * (v + 0.044715 * v**3))) for v in x])
+    np.testing.assert_allclose(np.asarray(get_activation("gelu")(jnp.asarray(x, jnp.float32))), exact, atol=2e-6)
+    got = np.asarray(get_activation("gelu_tanh")(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(got, tanh_form, atol=2e-6)
+    assert 1e-4 < np.max(np.abs(tanh_form - exact)) < 5e-4
+
+
 def test_bad_sizes_raise_clear_errors():
     config = tiny_config(**TWO_LEVELS)  # the image side must divide by 2
     recon, _ = build_models(config)

@@ -1,4 +1,4 @@
-"""infer.subtract_normal_map: the normal map is the blurred mean map of the held-out normals, each
+"""infer.normal_map='subtract': the normal map is the blurred mean map of the held-out normals, each
 calibration image is scored against the others' (leave-one-out, inside its score region), and every
 path that scores an image (evaluate, the Detector, the exported StableHLO and ONNX programs) subtracts
 the same map."""
@@ -75,13 +75,13 @@ def test_a_unified_model_is_refused():
 
     from diff_fastener_jax.config import ConfigError, validate_config
 
-    config = tiny_config(**{"infer.subtract_normal_map": True, "data.category": "a,b"})
-    with pytest.raises(ConfigError, match="infer.subtract_normal_map: fits one normal map per model"):
+    config = tiny_config(**{"infer.normal_map": "subtract", "data.category": "a,b"})
+    with pytest.raises(ConfigError, match="infer.normal_map: 'subtract' fits one normal map per model"):
         validate_config(config, check_data=False)
 
 
 def _with_option(run: str, dst) -> str:
-    """A copy of `run` whose config turns infer.subtract_normal_map on (no normal map fitted yet), with
+    """A copy of `run` whose config sets infer.normal_map='subtract' (no normal map fitted yet), with
     the score taken in the Otsu foreground (infer.score_region), and holds more normals out (the smoke
     run holds out one; some of these it trained on, which the mechanics tested here do not mind)."""
     import shutil
@@ -89,7 +89,7 @@ def _with_option(run: str, dst) -> str:
     copy = shutil.copytree(run, str(dst))
     path = os.path.join(copy, "config.json")
     saved = json.load(open(path))
-    saved["infer"]["subtract_normal_map"] = True
+    saved["infer"]["normal_map"] = "subtract"
     saved["infer"]["score_region"] = "foreground"
     saved["data"]["val_fraction"] = 0.5
     json.dump(saved, open(path, "w"))
@@ -170,7 +170,7 @@ def test_training_with_the_option_validates_without_it_and_writes_the_normal_map
     from diff_fastener_jax.training.loop import train_and_evaluate
     from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
-    config = tiny_config(**{"data.root": demo_root, "infer.subtract_normal_map": True, "data.val_fraction": 0.5})
+    config = tiny_config(**{"data.root": demo_root, "infer.normal_map": "subtract", "data.val_fraction": 0.5})
     workdir = str(tmp_path / "run")
     train_and_evaluate(config, workdir, quiet=True)  # validates at steps 3 and 6
     normals = [s for s in datasets.list_samples(config.data, "val", seed=config.seed) if s.label == 0]
@@ -179,5 +179,18 @@ def test_training_with_the_option_validates_without_it_and_writes_the_normal_map
     assert step == 6 and params[NORMAL_MAP_PARAM].shape == (32, 32)
     np.testing.assert_array_equal(params[NORMAL_MAP_PARAM], np.load(os.path.join(workdir, normal_map.NORMAL_MAP_FILE)))
     # The option turned off by an override: the same checkpoint loads without a normal map.
-    plain, _ = load_run_params(workdir, load_run_config(workdir, {"infer.subtract_normal_map": False}))
+    plain, _ = load_run_params(workdir, load_run_config(workdir, {"infer.normal_map": "off"}))
     assert NORMAL_MAP_PARAM not in plain
+
+
+def test_a_run_without_enough_held_out_normals_is_refused_before_it_starts(demo_root, tmp_path):
+    from helpers import tiny_config
+
+    from diff_fastener_jax.errors import UserError
+    from diff_fastener_jax.training.loop import train_and_evaluate
+
+    config = tiny_config(**{"data.root": demo_root, "infer.normal_map": "subtract", "data.val_fraction": 0.0})
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError, match="needs at least 2 held-out normal images, got 0"):
+        train_and_evaluate(config, str(workdir), quiet=True)
+    assert not workdir.exists()

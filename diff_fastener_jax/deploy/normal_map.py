@@ -1,4 +1,4 @@
-"""The normal map (`infer.subtract_normal_map`): the mean anomaly map of the held-out normal images.
+"""The normal map (`infer.normal_map='subtract'`): the mean anomaly map of the held-out normal images.
 
 On an object seen in one pose the networks answer its fixed structure (a bottle's rings, a plate's
 edge) with the same faint response in every image, and a faint real defect elsewhere does not outscore
@@ -44,8 +44,8 @@ def check_count(num_normals: int) -> None:
     """UserError unless there are enough held-out normals to fit a normal map (MIN_NORMALS)."""
     if num_normals < MIN_NORMALS:
         raise UserError(
-            f"infer.subtract_normal_map: needs at least {MIN_NORMALS} held-out normal images, got {num_normals}",
-            hint="raise data.val_fraction (or add normal training images), or leave infer.subtract_normal_map false",
+            f"infer.normal_map='subtract': needs at least {MIN_NORMALS} held-out normal images, got {num_normals}",
+            hint="raise data.val_fraction (or add normal training images), or set infer.normal_map='off'",
         )
 
 
@@ -85,11 +85,11 @@ def attach(params, normal_map: np.ndarray) -> dict:
 
 
 def missing(config, params) -> bool:
-    """Whether `config` scores with a normal map (`infer.subtract_normal_map`) that `params` lacks: it
+    """Whether `config` scores with a normal map (`infer.normal_map='subtract'`) that `params` lacks: it
     must then be fitted (`threshold.calibrate`) before the program can run."""
     from diff_fastener_jax.inference import NORMAL_MAP_PARAM
 
-    return bool(config.infer.subtract_normal_map) and NORMAL_MAP_PARAM not in (params or {})
+    return config.infer.normal_map == "subtract" and NORMAL_MAP_PARAM not in (params or {})
 
 
 def save(folder: str, normal_map: np.ndarray) -> str:

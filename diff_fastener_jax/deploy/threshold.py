@@ -70,7 +70,7 @@ def calibrate(
 ) -> tuple[dict, np.ndarray | None]:
     """(threshold record, normal map) for `params`. The threshold is `eval.threshold` if >= 0, else the
     score exceeded by `eval.fpr_target` of the held-out NORMAL validation images (never the test set).
-    The normal map (H, W) is fitted on the same images when `infer.subtract_normal_map` (else None;
+    The normal map (H, W) is fitted on the same images when `infer.normal_map='subtract'` (else None;
     `normal_map.fit`: each image is then scored against the other images' normal map).
 
     The record is {"value": float | None, "source": str, "fpr_target", "num_images", "rule",
@@ -82,7 +82,7 @@ def calibrate(
     the program built for `config` (and `mesh` its mesh).
     """
     record = {"rule": "score > threshold", "fpr_target": float(config.eval.fpr_target), "num_images": 0}
-    subtract_normal = bool(config.infer.subtract_normal_map)
+    subtract_normal = config.infer.normal_map == "subtract"
     if config.eval.threshold >= 0 and not subtract_normal:
         return record | {"value": float(config.eval.threshold), "source": "config eval.threshold"}, None
     if calibration_samples is None:
@@ -240,7 +240,7 @@ def resolve_threshold(
     """(threshold record, where it came from, normal map) for evaluation: `eval.threshold` if >= 0, else
     the stored calibration unless `recalibrate` (or nothing usable is stored), else a fresh calibration.
     The record's "value" is set; "per_category" too for unified models (see `calibrate`). The normal map
-    is the freshly fitted one when this calibrated with `infer.subtract_normal_map`, else None (the
+    is the freshly fitted one when this calibrated with `infer.normal_map='subtract'`, else None (the
     params keep the one they carry); params without one are always calibrated afresh."""
     from diff_fastener_jax.deploy import normal_map
 
@@ -299,7 +299,7 @@ def detector_record(
             "map_sigma_px": list(map_smoothing(config, h, w)),
             "top_k": top_k_count(config, h, w),
             "score": "mean of the top_k anomaly-map values"
-            + (" minus the normal map" if config.infer.subtract_normal_map else "")
+            + (" minus the normal map" if config.infer.normal_map == "subtract" else "")
             + (" inside the image's Otsu foreground" if scores_otsu_foreground(config) else ""),
             "score_region": config.infer.score_region,
         },
@@ -354,12 +354,12 @@ def stored_threshold(workdir: str, step: int, config: ml_collections.ConfigDict)
 
 
 def stored_normal_map(workdir: str, step: int, config: ml_collections.ConfigDict) -> np.ndarray | None:
-    """The run's normal map (normal_map.npy) when `infer.subtract_normal_map` and it was fitted with
+    """The run's normal map (normal_map.npy) when `infer.normal_map='subtract'` and it was fitted with
     the stored threshold of checkpoint `step` under this very config (`stored_threshold`), else None."""
     from diff_fastener_jax.deploy import normal_map
     from diff_fastener_jax.inference import model_image_shape
 
-    if not config.infer.subtract_normal_map:
+    if config.infer.normal_map != "subtract":
         return None
     stored = stored_threshold(workdir, step, config)
     if not stored or "normal_map" not in stored:
@@ -383,7 +383,7 @@ def calibrate_and_save(
     config: ml_collections.ConfigDict, params, workdir: str, step: int, selection: dict | None = None
 ) -> dict:
     """Calibrates the threshold for the kept `params` (EMA when on) of checkpoint `step` and writes
-    <workdir>/detector.json (and normal_map.npy with `infer.subtract_normal_map`).
+    <workdir>/detector.json (and normal_map.npy with `infer.normal_map='subtract'`).
 
     Called once at the end of training; only process 0 writes. Returns the record.
     """

@@ -81,7 +81,7 @@ def evaluate_run(
         train_samples = datasets.list_samples(config.data, "train", seed=config.seed)
     ref = make_reference(config, train_samples, has_masks) if train_samples else None
 
-    # The threshold (and, with infer.subtract_normal_map, the normal map the test scores need) first.
+    # The threshold (and, with infer.normal_map='subtract', the normal map the test scores need) first.
     record, threshold_source, fitted = resolve_threshold(
         config, params, infer, mesh, stored_threshold, recalibrate=recalibrate, calibration_samples=calibration_samples
     )
@@ -156,12 +156,12 @@ def evaluate_run(
         }
     per_defect = result["per_defect"]
     notes = [f"Checkpoint parameters: {'EMA' if config.optim.ema_decay > 0 else 'raw'}; threshold: {threshold_source}."]
-    if config.infer.subtract_normal_map:
+    if config.infer.normal_map == "subtract":
         fit = record.get("normal_map") or {}
         result["normal_map"] = fit
         notes.append(
             f"Image scores: the map minus the normal map, the mean map of {fit.get('num_images', '?')} held-out "
-            "normal images (infer.subtract_normal_map); the maps shown are the model's own."
+            "normal images (infer.normal_map='subtract'); the maps shown are the model's own."
         )
     if ref is not None:
         result["reference"] = ref.compute()

@@ -60,13 +60,16 @@ class Dense(nn.Dense):
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # The paper swaps SiLU for GELU everywhere; the exact (erf) form, as in PyTorch's default.
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    # GELU's tanh form: within 5e-4 of the erf form everywhere, and on XLA:CPU its forward and
+    # backward pass take a third of the erf form's time (erf is a long rational polynomial there).
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
 }
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """Returns the activation function called `name` ('gelu', 'silu' or 'relu')."""
+    """Returns the activation function called `name` ('gelu', 'gelu_tanh', 'silu' or 'relu')."""
     if name not in ACTIVATIONS:
         raise ValueError(f"model.activation: unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]

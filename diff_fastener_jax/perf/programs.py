@@ -54,7 +54,7 @@ def _infer_inputs(config, batch: int, mesh, abstract: bool, params=None):
     num_classes = len(class_names(config))
     if abstract:
         params = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)) if params is None else params
-    if config.infer.subtract_normal_map:  # a stand-in normal map: the program's cost does not depend on it
+    if config.infer.normal_map == "subtract":  # a stand-in normal map: the program's cost does not depend on it
         params = {
             **params,
             NORMAL_MAP_PARAM: jax.ShapeDtypeStruct((h, w), jnp.float32) if abstract else jnp.zeros((h, w)),

@@ -23,7 +23,7 @@ from diff_fastener_jax.config import (
 from diff_fastener_jax.data import datasets, foreground_kind, pipeline
 from diff_fastener_jax.data.demo import resolve_data_root
 from diff_fastener_jax.data.sizing import resize_of
-from diff_fastener_jax.deploy import threshold
+from diff_fastener_jax.deploy import normal_map, threshold
 from diff_fastener_jax.evaluation import metrics as M
 from diff_fastener_jax.inference import make_infer_fn, run_infer
 from diff_fastener_jax.logging_utils import MetricsWriter, format_seconds
@@ -82,11 +82,11 @@ def _validation_scores(infer, params, val_batches, mesh=None, unified: bool = Fa
 
 def real_validation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config whose inference program scores validation images during training: `config` with
-    infer.subtract_normal_map off, since the normal map is fitted after training, on the kept checkpoint."""
-    if not config.infer.subtract_normal_map:
+    infer.normal_map 'off', since the normal map is fitted after training, on the kept checkpoint."""
+    if config.infer.normal_map != "subtract":
         return config
     out = ml_collections.ConfigDict(config.to_dict())
-    out.infer.subtract_normal_map = False
+    out.infer.normal_map = "off"
     return out
 
 
@@ -171,6 +171,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, num_devices: in
     datasets.check_disjoint(val_anomalies, samples)
     datasets.verify_images(samples["train"] + samples["val"] + val_anomalies)
     samples = {**samples, "val_anomalies": val_anomalies}
+    if config.infer.normal_map == "subtract":  # fitted on the held-out normals after the last step
+        normal_map.check_count(sum(s.label == 0 for s in samples["val"]))
     check_resume_compatible(config, workdir)
     return config, samples
 
@@ -253,9 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
     """
     mesh = parallel.make_mesh()
     config, samples = prepare_run(config, workdir, mesh.devices.size)  # before anything compiles
-    # data.foreground='auto' becomes 'otsu' or 'full' here, so config.json, synthesis, calibration and
-    # every later scoring of the run use the one choice
-    config, foreground_choice = foreground_kind.resolve(config, samples["train"])
+    # data.foreground='auto' becomes 'otsu' or 'full' and infer.normal_map='auto' 'subtract' or 'off'
+    # here, so config.json, synthesis, calibration and every later scoring of the run use the one choice
+    held_out_normals = sum(s.label == 0 for s in samples["val"])
+    config, auto_choices = foreground_kind.resolve(config, samples["train"], held_out_normals)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -316,12 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
         f"{len(train_samples)} normal training images, global batch {config.train.batch_size}",
     )
 
-    if foreground_choice is not None:
-        writer.write(
-            {"event": "foreground", "step": start, **foreground_choice},
-            f"data.foreground auto -> {foreground_choice['foreground']}: {foreground_choice['object_images']} of "
-            f"{foreground_choice['images']} training images show one object on a background",
-        )
+    if auto_choices is not None:
+        writer.write({"event": "auto", "step": start, **auto_choices}, foreground_kind.describe(auto_choices))
     writer.start_progress(total_steps, start)
     last: dict = {}
     pending = None  # (step, metrics) of the previous step, checked while the next one runs
