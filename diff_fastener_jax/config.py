@@ -29,9 +29,11 @@ from diff_fastener_jax.config_schema import (
     ACTIVATIONS,
     ANOMALY_MAPS,
     ATTENTION_IMPLS,
+    AUTO,
     CALIBRATE_THRESHOLD,
     DATA_FORMATS,
     DATA_PRESETS,
+    DECIDED_AT_TRAINING,
     DEMO_FRAMINGS,
     DROPPED_KEYS,
     DTYPES,
@@ -277,20 +279,12 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     return apply_overrides(base_config(), values)
 
 
-# Settings whose 'auto' training decides once, from the training normals (data/foreground_kind.py), and
-# the choices a trained run's config takes instead
-DECIDED_AT_TRAINING = {
-    key: tuple(v for v in allowed if v != "auto")
-    for key, allowed in (("data.foreground", FOREGROUNDS), ("infer.normal_map", NORMAL_MAPS))
-}
-
-
 def refuse_auto_on_trained_run(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError when a trained run's config (config.json with command-line overrides) holds an
     'auto' that only training decides: the run's saved config always holds the decided value."""
     values = flatten(config)
     for key, choices in DECIDED_AT_TRAINING.items():
-        if values.get(key) == "auto":
+        if values.get(key) == AUTO:
             raise ConfigError(
                 f"--config.{key}=auto: decided when training starts, from the training images; a trained run "
                 "needs the choice itself",

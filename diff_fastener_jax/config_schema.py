@@ -32,6 +32,13 @@ SCORE_REGIONS = ("image", "foreground")
 # infer.normal_map: 'off' | 'subtract' (score the map minus the held-out normals' mean map) | 'auto'
 # ('subtract' where the training normals show one object in one pose, else 'off'; data/foreground_kind.py)
 NORMAL_MAPS = ("off", "subtract", "auto")
+# The settings whose AUTO training decides once, from the training normals (data/foreground_kind.py),
+# and the choices a trained run's config.json holds instead
+AUTO = "auto"
+DECIDED_AT_TRAINING = {
+    key: tuple(v for v in allowed if v != AUTO)
+    for key, allowed in (("data.foreground", FOREGROUNDS), ("infer.normal_map", NORMAL_MAPS))
+}
 # infer.tiling, for models trained on data.patch_size crops: 'tiles' (overlapping patch-size tiles,
 # stitched) | 'whole' (the network applied to the whole image at once, fully convolutionally)
 TILINGS = ("tiles", "whole")

@@ -29,6 +29,7 @@ from jax import lax
 from diff_fastener_jax import diffusion, foreground, parallel, tiling
 from diff_fastener_jax.config_schema import (
     ANOMALY_MAPS,
+    AUTO,
     INFER_METHODS,
     PATCH_OFF,
     SCORE_REGIONS,
@@ -200,7 +201,7 @@ def scores_otsu_foreground(config: ml_collections.ConfigDict) -> bool:
     Otsu object; with data.foreground='full' (textures) the foreground is the whole image. A run's config
     holds 'auto' resolved (`foreground_kind.resolve`); an unresolved 'auto' (a config never trained, as the
     benchmark builds it) computes the Otsu region, the costlier program."""
-    return config.infer.score_region == "foreground" and config.data.foreground in ("otsu", "auto")
+    return config.infer.score_region == "foreground" and config.data.foreground in ("otsu", AUTO)
 
 
 def top_k_count(config: ml_collections.ConfigDict, height: int, width: int) -> int:

@@ -36,13 +36,13 @@ import ml_collections
 import numpy as np
 
 from diff_fastener_jax.config import class_names
+from diff_fastener_jax.config_schema import AUTO
 from diff_fastener_jax.data.image_io import image_to_float, load_image
 from diff_fastener_jax.data.sizing import resize_of
 from diff_fastener_jax.data.synthesis import MIN_FOREGROUND_SHARE, otsu_object
 from diff_fastener_jax.deploy.normal_map import MIN_NORMALS
 from diff_fastener_jax.errors import DatasetError
 
-AUTO = "auto"
 OBJECT_MIN_SEPARABILITY = 0.8
 OBJECT_MAX_OUTLINE = 16.0  # image sides (sqrt(H * W)) of boundary between the Otsu classes
 SAMPLE_IMAGES = 32

@@ -37,7 +37,7 @@ import weakref
 import grain
 import numpy as np
 
-from diff_fastener_jax.config_schema import parse_synthesis
+from diff_fastener_jax.config_schema import AUTO, parse_synthesis
 from diff_fastener_jax.data import datasets, foreground_kind, image_io, patches
 from diff_fastener_jax.data.sizing import resize_of
 from diff_fastener_jax.data.synthesis import TextureBank, foreground_mask, synthesize_anomaly
@@ -222,6 +222,14 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
+def _resolved_foreground(config, samples):
+    """`config` with data.foreground='auto' decided from `samples` (`train` passes it decided); the
+    other 'auto' settings are left to training, since synthesis does not read them."""
+    if config.data.foreground != AUTO:
+        return config
+    return foreground_kind.resolve(config, samples)[0]
+
+
 def build_train_dataset(
     config, *, seed: int, process_index: int = 0, process_count: int = 1, samples=None
 ) -> grain.MapDataset:
@@ -234,7 +242,7 @@ def build_train_dataset(
     if samples is None:
         samples = datasets.list_samples(config.data, "train", seed=seed)
     check_patches_fit(config, samples)
-    config, _ = foreground_kind.resolve(config, samples)  # data.foreground='auto' outside `train`
+    config = _resolved_foreground(config, samples)
     paths = [s.path for s in samples]
     foregrounds = [s.foreground_path for s in samples]
     ds = (
@@ -371,7 +379,7 @@ def make_val_batches(config, *, seed: int, num_batches: int, samples=None) -> li
     check_patches_fit(config, samples)
     # `train` resolves data.foreground='auto' from the training normals first; any other caller gets the
     # same rule applied to the held-out normals of the same category
-    config, _ = foreground_kind.resolve(config, samples)
+    config = _resolved_foreground(config, samples)
     n = len(samples)
     bank = _texture_bank(config.data)
     synth = _synthesizer(config, bank)

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from diff_fastener_jax.config_schema import FOREGROUNDS
+from diff_fastener_jax.config_schema import DECIDED_AT_TRAINING
 from diff_fastener_jax.data import defect_families, perlin
 from diff_fastener_jax.data.image_io import IMAGE_EXTENSIONS, load_image
 from diff_fastener_jax.errors import DatasetError
@@ -24,7 +24,7 @@ from diff_fastener_jax.errors import DatasetError
 BETA_RANGE = (0.2, 0.8)
 MAX_MASK_TRIES = 10  # Perlin draws before falling back to a rectangle
 # data.foreground once 'auto' is resolved from the training images (data/foreground_kind.py)
-FG_MODES = tuple(mode for mode in FOREGROUNDS if mode != "auto")
+FG_MODES = DECIDED_AT_TRAINING["data.foreground"]
 # Cut-paste: a pixel counts as changed when the pasted copy differs from it by more than this (mean
 # |difference| over channels, images in [-1, 1]; sensor noise and concrete grain stay below ~0.1), and
 # a cut-paste needs this many changed pixels, else the paper's blended texture is drawn instead.

@@ -171,8 +171,6 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, num_devices: in
     datasets.check_disjoint(val_anomalies, samples)
     datasets.verify_images(samples["train"] + samples["val"] + val_anomalies)
     samples = {**samples, "val_anomalies": val_anomalies}
-    if config.infer.normal_map == "subtract":  # fitted on the held-out normals after the last step
-        normal_map.check_count(sum(s.label == 0 for s in samples["val"]))
     check_resume_compatible(config, workdir)
     return config, samples
 
@@ -251,7 +249,8 @@ def _check_resume_settings(config, saved, workdir: str, step: int) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
     """Trains (or resumes) a run in `workdir`; returns the last logged metrics.
 
-    Nothing is written to `workdir` (except generated demo data) until `prepare_run`'s checks pass.
+    Nothing is written to `workdir` (except generated demo data) until `prepare_run`'s checks pass and
+    the 'auto' settings are decided.
     """
     mesh = parallel.make_mesh()
     config, samples = prepare_run(config, workdir, mesh.devices.size)  # before anything compiles
@@ -259,6 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
     # here, so config.json, synthesis, calibration and every later scoring of the run use the one choice
     held_out_normals = sum(s.label == 0 for s in samples["val"])
     config, auto_choices = foreground_kind.resolve(config, samples["train"], held_out_normals)
+    if config.infer.normal_map == "subtract":  # fitted on the held-out normals after the last step
+        normal_map.check_count(held_out_normals)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
