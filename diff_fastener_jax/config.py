@@ -55,6 +55,7 @@ from diff_fastener_jax.config_schema import (
     RESUME_FREE,
     SCHEDULES,
     SCORE_REGIONS,
+    SCORE_SIGMA_AS_MAP,
     SEG_CLASS_CONDITIONINGS,
     SELECT_METRICS,
     SELECT_ON,
@@ -656,6 +657,11 @@ def validate_infer(config: ml_collections.ConfigDict) -> None:
     _positive("infer.adaptive_fusion_gain", i.adaptive_fusion_gain)
     _positive("infer.top_k", i.top_k, 50)
     _need(i.map_sigma >= 0, "infer.map_sigma", f"must be >= 0 (pixels at 256²), got {i.map_sigma}")
+    _need(
+        i.score_sigma >= 0 or i.score_sigma == SCORE_SIGMA_AS_MAP,
+        "infer.score_sigma",
+        f"must be >= 0 (pixels at 256²), or {SCORE_SIGMA_AS_MAP:g} for the map's own (infer.map_sigma), got {i.score_sigma}",
+    )
     _one_of("infer.score_region", i.score_region, SCORE_REGIONS)
     _one_of("infer.normal_map", i.normal_map, NORMAL_MAPS)
     _need(

@@ -65,6 +65,8 @@ NUM_STEPS_FROM_EPOCHS = -1
 NO_FOLD = -1
 # eval.threshold: below 0 the image-score threshold is calibrated on validation normals (eval.fpr_target)
 CALIBRATE_THRESHOLD = -1.0
+# infer.score_sigma: the image score is read from the map at infer.map_sigma
+SCORE_SIGMA_AS_MAP = -1.0
 
 # data.resize (RESIZE_MODES): 'square' = both sides become data.image_size (the paper; non-square images
 # are squashed) | 'short_side' = the short side becomes data.image_size, the long side keeps the aspect
@@ -286,6 +288,12 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # square root of the map's area, the same in both directions); 0 = the paper's raw map. Smoothing trades the sharpness of the map's edges for fewer
     # isolated false-positive pixels (PatchCore smooths with sigma 4 at 224²).
     c.infer.map_sigma = 0.0
+    # The smoothing of the map the image score's top-K is read from, sigma in pixels at 256², when it
+    # differs from the returned map's (SCORE_SIGMA_AS_MAP: the same map). A wide sigma gives the best
+    # pixel map (it fills in a large defect that the map marks unevenly) but dilutes a small defect's
+    # peak in the score, so a recipe may smooth the map wider than the score (as PatchCore scores its
+    # raw patch distances and smooths only the map it shows).
+    c.infer.score_sigma = SCORE_SIGMA_AS_MAP
     # NORMAL_MAPS. 'subtract': the image score is the top-K mean of the map minus the normal map, the mean
     # map of the held-out normal images (blurred; fitted with the threshold, stored as normal_map.npy). On
     # an object seen in one pose (a bottle from above) the networks answer its fixed structure with the

@@ -33,6 +33,7 @@ from diff_fastener_jax.config_schema import (
     INFER_METHODS,
     PATCH_OFF,
     SCORE_REGIONS,
+    SCORE_SIGMA_AS_MAP,
     TILE_STRIDE_HALF_PATCH,
     TILINGS,
 )
@@ -240,11 +241,35 @@ def smoothing_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
 
 
 def map_smoothing(config: ml_collections.ConfigDict, height: int, width: int) -> tuple[float, float]:
-    """(sigma_h, sigma_w) in pixels of the model's map: `infer.map_sigma` at 256², scaled with the square
-    root of the map's area (the side of a square map), the same in both directions so a non-square map
-    is smoothed isotropically."""
+    """(sigma_h, sigma_w) in pixels of the model's returned map: `infer.map_sigma` at 256², scaled with
+    the square root of the map's area (the side of a square map), the same in both directions so a
+    non-square map is smoothed isotropically."""
     sigma = float(config.infer.map_sigma) * float(np.sqrt(height * width)) / 256.0
     return sigma, sigma
+
+
+def score_sigma_at_256(config: ml_collections.ConfigDict) -> float:
+    """The smoothing (pixels at 256²) of the map the image score is read from: `infer.score_sigma`, or
+    `infer.map_sigma` when it is SCORE_SIGMA_AS_MAP."""
+    s = float(config.infer.score_sigma)
+    return float(config.infer.map_sigma) if s == SCORE_SIGMA_AS_MAP else s
+
+
+def score_smoothing(config: ml_collections.ConfigDict, height: int, width: int) -> tuple[float, float]:
+    """(sigma_h, sigma_w) in pixels of the map the image score is read from (`map_smoothing`'s scaling)."""
+    sigma = score_sigma_at_256(config) * float(np.sqrt(height * width)) / 256.0
+    return sigma, sigma
+
+
+def scored_map_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose program returns the map its image score is read from (`infer.map_sigma`
+    set to the score's smoothing); the same config when the two are one map. The scores are the same."""
+    if score_sigma_at_256(config) == float(config.infer.map_sigma):
+        return config
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.infer.map_sigma = score_sigma_at_256(config)
+    c.infer.score_sigma = SCORE_SIGMA_AS_MAP
+    return c
 
 
 def smooth_map(amap: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
@@ -293,6 +318,8 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"infer.score_region must be one of {SCORE_REGIONS}, got {config.infer.score_region!r}")
     if not config.infer.map_sigma >= 0:
         raise ValueError(f"infer.map_sigma must be >= 0 (pixels at 256²), got {config.infer.map_sigma}")
+    if not score_sigma_at_256(config) >= 0:
+        raise ValueError(f"infer.score_sigma must be >= 0 (pixels at 256²) or -1, got {config.infer.score_sigma}")
     if config.infer.tiling not in TILINGS:
         raise ValueError(f"infer.tiling must be one of {TILINGS}, got {config.infer.tiling!r}")
     if uses_tiles(config):
@@ -308,9 +335,10 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     docstring); recon (N, H, W, C); anomaly_map (N, H, W) in [0, 1] (segmentation probability;
     |x - recon| averaged over channels / 2 for `infer.map='recon_error'`; the mean of the two for
     'segmentation+recon_error'), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
-    top-K map values (of the map minus params[NORMAL_MAP_PARAM] with `infer.normal_map='subtract'`, of
-    the image's Otsu foreground alone with `infer.score_region='foreground'`; the returned map stays
-    the model's own, so its pixel values keep their meaning); denoise_step (N,) int32, the diffusion
+    top-K map values (of the raw map smoothed by `infer.score_sigma` where that is set; of that map
+    minus params[NORMAL_MAP_PARAM] with `infer.normal_map='subtract'`, of the image's Otsu foreground
+    alone with `infer.score_region='foreground'`; the returned map stays the model's own, so its pixel
+    values keep their meaning); denoise_step (N,) int32, the diffusion
     step the reconstruction started from (`diffusion.eval_t_big` for the fixed-step methods, each
     image's own for 'adaptive'). Every image gets the same fixed noise (`fixed_noise`; ddim/ddpm draw
     theirs from one fixed raw key), so row i of the outputs depends on images[i] alone. Closes over no
@@ -336,6 +364,9 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     k_pass = top_k_count(config, noise.shape[1], noise.shape[2])  # adaptive: per network input (tile)
     sigma_h, sigma_w = map_smoothing(config, shape[0], shape[1])
     smooth_rows, smooth_cols = smoothing_matrix(shape[0], sigma_h), smoothing_matrix(shape[1], sigma_w)
+    score_h, score_w = score_smoothing(config, shape[0], shape[1])
+    own_score_map = (score_h, score_w) != (sigma_h, sigma_w)  # the score reads a differently smoothed map
+    score_rows, score_cols = smoothing_matrix(shape[0], score_h), smoothing_matrix(shape[1], score_w)
     method = config.infer.method
     subtract_normal = config.infer.normal_map == "subtract"
     foreground_only = scores_otsu_foreground(config)
@@ -364,9 +395,17 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
             recon = tiling.stitch_tiles(recon, plan_h, plan_w)  # (N, H, W, C)
             amap = tiling.stitch_tiles(amap, plan_h, plan_w)  # (N, H, W)
             step = jnp.max(step.reshape(-1, num_tiles), axis=1)  # (N,): the latest start of any tile
+        raw = amap  # (N, H, W)
         if sigma_h > 0:
-            amap = smooth_map(amap, smooth_rows, smooth_cols)
-        scored = amap - params[NORMAL_MAP_PARAM] if subtract_normal else amap  # (N, H, W) - (H, W)
+            amap = smooth_map(raw, smooth_rows, smooth_cols)
+        if not own_score_map:
+            scored = amap
+        elif score_h > 0:
+            scored = smooth_map(raw, score_rows, score_cols)
+        else:
+            scored = raw
+        if subtract_normal:
+            scored = scored - params[NORMAL_MAP_PARAM]  # (N, H, W) - (H, W)
         if foreground_only:
             scored = foreground.masked_to_foreground(scored, foreground.otsu_foreground(images))
         return InferOutputs(recon, amap, top_k_score(scored, k), step)

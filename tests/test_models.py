@@ -192,6 +192,12 @@ def test_the_activations_match_float64_references():
     got = np.asarray(get_activation("gelu_tanh")(jnp.asarray(x, jnp.float32)))
     np.testing.assert_allclose(got, tanh_form, atol=2e-6)
     assert 1e-4 < np.max(np.abs(tanh_form - exact)) < 5e-4
+    # the backward pass: d/dx x Phi(x) = Phi(x) + x phi(x)
+    slope = np.array([0.5 * (1.0 + erf(v / sqrt(2.0))) + v * np.exp(-0.5 * v * v) / sqrt(2.0 * np.pi) for v in x])
+    grad = jax.vmap(jax.grad(get_activation("gelu")))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad), slope, atol=2e-6)
+    # a bfloat16 activation stays bfloat16 (the GPU compute dtype)
+    assert get_activation("gelu")(jnp.ones((2,), jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_bad_sizes_raise_clear_errors():

@@ -91,3 +91,29 @@ def test_pixel_gaussian_map_is_the_smoothed_squashed_z_score():
     z = np.sqrt((((x - ref.pixel_mean) / ref.pixel_std) ** 2).mean(-1))  # float64 reference
     z = gaussian_filter(z, (0, 2.0, 2.0), mode="reflect", truncate=4.0)
     np.testing.assert_allclose(ref.anomaly_map(x), z / (1 + z), atol=1e-12)
+
+
+def test_pixel_gaussian_scores_the_map_smoothed_like_the_models_score():
+    """With `score_smooth` (the model's infer.score_sigma) the image score is the top-K mean of the map
+    smoothed by it; the pixel map keeps `smooth` (infer.map_sigma)."""
+    from scipy.ndimage import gaussian_filter
+
+    from diff_fastener_jax.inference import smoothing_matrix
+
+    rng = np.random.default_rng(1)
+    ref = reference.ReferenceDetectors(
+        ("pixel_gaussian",),
+        top_k=3,
+        with_pixels=True,
+        smooth=(smoothing_matrix(20, 3.0), smoothing_matrix(30, 3.0)),
+        score_smooth=(smoothing_matrix(20, 0.0), smoothing_matrix(30, 0.0)),  # the identity: unsmoothed
+    )
+    ref.fit([rng.normal(size=(5, 20, 30, 3))])
+    x = rng.normal(size=(2, 20, 30, 3))
+    z = np.sqrt((((x - ref.pixel_mean) / ref.pixel_std) ** 2).mean(-1))  # float64 reference, (2, 20, 30)
+    wide = gaussian_filter(z, (0, 3.0, 3.0), mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(ref.anomaly_map(x), wide / (1 + wide), atol=1e-12)
+    np.testing.assert_allclose(ref.scored_map(x), z / (1 + z), atol=1e-12)
+    ref.update(x, [0, 1], ["good", "bad"], np.zeros((2, 20, 30), np.uint8))
+    want = np.sort((z / (1 + z)).reshape(2, -1), axis=1)[:, -3:].mean(1)
+    np.testing.assert_allclose(ref._gaussian._scores, want, atol=1e-12)

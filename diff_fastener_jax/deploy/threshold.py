@@ -79,7 +79,8 @@ def calibrate(
     trusted (`calibration_facts`); below MIN_CALIBRATION_NORMALS images one `warning:` line on stderr
     says so. A unified multi-category model also gets "per_category": {name: value}, each calibrated on
     that category's own held-out normals (`threshold_for` picks an image's). `infer`, when given, is
-    the program built for `config` (and `mesh` its mesh).
+    the program built for `config` (and `mesh` its mesh); it is rebuilt for the normal map's fit when
+    the score reads a differently smoothed map than the program returns (`infer.score_sigma`).
     """
     record = {"rule": "score > threshold", "fpr_target": float(config.eval.fpr_target), "num_images": 0}
     subtract_normal = config.infer.normal_map == "subtract"
@@ -105,6 +106,7 @@ def calibrate(
         prepare_inference,
         sample_batches,
         score_in_batches,
+        scored_map_config,
         scores_otsu_foreground,
         top_k_count,
     )
@@ -123,8 +125,10 @@ def calibrate(
     h, w, _ = model_image_shape(config)
     if subtract_normal:  # a zero normal map: the program's scores and maps are the model's own
         params = normal_map.attach(params or {}, np.zeros((h, w), np.float32))
-    if infer is None:
-        infer, params, mesh = prepare_inference(config, params)
+    # the normal map's fit needs the maps the score is read from (`infer.score_sigma`); the scores agree
+    program_config = scored_map_config(config) if subtract_normal else config
+    if infer is None or program_config is not config:
+        infer, params, mesh = prepare_inference(program_config, params)
     maps, regions = [], []
     foreground_only = scores_otsu_foreground(config)
 
@@ -264,6 +268,7 @@ def detector_record(
     from diff_fastener_jax.inference import (
         map_smoothing,
         model_image_shape,
+        score_smoothing,
         scores_otsu_foreground,
         tiling_record,
         top_k_count,
@@ -297,8 +302,9 @@ def detector_record(
             "noise": "fixed per model: drawn once from noise_seed for the network's input shape",
             **tiling_record(config),
             "map_sigma_px": list(map_smoothing(config, h, w)),
+            "score_sigma_px": list(score_smoothing(config, h, w)),
             "top_k": top_k_count(config, h, w),
-            "score": "mean of the top_k anomaly-map values"
+            "score": "mean of the top_k values of the anomaly map smoothed by score_sigma_px"
             + (" minus the normal map" if config.infer.normal_map == "subtract" else "")
             + (" inside the image's Otsu foreground" if scores_otsu_foreground(config) else ""),
             "score_region": config.infer.score_region,

@@ -20,6 +20,7 @@ from diff_fastener_jax.inference import (
     run_infer,
     sample_batches,
     score_in_batches,
+    score_smoothing,
     smoothing_matrix,
     top_k_count,
 )
@@ -28,17 +29,22 @@ from diff_fastener_jax.training.run_loading import load_run_config, load_run_par
 
 def make_reference(config, train_samples, with_pixels: bool) -> reference.ReferenceDetectors | None:
     """The `eval.reference` detectors fitted on `train_samples` (training normals only) at the evaluation
-    resolution, with the model's top-K and map smoothing; None when `eval.reference` is 'none'."""
+    resolution, with the model's top-K and the model's smoothing of the map and of the score; None when
+    `eval.reference` is 'none'."""
     which = reference.selected(config.eval.reference)
     if not which:
         return None
     h, w, _ = model_image_shape(config)
-    sigma_h, sigma_w = map_smoothing(config, h, w)
-    smooth = (smoothing_matrix(h, sigma_h), smoothing_matrix(w, sigma_w)) if sigma_h > 0 else None
+
+    def matrices(sigma_h, sigma_w):  # sigma 0: the identity
+        return smoothing_matrix(h, sigma_h), smoothing_matrix(w, sigma_w)
+
+    map_sigmas, score_sigmas = map_smoothing(config, h, w), score_smoothing(config, h, w)
     ref = reference.ReferenceDetectors(
         which,
         top_k=top_k_count(config, h, w),
-        smooth=smooth,
+        smooth=matrices(*map_sigmas) if map_sigmas[0] > 0 else None,
+        score_smooth=None if score_sigmas == map_sigmas else matrices(*score_sigmas),
         with_pixels=with_pixels,
         aupro_limit=config.eval.aupro_limit,
     )

@@ -8,8 +8,9 @@ They say what a detector must beat to have learnt anything about the defects:
   every statistic's image AUROC and the best of them (an optimistic choice among four: a bar to clear).
 * 'pixel_gaussian': a Gaussian per pixel and channel of the training normals at the evaluation
   resolution; the anomaly map is the root-mean-square z-score over channels (mapped to [0, 1) by
-  z / (1 + z), which keeps every ranking), smoothed like the model's map; the image score is its top-K
-  mean with the model's K. It has image and pixel metrics.
+  z / (1 + z), which keeps every ranking), smoothed like the model's map; the image score is the top-K
+  mean, with the model's K, of the map smoothed like the model's scored map. It has image and pixel
+  metrics.
 
 Only training normals are used to fit; test labels only score the result.
 """
@@ -50,13 +51,24 @@ class ReferenceDetectors:
     """Fit on normal batches (`fit`), then feed test batches (`update`) and `compute` the metrics.
 
     `top_k`: K of the image score of the pixel Gaussian; `smooth`: (rows (H, H), cols (W, W)) smoothing
-    matrices for its map, or None.
+    matrices for its map, or None; `score_smooth`: the same for the map its image score is read from
+    (the model's `infer.score_sigma`), or None for the map itself.
     """
 
-    def __init__(self, which: tuple[str, ...], *, top_k: int, smooth=None, with_pixels: bool, aupro_limit: float = 0.3):
+    def __init__(
+        self,
+        which: tuple[str, ...],
+        *,
+        top_k: int,
+        smooth=None,
+        score_smooth=None,
+        with_pixels: bool,
+        aupro_limit: float = 0.3,
+    ):
         self.which = tuple(which)
         self.top_k = int(top_k)
         self.smooth = smooth
+        self.score_smooth = score_smooth
         self.with_pixels = bool(with_pixels)
         self._stats_normal: list[np.ndarray] = []
         self._sum = self._sum_sq = None
@@ -87,10 +99,17 @@ class ReferenceDetectors:
 
     def anomaly_map(self, images: np.ndarray) -> np.ndarray:
         """The pixel Gaussian's map: (N, H, W, C) -> (N, H, W) float64 in [0, 1)."""
+        return self._map(images, self.smooth)
+
+    def scored_map(self, images: np.ndarray) -> np.ndarray:
+        """The map its image score is read from: (N, H, W, C) -> (N, H, W) float64 in [0, 1)."""
+        return self.anomaly_map(images) if self.score_smooth is None else self._map(images, self.score_smooth)
+
+    def _map(self, images: np.ndarray, smooth) -> np.ndarray:
         z = (np.asarray(images, np.float64) - self.pixel_mean) / self.pixel_std
         z = np.sqrt((z**2).mean(-1))  # (N, H, W)
-        if self.smooth is not None:
-            rows, cols = self.smooth
+        if smooth is not None:
+            rows, cols = smooth
             z = np.matmul(np.matmul(rows, z), cols.T)  # (H, H) @ (N, H, W) @ (W, W): two matmuls
         return z / (1.0 + z)
 
@@ -102,7 +121,8 @@ class ReferenceDetectors:
         self._labels += np.asarray(labels).reshape(-1).tolist()
         if "pixel_gaussian" in self.which:
             amap = self.anomaly_map(images)
-            flat = np.sort(amap.reshape(len(amap), -1), axis=1)[:, -self.top_k :]
+            scored = amap if self.score_smooth is None else self.scored_map(images)
+            flat = np.sort(scored.reshape(len(scored), -1), axis=1)[:, -self.top_k :]
             self._gaussian.update(
                 flat.mean(1), labels, defects, amap if self.with_pixels else None, masks if self.with_pixels else None
             )

