@@ -67,6 +67,9 @@ NO_FOLD = -1
 CALIBRATE_THRESHOLD = -1.0
 # infer.score_sigma: the image score is read from the map at infer.map_sigma
 SCORE_SIGMA_AS_MAP = -1.0
+# Keys added after runs were saved, with the value that does what those runs did: a run's config digest
+# (detector.json) leaves them out at that value, so its stored threshold and normal map stay valid.
+ADDED_KEY_DEFAULTS = {"infer.score_sigma": SCORE_SIGMA_AS_MAP}
 
 # data.resize (RESIZE_MODES): 'square' = both sides become data.image_size (the paper; non-square images
 # are squashed) | 'short_side' = the short side becomes data.image_size, the long side keeps the aspect

@@ -97,3 +97,23 @@ def test_the_smoke_run_records_its_concrete_dtype(smoke_run):
     assert saved in ("float32", "bfloat16")
     assert record["inference"]["dtype"] == record["threshold"]["dtype"] == saved
     assert record["threshold"]["calibration"]["num_normals"] == record["threshold"]["num_images"]
+
+
+def test_a_key_added_at_its_old_behaviour_keeps_a_saved_runs_digest():
+    """A run saved before `infer.score_sigma` existed loads with the key at SCORE_SIGMA_AS_MAP; its
+    digest (and so its stored threshold and normal map) is unchanged, while another value changes it."""
+    import ml_collections
+
+    from diff_fastener_jax.config_schema import ADDED_KEY_DEFAULTS, SCORE_SIGMA_AS_MAP
+
+    assert ADDED_KEY_DEFAULTS == {"infer.score_sigma": SCORE_SIGMA_AS_MAP}
+    config = tiny_config()
+    saved_before = config.to_dict()
+    del saved_before["infer"]["score_sigma"]
+    assert config.infer.score_sigma == SCORE_SIGMA_AS_MAP
+    assert D.config_digest(config) == D.config_digest(ml_collections.ConfigDict(saved_before))
+    config.infer.score_sigma = 4.0
+    assert D.config_digest(config) != D.config_digest(ml_collections.ConfigDict(saved_before))
+    config.infer.score_sigma = SCORE_SIGMA_AS_MAP
+    config.infer.map_sigma = 3.0  # any other change still changes the digest
+    assert D.config_digest(config) != D.config_digest(ml_collections.ConfigDict(saved_before))

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from diff_fastener_jax.config import class_names
+from diff_fastener_jax.config_schema import ADDED_KEY_DEFAULTS
 from diff_fastener_jax.data import datasets
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.evaluation import metrics as M
@@ -47,8 +48,18 @@ def is_anomalous(score, threshold: float) -> np.ndarray:
 
 
 def config_digest(config: ml_collections.ConfigDict) -> str:
-    """sha256 of the config's canonical JSON (sorted keys): two runs with equal digests had equal configs."""
-    canon = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True, separators=(",", ":"))
+    """sha256 of the config's canonical JSON (sorted keys): two runs with equal digests had equal configs.
+    A key of ADDED_KEY_DEFAULTS at its listed value is left out, so a run saved before the key existed
+    keeps its digest."""
+    tree = json.loads(config.to_json_best_effort())
+    for dotted, value in ADDED_KEY_DEFAULTS.items():
+        *path, leaf = dotted.split(".")
+        section = tree
+        for part in path:
+            section = section.get(part, {})
+        if leaf in section and section[leaf] == value:
+            del section[leaf]
+    canon = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
