@@ -255,6 +255,11 @@ def score_sigma_at_256(config: ml_collections.ConfigDict) -> float:
     return float(config.infer.map_sigma) if s == SCORE_SIGMA_AS_MAP else s
 
 
+def reads_own_score_map(config: ml_collections.ConfigDict) -> bool:
+    """Whether the image score reads a map smoothed otherwise than the returned one (`infer.score_sigma`)."""
+    return score_sigma_at_256(config) != float(config.infer.map_sigma)
+
+
 def score_smoothing(config: ml_collections.ConfigDict, height: int, width: int) -> tuple[float, float]:
     """(sigma_h, sigma_w) in pixels of the map the image score is read from (`map_smoothing`'s scaling)."""
     sigma = score_sigma_at_256(config) * float(np.sqrt(height * width)) / 256.0
@@ -264,7 +269,7 @@ def score_smoothing(config: ml_collections.ConfigDict, height: int, width: int) 
 def scored_map_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose program returns the map its image score is read from (`infer.map_sigma`
     set to the score's smoothing); the same config when the two are one map. The scores are the same."""
-    if score_sigma_at_256(config) == float(config.infer.map_sigma):
+    if not reads_own_score_map(config):
         return config
     c = ml_collections.ConfigDict(config.to_dict())
     c.infer.map_sigma = score_sigma_at_256(config)
@@ -365,7 +370,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     sigma_h, sigma_w = map_smoothing(config, shape[0], shape[1])
     smooth_rows, smooth_cols = smoothing_matrix(shape[0], sigma_h), smoothing_matrix(shape[1], sigma_w)
     score_h, score_w = score_smoothing(config, shape[0], shape[1])
-    own_score_map = (score_h, score_w) != (sigma_h, sigma_w)  # the score reads a differently smoothed map
+    own_score_map = reads_own_score_map(config)
     score_rows, score_cols = smoothing_matrix(shape[0], score_h), smoothing_matrix(shape[1], score_w)
     method = config.infer.method
     subtract_normal = config.infer.normal_map == "subtract"

@@ -17,6 +17,7 @@ from diff_fastener_jax.inference import (
     model_image_shape,
     place_params,
     prepare_inference,
+    reads_own_score_map,
     run_infer,
     sample_batches,
     score_in_batches,
@@ -39,12 +40,12 @@ def make_reference(config, train_samples, with_pixels: bool) -> reference.Refere
     def matrices(sigma_h, sigma_w):  # sigma 0: the identity
         return smoothing_matrix(h, sigma_h), smoothing_matrix(w, sigma_w)
 
-    map_sigmas, score_sigmas = map_smoothing(config, h, w), score_smoothing(config, h, w)
+    map_sigmas = map_smoothing(config, h, w)
     ref = reference.ReferenceDetectors(
         which,
         top_k=top_k_count(config, h, w),
         smooth=matrices(*map_sigmas) if map_sigmas[0] > 0 else None,
-        score_smooth=None if score_sigmas == map_sigmas else matrices(*score_sigmas),
+        score_smooth=matrices(*score_smoothing(config, h, w)) if reads_own_score_map(config) else None,
         with_pixels=with_pixels,
         aupro_limit=config.eval.aupro_limit,
     )
