@@ -6,6 +6,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from diff_fastener_jax.config_schema import base_config
 from diff_fastener_jax.data import datasets, demo, image_io
@@ -128,6 +129,33 @@ def test_label_valued_masks_are_not_lost(tmp_path):
     Image.fromarray(a).save(tmp_path / "m.png")
     m = image_io.load_mask(str(tmp_path / "m.png"), 8)[..., 0]
     assert m.sum() == 8 and m[2, 2] == 1 and m[5, 5] == 1
+
+
+def test_masks_shrink_by_area(tmp_path):
+    """A shrunk mask pixel is defective iff at least half of the source block it covers is, so a thin
+    part of a region stays joined to it instead of leaving a piece as a region of its own."""
+    rng = np.random.default_rng(0)
+    a = (rng.random((32, 32)) < 0.5).astype(np.uint8) * 255
+    Image.fromarray(a).save(tmp_path / "r.png")
+    m = image_io.load_mask(str(tmp_path / "r.png"), 8)[..., 0]  # 4 x 4 source blocks
+    share = (a > 127).reshape(8, 4, 8, 4).mean(axis=(1, 3))
+    assert np.array_equal(m, (share >= 0.5).astype(np.float32))
+    # A square with a 1 px thin tail ending in a knob: one 8-connected region at 64 px and, read by
+    # area, at 32 px; nearest neighbours sample the odd rows, lose the tail and leave the knob alone.
+    b = np.zeros((64, 64), np.uint8)
+    b[8:24, 8:24] = 255
+    b[16, 24:40] = 255
+    b[15:18, 40:44] = 255
+    Image.fromarray(b).save(tmp_path / "t.png")
+    structure = np.ones((3, 3))
+    assert ndimage.label(b > 127, structure)[1] == 1
+    nearest = np.asarray(Image.fromarray(b).resize((32, 32), Image.NEAREST)) > 127
+    assert ndimage.label(nearest, structure)[1] == 2
+    small = image_io.load_mask(str(tmp_path / "t.png"), 32)[..., 0]
+    assert ndimage.label(small > 0, structure)[1] == 1
+    # Growing keeps the shape: each source pixel becomes a 2 x 2 block.
+    big = image_io.load_mask(str(tmp_path / "t.png"), 128)[..., 0]
+    assert np.array_equal(big, np.kron((b > 127).astype(np.float32), np.ones((2, 2), np.float32)))
 
 
 def _visa(tmp_path, rows):

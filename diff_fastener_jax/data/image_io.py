@@ -1,7 +1,7 @@
 """Image files and in-memory images -> the uint8 (H, W, 3) arrays every reader, predict and serve share.
 
 One conversion for every source (a dataset file, an upload, a numpy array): 8/16-bit, grey, palette and
-alpha become 8-bit RGB, resized bilinearly; masks are binarised and resized with nearest neighbours.
+alpha become 8-bit RGB, resized bilinearly; masks are binarised and resized by area (`load_mask`).
 Decoding failures raise DatasetError naming the file.
 """
 
@@ -106,7 +106,12 @@ def prepare_image(img: Image.Image, size) -> np.ndarray:
 
 
 def load_mask(path: str | None, size) -> np.ndarray:
-    """Binary mask float32 (H, W, 1) in {0, 1} at `size` (nearest resizing); zeros when `path` is None.
+    """Binary mask float32 (H, W, 1) in {0, 1} at `size`; zeros when `path` is None.
+
+    Resized by area: a pixel is defective when at least half of the source area it covers is. Nearest
+    neighbours would sample one source pixel per pixel and, when shrinking, cut a thin part of a region
+    off as a pixel of its own, which AUPRO then counts as one more defect (MPDD's 512 px masks at 256²:
+    two one-pixel regions that are not regions at 512 px).
 
     `size` as in `load_image`; pass the image's own (H, W) to be sure a mask matches its image (a mask
     of another size than its image still comes out at the image's size). Pixels > 127 are defective. Masks stored as small label values (maximum in 1..127, e.g. 0/1 PNGs)
@@ -126,8 +131,8 @@ def load_mask(path: str | None, size) -> np.ndarray:
     binary = a > (0 if 0 < top <= 127 else 127)
     m = Image.fromarray(binary.astype(np.uint8) * 255)
     if m.size != (w, h):
-        m = m.resize((w, h), Image.NEAREST)
-    return (np.asarray(m) > 127).astype(np.float32)[..., None]  # (H, W, 1)
+        m = m.resize((w, h), Image.BOX)  # each pixel: the mean of the source area it covers
+    return (np.asarray(m) >= 128).astype(np.float32)[..., None]  # (H, W, 1): at least half defective
 
 
 def image_to_float(image_u8: np.ndarray) -> np.ndarray:
