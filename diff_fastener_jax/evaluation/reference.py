@@ -99,19 +99,27 @@ class ReferenceDetectors:
 
     def anomaly_map(self, images: np.ndarray) -> np.ndarray:
         """The pixel Gaussian's map: (N, H, W, C) -> (N, H, W) float64 in [0, 1)."""
-        return self._map(images, self.smooth)
+        return self.maps(images)[0]
 
     def scored_map(self, images: np.ndarray) -> np.ndarray:
         """The map its image score is read from: (N, H, W, C) -> (N, H, W) float64 in [0, 1)."""
-        return self.anomaly_map(images) if self.score_smooth is None else self._map(images, self.score_smooth)
+        return self.maps(images)[1]
 
-    def _map(self, images: np.ndarray, smooth) -> np.ndarray:
+    def maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the map, the map its score is read from), each (N, H, W) float64 in [0, 1), from one z-score
+        pass; the second is the first when `score_smooth` is None."""
         z = (np.asarray(images, np.float64) - self.pixel_mean) / self.pixel_std
         z = np.sqrt((z**2).mean(-1))  # (N, H, W)
-        if smooth is not None:
+
+        def squashed(smooth):
+            if smooth is None:
+                return z / (1.0 + z)
             rows, cols = smooth
-            z = np.matmul(np.matmul(rows, z), cols.T)  # (H, H) @ (N, H, W) @ (W, W): two matmuls
-        return z / (1.0 + z)
+            zs = np.matmul(np.matmul(rows, z), cols.T)  # (H, H) @ (N, H, W) @ (W, W): two matmuls
+            return zs / (1.0 + zs)
+
+        amap = squashed(self.smooth)
+        return amap, (amap if self.score_smooth is None else squashed(self.score_smooth))
 
     def update(self, images: np.ndarray, labels, defects, masks=None) -> None:
         """One test batch: images (b, H, W, C), labels (b,), defect names, masks (b, H, W) when with_pixels."""
@@ -120,8 +128,7 @@ class ReferenceDetectors:
         self._stats_test.append(global_statistics(images))
         self._labels += np.asarray(labels).reshape(-1).tolist()
         if "pixel_gaussian" in self.which:
-            amap = self.anomaly_map(images)
-            scored = amap if self.score_smooth is None else self.scored_map(images)
+            amap, scored = self.maps(images)
             flat = np.sort(scored.reshape(len(scored), -1), axis=1)[:, -self.top_k :]
             self._gaussian.update(
                 flat.mean(1), labels, defects, amap if self.with_pixels else None, masks if self.with_pixels else None
