@@ -33,13 +33,12 @@ Recipe:
   score is taken from the map minus the held-out normals' mean map, so the object's fixed structure
   (and its highlights, which the reconstruction never matches exactly) does not count either.
 
-Measured (docs/experiments.md, two seeds, the 2-core VM): MPDD metal_plate (plates in varying poses:
-no normal map) image AUROC 0.996 and 0.906, pixel AUROC 0.981 and 0.978, AUPRO 0.928 and 0.904, the
-per-pixel Gaussian reference 0.867; MVTec bottle (one pose: normal map) image AUROC 0.983 and 0.983,
-the Gaussian 0.972-0.973. Training takes 18-30 min, with the host's speed. The image AUROC is a
-draw between runs: the segmentation map alone scored MPDD 0.995 and 0.780 on the same two runs (the
-bottle 0.974 and 0.981), the same few hard images (highlights and the wire's shadow on the
-plates, faint contamination on the bottle) deciding it.
+Measured (docs/experiments.md, three seeds, the 2-core VM): MPDD metal_plate (plates in varying
+poses: no normal map) image AUROC 0.996, 0.906 and 0.931, pixel AUROC 0.971-0.981, AUPRO 0.891-0.928,
+the per-pixel Gaussian reference 0.866-0.867; MVTec bottle (one pose: normal map) image AUROC 0.981-0.983,
+the Gaussian 0.972-0.973. Training takes 18-30 min, with the host's speed. MPDD's image AUROC is a
+draw between runs: the same few normal plates (a specular highlight, the wire's shadow) and the
+faintest rust decide it in every run.
 """
 
 import ml_collections
