@@ -90,7 +90,7 @@ def test_pixel_gaussian_map_is_the_smoothed_squashed_z_score():
     x = rng.normal(size=(2, 20, 30, 3))
     z = np.sqrt((((x - ref.pixel_mean) / ref.pixel_std) ** 2).mean(-1))  # float64 reference
     z = gaussian_filter(z, (0, 2.0, 2.0), mode="reflect", truncate=4.0)
-    np.testing.assert_allclose(ref.anomaly_map(x), z / (1 + z), atol=1e-12)
+    np.testing.assert_allclose(ref.maps(x)[0], z / (1 + z), atol=1e-12)
 
 
 def test_pixel_gaussian_scores_the_map_smoothed_like_the_models_score():
@@ -112,8 +112,8 @@ def test_pixel_gaussian_scores_the_map_smoothed_like_the_models_score():
     x = rng.normal(size=(2, 20, 30, 3))
     z = np.sqrt((((x - ref.pixel_mean) / ref.pixel_std) ** 2).mean(-1))  # float64 reference, (2, 20, 30)
     wide = gaussian_filter(z, (0, 3.0, 3.0), mode="reflect", truncate=4.0)
-    np.testing.assert_allclose(ref.anomaly_map(x), wide / (1 + wide), atol=1e-12)
-    np.testing.assert_allclose(ref.scored_map(x), z / (1 + z), atol=1e-12)
+    np.testing.assert_allclose(ref.maps(x)[0], wide / (1 + wide), atol=1e-12)
+    np.testing.assert_allclose(ref.maps(x)[1], z / (1 + z), atol=1e-12)
     ref.update(x, [0, 1], ["good", "bad"], np.zeros((2, 20, 30), np.uint8))
     want = np.sort((z / (1 + z)).reshape(2, -1), axis=1)[:, -3:].mean(1)
     np.testing.assert_allclose(ref._gaussian._scores, want, atol=1e-12)

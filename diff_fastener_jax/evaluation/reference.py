@@ -97,17 +97,10 @@ class ReferenceDetectors:
         self.pixel_std = np.maximum(np.sqrt(np.maximum(var, 0.0)), PIXEL_STD_FLOOR)
         self._fitted = True
 
-    def anomaly_map(self, images: np.ndarray) -> np.ndarray:
-        """The pixel Gaussian's map: (N, H, W, C) -> (N, H, W) float64 in [0, 1)."""
-        return self.maps(images)[0]
-
-    def scored_map(self, images: np.ndarray) -> np.ndarray:
-        """The map its image score is read from: (N, H, W, C) -> (N, H, W) float64 in [0, 1)."""
-        return self.maps(images)[1]
-
     def maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the map, the map its score is read from), each (N, H, W) float64 in [0, 1), from one z-score
-        pass; the second is the first when `score_smooth` is None."""
+        """The pixel Gaussian's (map, the map its image score is read from) of (N, H, W, C) images, each
+        (N, H, W) float64 in [0, 1), from one z-score pass; the second is the first when `score_smooth`
+        is None."""
         z = (np.asarray(images, np.float64) - self.pixel_mean) / self.pixel_std
         z = np.sqrt((z**2).mean(-1))  # (N, H, W)
 
