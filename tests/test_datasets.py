@@ -77,6 +77,22 @@ def test_mvtec_layout_splits(mvtec):
     assert not {s.path for s in train + val} & {s.path for s in test}
 
 
+def test_identical_images_groups_byte_identical_files_in_split_order(mvtec):
+    cat = mvtec / "widget" / "test"
+    cfg = _cfg("mvtec", mvtec)
+    assert datasets.identical_images(list_samples(cfg, "test", seed=0)) == []
+    for src, dst in (("crack/000.png", "hole/001.png"), ("good/000.png", "crack/001.png")):
+        (cat / dst).write_bytes((cat / src).read_bytes())
+    test = list_samples(cfg, "test", seed=0)
+    order = {s.path: i for i, s in enumerate(test)}
+    groups = datasets.identical_images(test)
+    expected = [
+        sorted([str(cat / a), str(cat / b)], key=order.get)
+        for a, b in (("crack/000.png", "hole/001.png"), ("good/000.png", "crack/001.png"))
+    ]
+    assert groups == sorted(expected, key=lambda g: order[g[0]])
+
+
 def test_val_split_is_deterministic_under_seed(mvtec):
     cfg = _cfg("mvtec", mvtec, val_fraction=0.3)
     a = list_samples(cfg, "val", seed=1)

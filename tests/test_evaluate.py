@@ -1,6 +1,7 @@
 """evaluate / crossval end to end on a smoke-trained demo run (predict: test_predict.py)."""
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -12,8 +13,10 @@ import pytest
 from helpers import run_cli, tiny_config
 from PIL import Image
 
+from diff_fastener_jax.data import datasets
+from diff_fastener_jax.deploy import threshold
 from diff_fastener_jax.evaluation import evaluate, outputs
-from diff_fastener_jax.training.run_loading import load_run_config
+from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
 REQUIRED = [
     "image_auroc",
@@ -52,6 +55,7 @@ def test_evaluate_writes_metrics_and_self_contained_report(trained_run, tmp_path
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for key in REQUIRED:
         assert key in metrics, key
+    assert "identical_test_images" not in metrics  # the demo's test images are all different
     assert metrics["num_images"] == 12 and metrics["images_per_second"] > 0
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
         assert 0.0 <= metrics[key] <= 1.0
@@ -84,6 +88,41 @@ def test_evaluate_writes_metrics_and_self_contained_report(trained_run, tmp_path
     assert [float(r["score"]) for r in rows] == pytest.approx(
         [float(r["score"]) for r in csv.DictReader(open(os.path.join(out2, "scores.csv")))]
     )
+
+
+def test_evaluate_names_byte_identical_test_images(trained_run, tmp_path, capsys):
+    """Test images with a byte-identical copy (counted twice in every metric) or a copy among the
+    training normals (seen in training) are named in metrics.json, its warnings, the report and one
+    stderr line."""
+    config = load_run_config(trained_run)
+    samples = datasets.list_samples(config.data, "test", seed=config.seed)[:5]
+    train = datasets.list_samples(config.data, "train", seed=config.seed)
+    copy = tmp_path / "copy.png"
+    shutil.copyfile(samples[0].path, copy)
+    samples.append(dataclasses.replace(samples[0], path=str(copy)))
+    leaked = tmp_path / "leaked.png"
+    shutil.copyfile(train[2].path, leaked)
+    samples.append(dataclasses.replace(samples[1], path=str(leaked)))
+    params, step = load_run_params(trained_run, config)
+    out = tmp_path / "eval"
+    evaluate.evaluate_run(
+        config,
+        params,
+        str(out),
+        show_progress=False,
+        test_samples=samples,
+        stored_threshold=threshold.stored_threshold(trained_run, step, config),
+    )
+    metrics = json.load(open(out / "metrics.json"))
+    rel = [outputs.relative_path(p, config.data.root) for p in (samples[0].path, train[2].path)]
+    groups = [[rel[0], str(copy)], [str(leaked), rel[1]]]
+    assert metrics["identical_test_images"] == groups and metrics["num_images"] == 7
+    line = evaluate.identical_images_warning(groups)
+    assert line.startswith("2 group(s) of byte-identical files hold test images (4 files): ")
+    assert f"{rel[0]} = {copy}; {leaked} = {rel[1]} (" in line
+    assert line in metrics["warnings"]
+    assert [x for x in capsys.readouterr().err.splitlines() if "byte-identical" in x] == [f"warning: {line}"]
+    assert "byte-identical" in open(out / "report.html").read()
 
 
 def test_evaluate_with_given_threshold_and_bad_override(trained_run, tmp_path):

@@ -138,6 +138,18 @@ def verify_images(samples: Sequence[Sample], max_workers: int = 8) -> None:
             raise err
 
 
+def identical_images(samples: Sequence[Sample]) -> list[list[str]]:
+    """Groups of two or more image paths of `samples` whose files are byte for byte the same (each group
+    and the groups in `samples` order). A copy in a test split counts once more in every metric."""
+    import hashlib
+
+    groups: dict[str, list[str]] = {}
+    for s in samples:
+        with open(s.path, "rb") as f:
+            groups.setdefault(hashlib.sha256(f.read()).hexdigest(), []).append(s.path)
+    return [paths for paths in groups.values() if len(paths) > 1]
+
+
 def _error_of(path: str) -> DatasetError | None:
     try:
         check_decodes(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
@@ -87,6 +88,7 @@ def evaluate_run(
     if train_samples is None and config.eval.reference != "none":
         train_samples = datasets.list_samples(config.data, "train", seed=config.seed)
     ref = make_reference(config, train_samples, has_masks) if train_samples else None
+    copies = identical_test_images(config, test_samples, train_samples, calibration_samples)
 
     # The threshold (and, with infer.normal_map='subtract', the normal map the test scores need) first.
     record, threshold_source, fitted = resolve_threshold(
@@ -149,6 +151,11 @@ def evaluate_run(
     }
     result.update(evaluation.compute(thresholds))
     result["threshold"] = float(record["value"])
+    if copies:
+        result["identical_test_images"] = [[outputs.relative_path(p, config.data.root) for p in g] for g in copies]
+        warning = identical_images_warning(result["identical_test_images"])
+        result.setdefault("warnings", []).append(warning)
+        print(f"warning: {warning}", file=sys.stderr)
     if unified:
         # Every category on its own (its images, its threshold), then their unweighted mean.
         result["threshold_per_category"] = dict(record.get("per_category", {}))
@@ -235,6 +242,25 @@ def evaluate_run(
         notes=notes,
     )
     return result
+
+
+def identical_test_images(config, test_samples, train_samples=None, calibration_samples=None) -> list[list[str]]:
+    """Groups of byte-identical files that hold a test image (`datasets.identical_images` over the test
+    split, the training normals and the held-out normals; each split listed from `config` when None)."""
+    others = []
+    for split, given in (("train", train_samples), ("val", calibration_samples)):
+        others += list(given) if given is not None else datasets.list_samples(config.data, split, seed=config.seed)
+    tested = {s.path for s in test_samples}
+    return [g for g in datasets.identical_images(list(test_samples) + others) if tested.intersection(g)]
+
+
+def identical_images_warning(groups: list[list[str]]) -> str:
+    """One line naming the groups of byte-identical files that hold a test image."""
+    shown = "; ".join(" = ".join(g) for g in groups[:3]) + ("; ..." if len(groups) > 3 else "")
+    return (
+        f"{len(groups)} group(s) of byte-identical files hold test images ({sum(map(len, groups))} files): {shown} "
+        "(each test copy counts in every metric; a copy of a training or held-out normal was seen before)"
+    )
 
 
 def evaluate_workdir(

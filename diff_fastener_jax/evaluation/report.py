@@ -45,7 +45,18 @@ _HEADLINE_KEYS = (
     "has_masks",
 )
 # Shown elsewhere on the page (confusion matrix, warnings) or nested.
-_SKIP_KEYS = {"per_defect", "confusion_matrix", "warnings", "tp", "fp", "tn", "fn", "pixel_metrics_note", "reference"}
+_SKIP_KEYS = {
+    "per_defect",
+    "confusion_matrix",
+    "warnings",
+    "identical_test_images",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "pixel_metrics_note",
+    "reference",
+}
 _PER_DEFECT_KEYS = (
     "num_images",
     "image_auroc",
