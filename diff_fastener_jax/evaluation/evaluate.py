@@ -88,7 +88,13 @@ def evaluate_run(
     if train_samples is None and config.eval.reference != "none":
         train_samples = datasets.list_samples(config.data, "train", seed=config.seed)
     ref = make_reference(config, train_samples, has_masks) if train_samples else None
-    copies = identical_test_images(config, test_samples, train_samples, calibration_samples)
+    # Named before scoring, so that the user sees at once that some test images count twice or were seen.
+    copies = [
+        [outputs.relative_path(p, config.data.root) for p in g]
+        for g in identical_test_images(config, test_samples, train_samples, calibration_samples)
+    ]
+    if copies:
+        print(f"warning: {identical_images_warning(copies)}", file=sys.stderr)
 
     # The threshold (and, with infer.normal_map='subtract', the normal map the test scores need) first.
     record, threshold_source, fitted = resolve_threshold(
@@ -152,10 +158,8 @@ def evaluate_run(
     result.update(evaluation.compute(thresholds))
     result["threshold"] = float(record["value"])
     if copies:
-        result["identical_test_images"] = [[outputs.relative_path(p, config.data.root) for p in g] for g in copies]
-        warning = identical_images_warning(result["identical_test_images"])
-        result.setdefault("warnings", []).append(warning)
-        print(f"warning: {warning}", file=sys.stderr)
+        result["identical_test_images"] = copies
+        result.setdefault("warnings", []).append(identical_images_warning(copies))
     if unified:
         # Every category on its own (its images, its threshold), then their unweighted mean.
         result["threshold_per_category"] = dict(record.get("per_category", {}))
