@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import os
 from collections.abc import Sequence
 
@@ -141,8 +142,6 @@ def verify_images(samples: Sequence[Sample], max_workers: int = 8) -> None:
 def identical_images(samples: Sequence[Sample]) -> list[list[str]]:
     """Groups of two or more image paths of `samples` whose files are byte for byte the same (each group
     and the groups in `samples` order). A copy in a test split counts once more in every metric."""
-    import hashlib
-
     groups: dict[str, list[str]] = {}
     for s in samples:
         with open(s.path, "rb") as f:

@@ -77,21 +77,22 @@ def evaluate_run(
     os.makedirs(out_dir, exist_ok=True)
     size, bs = config.data.image_size, config.infer.batch_size
     infer, params, mesh = prepare_inference(config, params)
-    if test_samples is None:
-        test_samples = datasets.list_samples(config.data, "test", seed=config.seed)
+    if test_samples is None or train_samples is None or calibration_samples is None:
+        splits = datasets.list_splits(config.data, config.seed)  # one pass over the layout for every split
+        test_samples = splits["test"] if test_samples is None else test_samples
+        train_samples = splits["train"] if train_samples is None else train_samples
+        calibration_samples = splits["val"] if calibration_samples is None else calibration_samples
     labels = np.array([s.label for s in test_samples], np.int32)
     defects = [s.defect for s in test_samples]
     categories = [s.category for s in test_samples]
     has_masks = any(s.mask_path for s in test_samples)
     class_ids = datasets.class_id_array(config, test_samples)  # None unless a unified model
     unified = class_ids is not None
-    if train_samples is None and config.eval.reference != "none":
-        train_samples = datasets.list_samples(config.data, "train", seed=config.seed)
     ref = make_reference(config, train_samples, has_masks) if train_samples else None
     # Named before scoring, so that the user sees at once that some test images count twice or were seen.
     copies = [
         [outputs.relative_path(p, config.data.root) for p in g]
-        for g in identical_test_images(config, test_samples, train_samples, calibration_samples)
+        for g in identical_test_images(test_samples, train_samples, calibration_samples)
     ]
     if copies:
         print(f"warning: {identical_images_warning(copies)}", file=sys.stderr)
@@ -248,14 +249,12 @@ def evaluate_run(
     return result
 
 
-def identical_test_images(config, test_samples, train_samples=None, calibration_samples=None) -> list[list[str]]:
+def identical_test_images(test_samples, train_samples, calibration_samples) -> list[list[str]]:
     """Groups of byte-identical files that hold a test image (`datasets.identical_images` over the test
-    split, the training normals and the held-out normals; each split listed from `config` when None)."""
-    others = []
-    for split, given in (("train", train_samples), ("val", calibration_samples)):
-        others += list(given) if given is not None else datasets.list_samples(config.data, split, seed=config.seed)
+    split, the training normals and the held-out normals)."""
     tested = {s.path for s in test_samples}
-    return [g for g in datasets.identical_images(list(test_samples) + others) if tested.intersection(g)]
+    everything = [*test_samples, *train_samples, *calibration_samples]
+    return [g for g in datasets.identical_images(everything) if tested.intersection(g)]
 
 
 def identical_images_warning(groups: list[list[str]]) -> str:
