@@ -662,6 +662,7 @@ def validate_infer(config: ml_collections.ConfigDict) -> None:
         "infer.score_sigma",
         f"must be >= 0 (pixels at 256²), or {SCORE_SIGMA_AS_MAP:g} for the map's own (infer.map_sigma), got {i.score_sigma}",
     )
+    _need(i.chroma_weight >= 0, "infer.chroma_weight", f"must be >= 0, got {i.chroma_weight}")
     _one_of("infer.score_region", i.score_region, SCORE_REGIONS)
     _one_of("infer.normal_map", i.normal_map, NORMAL_MAPS)
     _need(

@@ -69,7 +69,7 @@ CALIBRATE_THRESHOLD = -1.0
 SCORE_SIGMA_AS_MAP = -1.0
 # Keys added after runs were saved, with the value that does what those runs did: a run's config digest
 # (detector.json) leaves them out at that value, so its stored threshold and normal map stay valid.
-ADDED_KEY_DEFAULTS = {"infer.score_sigma": SCORE_SIGMA_AS_MAP}
+ADDED_KEY_DEFAULTS = {"infer.score_sigma": SCORE_SIGMA_AS_MAP, "infer.chroma_weight": 0.0}
 
 # data.resize (RESIZE_MODES): 'square' = both sides become data.image_size (the paper; non-square images
 # are squashed) | 'short_side' = the short side becomes data.image_size, the long side keeps the aspect
@@ -287,6 +287,12 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # (their mean: the reconstruction error adds weight to large texture changes, e.g. rust over a plate,
     # that the segmentation net marks only faintly; docs/experiments.md measures where it helps and hurts)
     c.infer.map = "segmentation"
+    # The reconstruction error's extra weight on colour: the error at a pixel is the channels' mean of
+    # |x - recon| plus chroma_weight times the length of the part of x - recon orthogonal to grey (the
+    # part that changes hue, not brightness), / 2 and clipped to [0, 1]. A highlight, a shadow or an
+    # exposure change moves all channels alike and adds nothing; a change of material (rust, a stain)
+    # shifts the hue and adds. 0 = the plain error; no effect on grey images.
+    c.infer.chroma_weight = 0.0
     # Gaussian smoothing of the anomaly map before scoring, sigma in pixels at 256² (scaled with the
     # square root of the map's area, the same in both directions); 0 = the paper's raw map. Smoothing trades the sharpness of the map's edges for fewer
     # isolated false-positive pixels (PatchCore smooths with sigma 4 at 224²).

@@ -277,6 +277,20 @@ def scored_map_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return c
 
 
+def reconstruction_error(images: jax.Array, recon: jax.Array, chroma_weight: float) -> jax.Array:
+    """The error map of `infer.map='recon_error'`, (N, H, W, C) [-1, 1] pair -> (N, H, W) in [0, 1]:
+    (the channels' mean |images - recon| + `chroma_weight` x the length of the part of images - recon
+    orthogonal to grey (1, ..., 1)) / 2, clipped. The grey part is a change of brightness, which
+    lighting also makes; the orthogonal part a change of hue, which it rarely does."""
+    error = diffusion.recon_error_map(images, recon)  # (N, H, W) in [0, 2]
+    if chroma_weight == 0:
+        return error / 2.0
+    diff = images.astype(jnp.float32) - recon.astype(jnp.float32)  # (N, H, W, C)
+    chroma = diff - jnp.mean(diff, axis=-1, keepdims=True)
+    length = jnp.sqrt(jnp.sum(chroma * chroma, axis=-1))  # (N, H, W); inference only: no gradient at 0
+    return jnp.clip((error + chroma_weight * length) / 2.0, 0.0, 1.0)
+
+
 def smooth_map(amap: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
     """Gaussian-smoothed anomaly map: rows @ amap @ cols.T per image, clipped to [0, 1]. (N, H, W) -> (N, H, W).
 
@@ -319,6 +333,8 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.infer.map not in ANOMALY_MAPS:
         raise ValueError(f"infer.map must be one of {ANOMALY_MAPS}, got {config.infer.map!r}")
+    if not config.infer.chroma_weight >= 0:
+        raise ValueError(f"infer.chroma_weight must be >= 0, got {config.infer.chroma_weight}")
     if config.infer.score_region not in SCORE_REGIONS:
         raise ValueError(f"infer.score_region must be one of {SCORE_REGIONS}, got {config.infer.score_region!r}")
     if not config.infer.map_sigma >= 0:
@@ -338,7 +354,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
 
     images (N, H, W, C) in [-1, 1] at `data.image_size` (tiled for a patch-trained model: module
     docstring); recon (N, H, W, C); anomaly_map (N, H, W) in [0, 1] (segmentation probability;
-    |x - recon| averaged over channels / 2 for `infer.map='recon_error'`; the mean of the two for
+    `reconstruction_error` for `infer.map='recon_error'`; the mean of the two for
     'segmentation+recon_error'), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
     top-K map values (of the raw map smoothed by `infer.score_sigma` where that is set; of that map
     minus params[NORMAL_MAP_PARAM] with `infer.normal_map='subtract'`, of the image's Otsu foreground
@@ -372,6 +388,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     score_h, score_w = score_smoothing(config, shape[0], shape[1])
     own_score_map = reads_own_score_map(config)
     score_rows, score_cols = smoothing_matrix(shape[0], score_h), smoothing_matrix(shape[1], score_w)
+    chroma_weight = float(config.infer.chroma_weight)
     method = config.infer.method
     subtract_normal = config.infer.normal_map == "subtract"
     foreground_only = scores_otsu_foreground(config)
@@ -464,7 +481,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
                 {"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1), class_ids=class_ids
             )[..., 0]
         if config.infer.map != "segmentation":
-            error = diffusion.recon_error_map(images, recon) / 2.0  # [-1, 1] images: error in [0, 2]
+            error = reconstruction_error(images, recon, chroma_weight)  # (n, h, w) in [0, 1]
             amap = error if amap is None else (amap + error) / 2.0  # the mean stays in [0, 1]
         return recon, amap, step
 

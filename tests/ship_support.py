@@ -32,6 +32,21 @@ def smoke_export(tmp_path_factory, run: str) -> str:
     return shared_once(tmp_path_factory, "smoke_export", lambda out: export_run(run, out, log=lambda *_: None))
 
 
+def assert_onnx_matches(config, params, images, out, path: str) -> None:
+    """model.onnx exported for `config` to `path` gives the program's outputs `out` (its map and
+    scores) on `images`, within 1e-4."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from diff_fastener_jax.deploy.export import export_onnx
+
+    export_onnx(config, params, path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = session.run(None, {session.get_inputs()[0].name: images})
+    np.testing.assert_allclose(onnx_map, np.asarray(out.anomaly_map), atol=1e-4)
+    np.testing.assert_allclose(onnx_score, np.asarray(out.score), atol=1e-4)
+
+
 def png_header(width: int, height: int) -> bytes:
     """An 8-bit RGB PNG of width x height whose pixel data stops after the first row: a valid
     signature, IHDR and one short IDAT. `Image.open` reads its size from it: a few dozen bytes that

@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 import pytest
-from ship_support import smoke_test_images
+from ship_support import assert_onnx_matches, smoke_test_images
 
 from diff_fastener_jax.config import ConfigError, apply_overrides, validate_config
 from diff_fastener_jax.config_schema import SCORE_SIGMA_AS_MAP
@@ -20,10 +20,7 @@ def test_the_map_and_the_score_read_their_own_smoothing(smoke_run, tmp_path):
     """map_sigma 24 / score_sigma 0 at 256² (3 px / none on the 32 px smoke images): the returned map is
     the map_sigma=24 program's, the score the unsmoothed program's, in JAX and in model.onnx alike;
     detector.json records both sigmas."""
-    import onnxruntime as ort
-
     from diff_fastener_jax.deploy.detector import Detector
-    from diff_fastener_jax.deploy.export import export_onnx
     from diff_fastener_jax.deploy.threshold import detector_record
     from diff_fastener_jax.inference import make_infer_fn, score_sigma_at_256
     from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
@@ -45,12 +42,7 @@ def test_the_map_and_the_score_read_their_own_smoothing(smoke_run, tmp_path):
     inference = detector_record(split, {"value": 0.5}, 6)["inference"]
     assert (inference["map_sigma_px"], inference["score_sigma_px"]) == ([3.0, 3.0], [0.0, 0.0])
 
-    path = str(tmp_path / "model.onnx")
-    export_onnx(split, params, path)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    onnx_map, onnx_score = session.run(None, {session.get_inputs()[0].name: images})
-    np.testing.assert_allclose(onnx_map, np.asarray(out.anomaly_map), atol=1e-4)
-    np.testing.assert_allclose(onnx_score, np.asarray(out.score), atol=1e-4)
+    assert_onnx_matches(split, params, images, out, str(tmp_path / "model.onnx"))
 
 
 def test_the_normal_map_is_fitted_on_the_map_the_score_reads(smoke_run):

@@ -100,20 +100,23 @@ def test_the_smoke_run_records_its_concrete_dtype(smoke_run):
 
 
 def test_a_key_added_at_its_old_behaviour_keeps_a_saved_runs_digest():
-    """A run saved before `infer.score_sigma` existed loads with the key at SCORE_SIGMA_AS_MAP; its
+    """A run saved before a key of ADDED_KEY_DEFAULTS existed loads with the key at its listed value; its
     digest (and so its stored threshold and normal map) is unchanged, while another value changes it."""
     import ml_collections
 
     from diff_fastener_jax.config_schema import ADDED_KEY_DEFAULTS, SCORE_SIGMA_AS_MAP
 
-    assert ADDED_KEY_DEFAULTS == {"infer.score_sigma": SCORE_SIGMA_AS_MAP}
+    assert ADDED_KEY_DEFAULTS == {"infer.score_sigma": SCORE_SIGMA_AS_MAP, "infer.chroma_weight": 0.0}
+    other_values = {"infer.score_sigma": 4.0, "infer.chroma_weight": 2.0}
     config = tiny_config()
     saved_before = config.to_dict()
-    del saved_before["infer"]["score_sigma"]
-    assert config.infer.score_sigma == SCORE_SIGMA_AS_MAP
+    for dotted, value in ADDED_KEY_DEFAULTS.items():
+        del saved_before["infer"][dotted.split(".")[1]]
+        assert config.infer[dotted.split(".")[1]] == value  # the base config's default is the old behaviour
     assert D.config_digest(config) == D.config_digest(ml_collections.ConfigDict(saved_before))
-    config.infer.score_sigma = 4.0
-    assert D.config_digest(config) != D.config_digest(ml_collections.ConfigDict(saved_before))
-    config.infer.score_sigma = SCORE_SIGMA_AS_MAP
+    for dotted, value in other_values.items():
+        changed = ml_collections.ConfigDict(config.to_dict())
+        changed.infer[dotted.split(".")[1]] = value
+        assert D.config_digest(changed) != D.config_digest(ml_collections.ConfigDict(saved_before)), dotted
     config.infer.map_sigma = 3.0  # any other change still changes the digest
     assert D.config_digest(config) != D.config_digest(ml_collections.ConfigDict(saved_before))

@@ -304,6 +304,7 @@ def detector_record(
         "inference": {
             "method": config.infer.method,
             "anomaly_map": config.infer.map,
+            "chroma_weight": float(config.infer.chroma_weight),
             "dtype": compute_dtype_name(config),
             "t_small": int(d.eval_t_small),
             "t_big": int(d.eval_t_big),
