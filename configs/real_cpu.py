@@ -24,25 +24,28 @@ Recipe:
   into one 256 x 256 map inside the one inference program. The map is the mean of the segmentation
   net's map and the reconstruction error (`infer.map='segmentation+recon_error'`): the error adds
   weight to changes the segmentation net marks faintly (rust over a plate, a thin film on glass).
-  The error counts a change of hue twice over on top of its channels' mean (`infer.chroma_weight=2`):
-  a highlight or a shadow, which the segmentation net can mistake for a defect, changes brightness
-  alone, while a stain or rust changes colour. Grey images are unaffected.
+  In the map the image score reads, the error counts a change of hue twice over on top of its
+  channels' mean (`infer.score_chroma_weight=2`): a highlight or a shadow, which the segmentation net
+  can mistake for a defect, changes brightness alone, while a stain or rust changes colour. The
+  returned map keeps the plain error, which covers the defects' regions better. Grey images are
+  unaffected.
   The returned map is smoothed by a Gaussian of 8 px (`infer.map_sigma`), which fills in a large
   defect that the map marks unevenly; the image score reads the map smoothed by 4 px
   (`infer.score_sigma`), which keeps a small defect's peak, and is the mean of its top-K pixels inside
   the region where training draws its anomalies (`infer.score_region='foreground'`: the object, or
   the whole image of a surface), so a shadow or a cable on the background does not count. Where the
   object keeps one pose (`infer.normal_map='auto'`: its Otsu masks overlap across the normals), the
-  score is taken from the map minus the held-out normals' mean map, so the object's fixed structure
-  (and its highlights, which the reconstruction never matches exactly) does not count either.
+  score is taken from the map minus the held-out normals' mean map, divided by their spread there,
+  so the object's fixed structure (and its highlights, which the reconstruction never matches
+  exactly and which vary from image to image) does not count either.
 
 Measured (docs/experiments.md, the 2-core VM): MPDD metal_plate (plates in varying poses: no normal
-map) image AUROC 0.985-0.996 over three runs, pixel AUROC 0.976-0.979, AUPRO 0.893-0.907 (without
-the colour weight the same models scored 0.742-0.955, and AUPRO 0.899-0.921), the per-pixel Gaussian
-reference 0.867; MVTec bottle (one pose: normal map) image AUROC 0.971-0.983 over four runs, the
-Gaussian 0.972-0.973. Training takes 18-30 min, with the host's speed; the same seed gives another
-model on another host. Twice the steps (`train.num_steps=1400`, about an hour) took MPDD's weakest run without the colour
-weight from 0.742 to 0.967.
+map) image AUROC 0.985-0.996 over three runs, pixel AUROC 0.975-0.982, AUPRO 0.899-0.921 (without
+the colour weight the same models scored 0.742-0.955), the per-pixel Gaussian reference 0.867;
+MVTec bottle (one pose: normal map) image AUROC 0.984 and 0.989 over its two latest runs (0.971 and
+0.974 with the mean map alone), the Gaussian 0.972-0.973. Training takes 18-30 min, with the host's
+speed; the same seed gives another model on another host. Twice the steps (`train.num_steps=1400`,
+about an hour) took MPDD's weakest run without the colour weight from 0.742 to 0.967.
 """
 
 import ml_collections
@@ -76,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.infer.tiling = "tiles"
     c.infer.tile_stride = 32  # 5 x 5 tiles of 128 px at 256²
     c.infer.map = "segmentation+recon_error"
-    c.infer.chroma_weight = 2.0  # a change of hue outweighs one of brightness in the error
+    c.infer.score_chroma_weight = 2.0  # the score's error: a change of hue outweighs one of brightness
     c.infer.map_sigma = 8.0  # the returned map: a large defect filled in (pixel metrics)
     c.infer.score_sigma = 4.0  # the map the image score reads: a small defect's peak kept
     c.infer.score_region = "foreground"

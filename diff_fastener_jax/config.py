@@ -37,6 +37,7 @@ from diff_fastener_jax.config_schema import (
     DEMO_FRAMINGS,
     DROPPED_KEYS,
     DTYPES,
+    FITTED_NORMAL_MAPS,
     FOREGROUNDS,
     HINT_EXAMPLES,
     INFER_METHODS,
@@ -54,8 +55,8 @@ from diff_fastener_jax.config_schema import (
     RESUME_FIXED,
     RESUME_FREE,
     SCHEDULES,
+    SCORE_AS_MAP,
     SCORE_REGIONS,
-    SCORE_SIGMA_AS_MAP,
     SEG_CLASS_CONDITIONINGS,
     SELECT_METRICS,
     SELECT_ON,
@@ -658,17 +659,22 @@ def validate_infer(config: ml_collections.ConfigDict) -> None:
     _positive("infer.top_k", i.top_k, 50)
     _need(i.map_sigma >= 0, "infer.map_sigma", f"must be >= 0 (pixels at 256²), got {i.map_sigma}")
     _need(
-        i.score_sigma >= 0 or i.score_sigma == SCORE_SIGMA_AS_MAP,
+        i.score_sigma >= 0 or i.score_sigma == SCORE_AS_MAP,
         "infer.score_sigma",
-        f"must be >= 0 (pixels at 256²), or {SCORE_SIGMA_AS_MAP:g} for the map's own (infer.map_sigma), got {i.score_sigma}",
+        f"must be >= 0 (pixels at 256²), or {SCORE_AS_MAP:g} for the map's own (infer.map_sigma), got {i.score_sigma}",
     )
     _need(i.chroma_weight >= 0, "infer.chroma_weight", f"must be >= 0, got {i.chroma_weight}")
+    _need(
+        i.score_chroma_weight >= 0 or i.score_chroma_weight == SCORE_AS_MAP,
+        "infer.score_chroma_weight",
+        f"must be >= 0, or {SCORE_AS_MAP:g} for the map's own (infer.chroma_weight), got {i.score_chroma_weight}",
+    )
     _one_of("infer.score_region", i.score_region, SCORE_REGIONS)
     _one_of("infer.normal_map", i.normal_map, NORMAL_MAPS)
     _need(
-        not (i.normal_map == "subtract" and class_names(config)),
+        not (i.normal_map in FITTED_NORMAL_MAPS and class_names(config)),
         "infer.normal_map",
-        "'subtract' fits one normal map per model; a unified multi-category model's categories do not share one",
+        f"{i.normal_map!r} fits one normal map per model; a unified multi-category model's categories do not share one",
         hint="train one model per category, or use infer.normal_map='auto' or 'off'",
     )
     _positive("infer.batch_size", i.batch_size, 16)

@@ -29,9 +29,12 @@ ANOMALY_MAPS = ("segmentation", "recon_error", "segmentation+recon_error")
 # infer.score_region: where the image score's top-K pixels are taken: the whole image, or the object's
 # Otsu foreground (the rule that places the synthetic anomalies; diff_fastener_jax/foreground.py)
 SCORE_REGIONS = ("image", "foreground")
-# infer.normal_map: 'off' | 'subtract' (score the map minus the held-out normals' mean map) | 'auto'
-# ('subtract' where the training normals show one object in one pose, else 'off'; data/foreground_kind.py)
-NORMAL_MAPS = ("off", "subtract", "auto")
+# infer.normal_map: 'off' | 'subtract' (score the map minus the held-out normals' mean map) |
+# 'standardise' (that difference divided by the normals' spread there) | 'auto' (ONE_POSE_NORMAL_MAP
+# where the training normals show one object in one pose, else 'off'; data/foreground_kind.py)
+FITTED_NORMAL_MAPS = ("subtract", "standardise")
+NORMAL_MAPS = ("off", *FITTED_NORMAL_MAPS, "auto")
+ONE_POSE_NORMAL_MAP = "standardise"
 # The settings whose AUTO training decides once, from the training normals (data/foreground_kind.py),
 # and the choices a trained run's config.json holds instead
 AUTO = "auto"
@@ -65,11 +68,16 @@ NUM_STEPS_FROM_EPOCHS = -1
 NO_FOLD = -1
 # eval.threshold: below 0 the image-score threshold is calibrated on validation normals (eval.fpr_target)
 CALIBRATE_THRESHOLD = -1.0
-# infer.score_sigma: the image score is read from the map at infer.map_sigma
-SCORE_SIGMA_AS_MAP = -1.0
+# infer.score_sigma, infer.score_chroma_weight: the image score reads the returned map's own setting
+# (infer.map_sigma, infer.chroma_weight)
+SCORE_AS_MAP = -1.0
 # Keys added after runs were saved, with the value that does what those runs did: a run's config digest
 # (detector.json) leaves them out at that value, so its stored threshold and normal map stay valid.
-ADDED_KEY_DEFAULTS = {"infer.score_sigma": SCORE_SIGMA_AS_MAP, "infer.chroma_weight": 0.0}
+ADDED_KEY_DEFAULTS = {
+    "infer.score_sigma": SCORE_AS_MAP,
+    "infer.chroma_weight": 0.0,
+    "infer.score_chroma_weight": SCORE_AS_MAP,
+}
 
 # data.resize (RESIZE_MODES): 'square' = both sides become data.image_size (the paper; non-square images
 # are squashed) | 'short_side' = the short side becomes data.image_size, the long side keeps the aspect
@@ -293,23 +301,31 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # exposure change moves all channels alike and adds nothing; a change of material (rust, a stain)
     # shifts the hue and adds. 0 = the plain error; no effect on grey images.
     c.infer.chroma_weight = 0.0
+    # The chroma weight of the map the image score's top-K is read from, when it differs from the
+    # returned map's (SCORE_AS_MAP: the same map). On MPDD the weighted error ranks rusted plates above
+    # lit ones while the plain error's map covers the defects' regions better (AUPRO), so a recipe may
+    # weight the score alone and return the plain error's map.
+    c.infer.score_chroma_weight = SCORE_AS_MAP
     # Gaussian smoothing of the anomaly map before scoring, sigma in pixels at 256² (scaled with the
     # square root of the map's area, the same in both directions); 0 = the paper's raw map. Smoothing trades the sharpness of the map's edges for fewer
     # isolated false-positive pixels (PatchCore smooths with sigma 4 at 224²).
     c.infer.map_sigma = 0.0
     # The smoothing of the map the image score's top-K is read from, sigma in pixels at 256², when it
-    # differs from the returned map's (SCORE_SIGMA_AS_MAP: the same map). A wide sigma gives the best
+    # differs from the returned map's (SCORE_AS_MAP: the same map). A wide sigma gives the best
     # pixel map (it fills in a large defect that the map marks unevenly) but dilutes a small defect's
     # peak in the score, so a recipe may smooth the map wider than the score (as PatchCore scores its
     # raw patch distances and smooths only the map it shows).
-    c.infer.score_sigma = SCORE_SIGMA_AS_MAP
+    c.infer.score_sigma = SCORE_AS_MAP
     # NORMAL_MAPS. 'subtract': the image score is the top-K mean of the map minus the normal map, the mean
     # map of the held-out normal images (blurred; fitted with the threshold, stored as normal_map.npy). On
     # an object seen in one pose (a bottle from above) the networks answer its fixed structure with the
     # same faint response in every image; subtracting it lets a faint real defect outscore it. Where the
     # pose or background varies (MPDD plates) there is no shared response to remove and the score gets
-    # worse (docs/experiments.md). Needs >= 2 held-out normals (data.val_fraction) and a one-category
-    # model. 'auto' decides when training starts, from how much the training normals' objects overlap.
+    # worse (docs/experiments.md). 'standardise' divides that difference by the normals' per-pixel
+    # spread (plus its median over the image), so a response where the normals themselves vary (a
+    # glass rim's highlight) counts less than the same response where they agree. Needs >= 2 held-out
+    # normals (3 to standardise; data.val_fraction) and a one-category model. 'auto' decides when
+    # training starts, from how much the training normals' objects overlap.
     c.infer.normal_map = "off"
     # SCORE_REGIONS: 'image' | 'foreground' = the top-K of the image's data.foreground region only: the
     # Otsu object ('otsu'), everywhere ('full'); the map stays whole. Training draws its anomalies there,

@@ -21,6 +21,10 @@ import numpy as np
 from diff_fastener_jax.data.synthesis import MIN_FOREGROUND_SHARE
 
 NUM_BINS = 256  # the histogram of the synthesis rule (np.histogram on [0, 1])
+# The value of a pixel outside the score region: below any scored value (a map in [0, 1], that minus a
+# normal map, or that standardised by one), so the top-K mean takes the region's pixels. The region
+# holds at least MIN_FOREGROUND_SHARE of the image, far more than K pixels.
+OUTSIDE_REGION = -1e6
 
 
 def otsu_foreground(images):
@@ -52,6 +56,6 @@ def otsu_foreground(images):
 
 
 def masked_to_foreground(scored, foreground):
-    """`scored` (N, H, W) with every pixel outside `foreground` set to -1, below any map value (maps lie
-    in [0, 1], minus a normal map in [-1, 1]), so the top-K mean takes the foreground's pixels."""
-    return jnp.where(foreground, scored, -1.0)
+    """`scored` (N, H, W) with every pixel outside `foreground` set to OUTSIDE_REGION, so the top-K mean
+    takes the foreground's pixels."""
+    return jnp.where(foreground, scored, OUTSIDE_REGION)

@@ -11,7 +11,8 @@ the whole image (`infer.tiling='whole'`). Every tile gets the same P x P noise.
 
 With `infer.normal_map='subtract'` the params carry one more array, params[NORMAL_MAP_PARAM] (H, W): the
 blurred mean map of the held-out normal images (`deploy.normal_map`), subtracted from the map before
-the image score is taken. Because it travels with the params, evaluate, predict, the service and both
+the image score is taken; with 'standardise' a (2, H, W) [mean, scale], and the score reads
+(map - mean) / scale. Because it travels with the params, evaluate, predict, the service and both
 exported files apply the same one.
 """
 
@@ -30,10 +31,11 @@ from diff_fastener_jax import diffusion, foreground, parallel, tiling
 from diff_fastener_jax.config_schema import (
     ANOMALY_MAPS,
     AUTO,
+    FITTED_NORMAL_MAPS,
     INFER_METHODS,
     PATCH_OFF,
+    SCORE_AS_MAP,
     SCORE_REGIONS,
-    SCORE_SIGMA_AS_MAP,
     TILE_STRIDE_HALF_PATCH,
     TILINGS,
 )
@@ -42,7 +44,8 @@ from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models, tile_rows
 from diff_fastener_jax.perf import xla_options
 
-# The params key of the fitted normal map (infer.normal_map='subtract'); the networks' keys are 'recon', 'seg'.
+# The params key of the fitted normal map (infer.normal_map 'subtract', 'standardise'); the networks' keys
+# are 'recon', 'seg'.
 NORMAL_MAP_PARAM = "normal_map"
 
 
@@ -250,14 +253,34 @@ def map_smoothing(config: ml_collections.ConfigDict, height: int, width: int) ->
 
 def score_sigma_at_256(config: ml_collections.ConfigDict) -> float:
     """The smoothing (pixels at 256²) of the map the image score is read from: `infer.score_sigma`, or
-    `infer.map_sigma` when it is SCORE_SIGMA_AS_MAP."""
+    `infer.map_sigma` when it is SCORE_AS_MAP."""
     s = float(config.infer.score_sigma)
-    return float(config.infer.map_sigma) if s == SCORE_SIGMA_AS_MAP else s
+    return float(config.infer.map_sigma) if s == SCORE_AS_MAP else s
+
+
+def score_chroma_weight(config: ml_collections.ConfigDict) -> float:
+    """The chroma weight of the error in the map the image score is read from: `infer.score_chroma_weight`,
+    or `infer.chroma_weight` when it is SCORE_AS_MAP."""
+    w = float(config.infer.score_chroma_weight)
+    return float(config.infer.chroma_weight) if w == SCORE_AS_MAP else w
 
 
 def reads_own_score_map(config: ml_collections.ConfigDict) -> bool:
-    """Whether the image score reads a map smoothed otherwise than the returned one (`infer.score_sigma`)."""
+    """Whether the image score reads another map than the returned one: smoothed otherwise
+    (`infer.score_sigma`) or, where the map holds the reconstruction error, weighted otherwise
+    (`infer.score_chroma_weight`)."""
+    return smooths_own_score_map(config) or weighs_own_score_error(config)
+
+
+def smooths_own_score_map(config: ml_collections.ConfigDict) -> bool:
+    """Whether the score's map is smoothed otherwise than the returned map (`infer.score_sigma`)."""
     return score_sigma_at_256(config) != float(config.infer.map_sigma)
+
+
+def weighs_own_score_error(config: ml_collections.ConfigDict) -> bool:
+    """Whether the score's map holds a reconstruction error weighted otherwise than the returned map's."""
+    uses_error = config.infer.map != "segmentation"
+    return uses_error and score_chroma_weight(config) != float(config.infer.chroma_weight)
 
 
 def score_smoothing(config: ml_collections.ConfigDict, height: int, width: int) -> tuple[float, float]:
@@ -268,12 +291,15 @@ def score_smoothing(config: ml_collections.ConfigDict, height: int, width: int) 
 
 def scored_map_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose program returns the map its image score is read from (`infer.map_sigma`
-    set to the score's smoothing); the same config when the two are one map. The scores are the same."""
+    and `infer.chroma_weight` set to the score's); the same config when the two are one map. The scores
+    are the same."""
     if not reads_own_score_map(config):
         return config
     c = ml_collections.ConfigDict(config.to_dict())
     c.infer.map_sigma = score_sigma_at_256(config)
-    c.infer.score_sigma = SCORE_SIGMA_AS_MAP
+    c.infer.chroma_weight = score_chroma_weight(config)
+    c.infer.score_sigma = SCORE_AS_MAP
+    c.infer.score_chroma_weight = SCORE_AS_MAP
     return c
 
 
@@ -335,6 +361,8 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"infer.map must be one of {ANOMALY_MAPS}, got {config.infer.map!r}")
     if not config.infer.chroma_weight >= 0:
         raise ValueError(f"infer.chroma_weight must be >= 0, got {config.infer.chroma_weight}")
+    if not score_chroma_weight(config) >= 0:
+        raise ValueError(f"infer.score_chroma_weight must be >= 0 or -1, got {config.infer.score_chroma_weight}")
     if config.infer.score_region not in SCORE_REGIONS:
         raise ValueError(f"infer.score_region must be one of {SCORE_REGIONS}, got {config.infer.score_region!r}")
     if not config.infer.map_sigma >= 0:
@@ -356,8 +384,10 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     docstring); recon (N, H, W, C); anomaly_map (N, H, W) in [0, 1] (segmentation probability;
     `reconstruction_error` for `infer.map='recon_error'`; the mean of the two for
     'segmentation+recon_error'), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
-    top-K map values (of the raw map smoothed by `infer.score_sigma` where that is set; of that map
-    minus params[NORMAL_MAP_PARAM] with `infer.normal_map='subtract'`, of the image's Otsu foreground
+    top-K map values (of the raw map smoothed by `infer.score_sigma` and its error weighted by
+    `infer.score_chroma_weight` where those are set; of that map
+    minus params[NORMAL_MAP_PARAM] with `infer.normal_map='subtract'`, standardised by it with
+    'standardise', of the image's Otsu foreground
     alone with `infer.score_region='foreground'`; the returned map stays the model's own, so its pixel
     values keep their meaning); denoise_step (N,) int32, the diffusion
     step the reconstruction started from (`diffusion.eval_t_big` for the fixed-step methods, each
@@ -389,8 +419,11 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     own_score_map = reads_own_score_map(config)
     score_rows, score_cols = smoothing_matrix(shape[0], score_h), smoothing_matrix(shape[1], score_w)
     chroma_weight = float(config.infer.chroma_weight)
+    own_score_error = weighs_own_score_error(config)
+    score_weight = score_chroma_weight(config)
     method = config.infer.method
-    subtract_normal = config.infer.normal_map == "subtract"
+    normal_mode = config.infer.normal_map
+    uses_normal_map = normal_mode in FITTED_NORMAL_MAPS
     foreground_only = scores_otsu_foreground(config)
 
     def infer(params, images, class_ids=None):
@@ -402,38 +435,47 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
             raise ValueError(
                 f"infer: this model has {recon_net.num_classes} classes; pass class_ids (N,) exactly when it has some"
             )
-        if subtract_normal != (NORMAL_MAP_PARAM in params):
+        if uses_normal_map != (NORMAL_MAP_PARAM in params):
             raise ValueError(
                 f"infer: infer.normal_map is {config.infer.normal_map!r}: params must "
-                f"{'' if subtract_normal else 'not '}carry {NORMAL_MAP_PARAM!r} (deploy.normal_map)"
+                f"{'' if uses_normal_map else 'not '}carry {NORMAL_MAP_PARAM!r} (deploy.normal_map)"
             )
         if not tiled:
-            recon, amap, step = network_pass(params, images, class_ids)
+            recon, amap, score_raw, step = network_pass(params, images, class_ids)
         else:  # every image's tiles in one batch, image after image; one class id per tile
             tile_ids = None if class_ids is None else jnp.repeat(class_ids, num_tiles)
-            recon, amap, step = network_pass(
+            recon, amap, score_raw, step = network_pass(
                 params, tiling.extract_tiles(images, plan_h, plan_w, noise.shape[1]), tile_ids
             )
             recon = tiling.stitch_tiles(recon, plan_h, plan_w)  # (N, H, W, C)
             amap = tiling.stitch_tiles(amap, plan_h, plan_w)  # (N, H, W)
+            if own_score_error:
+                score_raw = tiling.stitch_tiles(score_raw, plan_h, plan_w)  # (N, H, W)
             step = jnp.max(step.reshape(-1, num_tiles), axis=1)  # (N,): the latest start of any tile
         raw = amap  # (N, H, W)
+        if not own_score_error:
+            score_raw = raw
         if sigma_h > 0:
             amap = smooth_map(raw, smooth_rows, smooth_cols)
         if not own_score_map:
             scored = amap
         elif score_h > 0:
-            scored = smooth_map(raw, score_rows, score_cols)
+            scored = smooth_map(score_raw, score_rows, score_cols)
         else:
-            scored = raw
-        if subtract_normal:
+            scored = score_raw
+        if normal_mode == "subtract":
             scored = scored - params[NORMAL_MAP_PARAM]  # (N, H, W) - (H, W)
+        elif normal_mode == "standardise":
+            mean, scale = params[NORMAL_MAP_PARAM][0], params[NORMAL_MAP_PARAM][1]  # (H, W) each
+            scored = (scored - mean) / scale
         if foreground_only:
             scored = foreground.masked_to_foreground(scored, foreground.otsu_foreground(images))
         return InferOutputs(recon, amap, top_k_score(scored, k), step)
 
     def network_pass(params, images, class_ids):
-        """The networks on (n, h, w, C) inputs at the noise's shape: (recon, raw map (n, h, w), step (n,))."""
+        """The networks on (n, h, w, C) inputs at the noise's shape: (recon, raw map (n, h, w), the score's
+        raw map (n, h, w) where its error is weighted otherwise (`infer.score_chroma_weight`) else None,
+        step (n,))."""
         n = images.shape[0]
         n1 = jnp.broadcast_to(noise[0], images.shape)  # (N, H, W, C)
         n2 = jnp.broadcast_to(noise[1], images.shape)
@@ -475,15 +517,19 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
                 )
             else:
                 recon = diffusion.ddpm_reconstruct(eps_fn, sched, images, int(d.eval_t_big), keys)
-        amap = None
+        seg = None
         if config.infer.map != "recon_error":
-            amap = seg_net.apply(
+            seg = seg_net.apply(
                 {"params": params["seg"]}, jnp.concatenate([images, recon], axis=-1), class_ids=class_ids
             )[..., 0]
-        if config.infer.map != "segmentation":
-            error = reconstruction_error(images, recon, chroma_weight)  # (n, h, w) in [0, 1]
-            amap = error if amap is None else (amap + error) / 2.0  # the mean stays in [0, 1]
-        return recon, amap, step
+
+        def with_error(weight):  # the map holding the error weighted by `weight`: (n, h, w) in [0, 1]
+            error = reconstruction_error(images, recon, weight)
+            return error if seg is None else (seg + error) / 2.0  # the mean stays in [0, 1]
+
+        if config.infer.map == "segmentation":
+            return recon, seg, None, step
+        return recon, with_error(chroma_weight), with_error(score_weight) if own_score_error else None, step
 
     return infer
 

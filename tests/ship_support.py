@@ -47,6 +47,24 @@ def assert_onnx_matches(config, params, images, out, path: str) -> None:
     np.testing.assert_allclose(onnx_score, np.asarray(out.score), atol=1e-4)
 
 
+def assert_normal_map_fits_the_scored_map(split, same, returned, params) -> None:
+    """Calibration of `split` (a score that reads another map than the program returns) fits the
+    normal map and the threshold of `same` (one map: the score's), not those of `returned` (one map:
+    the returned one). The configs score with infer.normal_map='subtract' on >= 2 held-out normals."""
+    import numpy as np
+    import pytest
+
+    from diff_fastener_jax.deploy import threshold
+
+    split_record, split_map = threshold.calibrate(split, params)
+    same_record, same_map = threshold.calibrate(same, params)
+    _, returned_map = threshold.calibrate(returned, params)
+    assert split_map.shape == (32, 32) and split_record["normal_map"]["num_images"] >= 2
+    np.testing.assert_allclose(split_map, same_map, atol=1e-6)
+    assert split_record["value"] == pytest.approx(same_record["value"], abs=1e-6)
+    assert np.abs(split_map - returned_map).max() > 1e-4
+
+
 def png_header(width: int, height: int) -> bytes:
     """An 8-bit RGB PNG of width x height whose pixel data stops after the first row: a valid
     signature, IHDR and one short IDAT. `Image.open` reads its size from it: a few dozen bytes that

@@ -1,14 +1,17 @@
 """infer.chroma_weight, the reconstruction error's extra weight on a change of hue: the error against a
 float64 reference, a brightness change and a grey image unaffected, the program's map and score in JAX
-and in model.onnx alike, detector.json's record, bad values refused."""
+and in model.onnx alike, detector.json's record, bad values refused; infer.score_chroma_weight, the
+weight of the map the image score alone reads, tiled and whole, with the normal map fitted on that map."""
 
 import copy
 
 import numpy as np
 import pytest
-from ship_support import assert_onnx_matches, smoke_test_images
+from helpers import perturbed, tiny_config
+from ship_support import assert_normal_map_fits_the_scored_map, assert_onnx_matches, smoke_test_images
 
 from diff_fastener_jax.config import ConfigError, apply_overrides, validate_config
+from diff_fastener_jax.config_schema import SCORE_AS_MAP
 
 
 def _variant(config, **overrides):
@@ -93,3 +96,66 @@ def test_a_negative_chroma_weight_is_refused(smoke_run):
         validate_config(_variant(config, chroma_weight=ok), check_data=False)
     with pytest.raises(ConfigError, match=r"infer.chroma_weight: must be >= 0, got -1.0"):
         validate_config(_variant(config, chroma_weight=-1.0), check_data=False)
+
+
+@pytest.mark.parametrize("tiling", ["tiles", "whole"])
+def test_the_score_reads_its_own_weight_and_the_map_stays_plain(tiling):
+    """map 'segmentation+recon_error', chroma_weight 0, score_chroma_weight 2, on a 32 x 64 image of a
+    model trained on 32 px patches (3 overlapping tiles, or one whole-image pass): the returned map is
+    the unweighted program's, the score the program's whose one map is weighted."""
+    import jax
+
+    from diff_fastener_jax.inference import make_infer_fn, reads_own_score_map
+    from diff_fastener_jax.models import init_params
+
+    params = perturbed(init_params(tiny_config(), jax.random.key(0)), 3)
+    config = tiny_config(**{"infer.tiling": tiling, "infer.tile_stride": 16, "infer.map": "segmentation+recon_error"})
+    with config.ignore_type():  # an (H, W) evaluation resolution where the schema's default is one int
+        config.data.image_size = (32, 64)
+    config.data.patch_size = 32
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 64, 3)).astype(np.float32)
+    split = _variant(config, score_chroma_weight=2.0)
+    assert reads_own_score_map(split) and not reads_own_score_map(_variant(config, score_chroma_weight=0.0))
+    out = make_infer_fn(split)(params, images)
+    plain = make_infer_fn(config)(params, images)
+    weighted = make_infer_fn(_variant(config, chroma_weight=2.0))(params, images)
+    assert out.anomaly_map.shape == (2, 32, 64) and out.score.shape == (2,)
+    np.testing.assert_allclose(np.asarray(out.anomaly_map), np.asarray(plain.anomaly_map), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.score), np.asarray(weighted.score), atol=1e-6)
+    assert np.asarray(weighted.score - plain.score).min() > 1e-3  # the weight matters here
+
+
+def test_a_score_weight_is_inert_without_the_error(smoke_run):
+    """With the segmentation map alone there is no error to weight: one map, the same program."""
+    from diff_fastener_jax.inference import reads_own_score_map, scored_map_config
+    from diff_fastener_jax.training.run_loading import load_run_config
+
+    config = _variant(load_run_config(smoke_run), map="segmentation", score_chroma_weight=2.0)
+    assert not reads_own_score_map(config) and scored_map_config(config) is config
+
+
+def test_the_split_weight_in_onnx_detector_json_and_the_normal_map(smoke_run, tmp_path):
+    """The smoke model with score_chroma_weight 2 over the plain map: model.onnx returns the same map and
+    scores; detector.json records both weights; calibration fits the normal map (and the threshold) on
+    the weighted map the score reads, not on the plain one the program returns."""
+    from diff_fastener_jax.deploy import threshold
+    from diff_fastener_jax.deploy.detector import Detector
+    from diff_fastener_jax.inference import make_infer_fn
+    from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
+
+    config = load_run_config(smoke_run)
+    assert config.infer.score_chroma_weight == SCORE_AS_MAP  # a run saved before the key: the map's own
+    params, _ = load_run_params(smoke_run, config)
+    images = Detector.load(smoke_run).preprocess(smoke_test_images(smoke_run, 6))  # (6, 32, 32, 3)
+    split = _variant(config, map="segmentation+recon_error", score_chroma_weight=2.0)
+    out = make_infer_fn(split)(params, images)
+    assert_onnx_matches(split, params, images, out, str(tmp_path / "model.onnx"))
+
+    inference = threshold.detector_record(split, {"value": 0.5}, 6)["inference"]
+    assert (inference["chroma_weight"], inference["score_chroma_weight"]) == (0.0, 2.0)
+    assert "weighted by score_chroma_weight" in inference["score"]
+
+    base = _variant(split, normal_map="subtract", score_region="foreground")
+    base.data.val_fraction = 0.5  # at least 2 held-out normals
+    same, returned = _variant(base, chroma_weight=2.0), _variant(base, score_chroma_weight=0.0)
+    assert_normal_map_fits_the_scored_map(base, same, returned, params)

@@ -11,8 +11,10 @@ import pytest
 from helpers import tiny_config
 from PIL import Image
 
+from diff_fastener_jax.config_schema import ONE_POSE_NORMAL_MAP
 from diff_fastener_jax.data import foreground_kind, synthesis
 from diff_fastener_jax.data.datasets import Sample
+from diff_fastener_jax.deploy import normal_map
 
 SIDE = 256
 
@@ -138,15 +140,15 @@ def _shifted_disc(dy: int, dx: int, rng) -> np.ndarray:
     return np.roll(_disc(70, rng, 0.03), (dy, dx), axis=(0, 1))
 
 
-def test_normal_map_auto_subtracts_only_for_an_object_in_one_pose(tmp_path):
+def test_normal_map_auto_fits_one_only_for_an_object_in_one_pose(tmp_path):
     rng = np.random.default_rng(3)
     config = tiny_config(**{"data.foreground": "auto", "infer.normal_map": "auto", "data.image_size": SIDE})
     # the same disc within 2 px: IoU >= 0.95
     one_pose = _write(tmp_path / "a", [_shifted_disc(*rng.integers(-2, 3, 2), rng) for _ in range(8)])
     chosen, record = foreground_kind.resolve(config, one_pose)
-    assert (chosen.data.foreground, chosen.infer.normal_map) == ("otsu", "subtract")
+    assert (chosen.data.foreground, chosen.infer.normal_map) == ("otsu", ONE_POSE_NORMAL_MAP)
     assert record["pose_overlap"] >= 0.95 and record["images"] == 8
-    assert "infer.normal_map auto -> subtract: the objects of 8 training images overlap by" in (
+    assert f"infer.normal_map auto -> {ONE_POSE_NORMAL_MAP}: the objects of 8 training images overlap by" in (
         foreground_kind.describe(record)
     )
     # the same disc anywhere within 60 px: IoU mostly below 0.6
@@ -158,15 +160,16 @@ def test_normal_map_auto_subtracts_only_for_an_object_in_one_pose(tmp_path):
     surfaces = _write(tmp_path / "c", list(_surfaces(rng).values()))
     chosen, record = foreground_kind.resolve(config, surfaces)
     assert (chosen.data.foreground, chosen.infer.normal_map, record["pose_overlap"]) == ("full", "off", None)
-    # one pose, but too few held-out normals to fit a map on (the calibration needs MIN_NORMALS)
-    chosen, record = foreground_kind.resolve(config, one_pose, held_out_normals=1)
-    assert chosen.infer.normal_map == "off" and record["held_out_normals"] == 1
-    assert "1 held-out normal image(s) are too few" in foreground_kind.describe(record)
-    assert foreground_kind.resolve(config, one_pose, held_out_normals=2)[0].infer.normal_map == "subtract"
+    # one pose, but too few held-out normals to fit a map on (the calibration's minimum)
+    need = normal_map.min_normals(ONE_POSE_NORMAL_MAP)
+    chosen, record = foreground_kind.resolve(config, one_pose, held_out_normals=need - 1)
+    assert chosen.infer.normal_map == "off" and record["held_out_normals"] == need - 1
+    assert f"{need - 1} held-out normal image(s) are too few" in foreground_kind.describe(record)
+    assert foreground_kind.resolve(config, one_pose, held_out_normals=need)[0].infer.normal_map == ONE_POSE_NORMAL_MAP
     # foreground set by the user: only the normal map is decided, and only it is recorded
     fixed = tiny_config(**{"data.foreground": "otsu", "infer.normal_map": "auto", "data.image_size": SIDE})
     chosen, record = foreground_kind.resolve(fixed, one_pose)
-    assert chosen.infer.normal_map == "subtract" and "foreground" not in record
+    assert chosen.infer.normal_map == ONE_POSE_NORMAL_MAP and "foreground" not in record
     # a unified model of several categories shares no normal map
     unified = tiny_config(**{"infer.normal_map": "auto", "data.category": "a,b", "data.image_size": SIDE})
     assert foreground_kind.resolve(unified, one_pose)[0].infer.normal_map == "off"

@@ -1,15 +1,16 @@
 """infer.score_sigma: the program returns the map smoothed by `infer.map_sigma` and reads its image score
 from the map smoothed by `infer.score_sigma`; the normal map is fitted on the map the score reads, and
-the exported ONNX program and the reference detector follow the same split."""
+the exported ONNX program and the reference detector follow the same split; each score setting
+(score_sigma, score_chroma_weight) is a value >= 0 or -1 for the returned map's own."""
 
 import copy
 
 import numpy as np
 import pytest
-from ship_support import assert_onnx_matches, smoke_test_images
+from ship_support import assert_normal_map_fits_the_scored_map, assert_onnx_matches, smoke_test_images
 
 from diff_fastener_jax.config import ConfigError, apply_overrides, validate_config
-from diff_fastener_jax.config_schema import SCORE_SIGMA_AS_MAP
+from diff_fastener_jax.config_schema import SCORE_AS_MAP
 
 
 def _variant(config, **overrides):
@@ -26,7 +27,7 @@ def test_the_map_and_the_score_read_their_own_smoothing(smoke_run, tmp_path):
     from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
     config = load_run_config(smoke_run)
-    assert config.infer.score_sigma == SCORE_SIGMA_AS_MAP  # a run saved before the key: the map's own
+    assert config.infer.score_sigma == SCORE_AS_MAP  # a run saved before the key: the map's own
     params, _ = load_run_params(smoke_run, config)
     images = Detector.load(smoke_run).preprocess(smoke_test_images(smoke_run, 6))  # (6, 32, 32, 3)
     split = _variant(config, map_sigma=24.0, score_sigma=0.0)
@@ -48,27 +49,28 @@ def test_the_map_and_the_score_read_their_own_smoothing(smoke_run, tmp_path):
 def test_the_normal_map_is_fitted_on_the_map_the_score_reads(smoke_run):
     """With infer.normal_map='subtract', calibration fits the normal map (and the threshold) on the
     score's map: the same as a run whose one map has the score's smoothing, not the returned map's."""
-    from diff_fastener_jax.deploy import threshold
     from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
 
     config = load_run_config(smoke_run)
     params, _ = load_run_params(smoke_run, config)
     base = _variant(config, normal_map="subtract", score_region="foreground")
     base.data.val_fraction = 0.5  # at least 2 held-out normals
-    split_record, split_map = threshold.calibrate(_variant(base, map_sigma=24.0, score_sigma=8.0), params)
-    same_record, same_map = threshold.calibrate(_variant(base, map_sigma=8.0), params)
-    wide_record, wide_map = threshold.calibrate(_variant(base, map_sigma=24.0), params)
-    assert split_map.shape == (32, 32) and split_record["normal_map"]["num_images"] >= 2
-    np.testing.assert_allclose(split_map, same_map, atol=1e-6)
-    assert split_record["value"] == pytest.approx(same_record["value"], abs=1e-6)
-    assert np.abs(split_map - wide_map).max() > 1e-4
+    split = _variant(base, map_sigma=24.0, score_sigma=8.0)
+    assert_normal_map_fits_the_scored_map(split, _variant(base, map_sigma=8.0), _variant(base, map_sigma=24.0), params)
 
 
-def test_score_sigma_is_a_smoothing_or_the_maps_own(smoke_run):
+@pytest.mark.parametrize(
+    "key,bad,message",
+    [
+        ("score_sigma", -2.0, r"infer.score_sigma: must be >= 0 \(pixels at 256²\), or -1 for the map's own"),
+        ("score_chroma_weight", -0.5, r"infer.score_chroma_weight: must be >= 0, or -1 for the map's own"),
+    ],
+)
+def test_a_score_setting_is_its_own_value_or_the_maps(smoke_run, key, bad, message):
     from diff_fastener_jax.training.run_loading import load_run_config
 
     config = load_run_config(smoke_run)
-    for ok in (SCORE_SIGMA_AS_MAP, 0.0, 4.0):
-        validate_config(_variant(config, score_sigma=ok), check_data=False)
-    with pytest.raises(ConfigError, match=r"infer.score_sigma: must be >= 0 \(pixels at 256²\), or -1"):
-        validate_config(_variant(config, score_sigma=-2.0), check_data=False)
+    for ok in (SCORE_AS_MAP, 0.0, 4.0):
+        validate_config(_variant(config, **{key: ok}), check_data=False)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_variant(config, **{key: bad}), check_data=False)

@@ -104,10 +104,14 @@ def test_a_key_added_at_its_old_behaviour_keeps_a_saved_runs_digest():
     digest (and so its stored threshold and normal map) is unchanged, while another value changes it."""
     import ml_collections
 
-    from diff_fastener_jax.config_schema import ADDED_KEY_DEFAULTS, SCORE_SIGMA_AS_MAP
+    from diff_fastener_jax.config_schema import ADDED_KEY_DEFAULTS, SCORE_AS_MAP
 
-    assert ADDED_KEY_DEFAULTS == {"infer.score_sigma": SCORE_SIGMA_AS_MAP, "infer.chroma_weight": 0.0}
-    other_values = {"infer.score_sigma": 4.0, "infer.chroma_weight": 2.0}
+    assert ADDED_KEY_DEFAULTS == {
+        "infer.score_sigma": SCORE_AS_MAP,
+        "infer.chroma_weight": 0.0,
+        "infer.score_chroma_weight": SCORE_AS_MAP,
+    }
+    other_values = {"infer.score_sigma": 4.0, "infer.chroma_weight": 2.0, "infer.score_chroma_weight": 2.0}
     config = tiny_config()
     saved_before = config.to_dict()
     for dotted, value in ADDED_KEY_DEFAULTS.items():

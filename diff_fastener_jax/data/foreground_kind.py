@@ -1,6 +1,6 @@
 """The 'auto' settings decided once, from the training normals, before training starts:
 `data.foreground='auto'` (one object on a background, 'otsu', or a surface, 'full'?) and
-`infer.normal_map='auto'` (an object that keeps one pose, 'subtract', or not, 'off'?).
+`infer.normal_map='auto'` (an object that keeps one pose, ONE_POSE_NORMAL_MAP, or not, 'off'?).
 
 Synthesis draws its anomalies inside the image's Otsu object for objects and anywhere for surfaces
 (textures). On a plain surface the Otsu split is not an object but one half of the surface's shades, so
@@ -25,9 +25,9 @@ removes the networks' response to the object's fixed structure only where that s
 same pixels in every image. The sampled normals' Otsu objects say so when their median pairwise
 intersection over union is at least POSE_MIN_OVERLAP. Measured at 256²: MVTec bottles, photographed
 from above in one place, 0.98 (the lowest pair 0.95); MPDD plates, laid at varying positions and
-angles, 0.61. Then 'subtract', else 'off'; always 'off' for a surface (no object to keep a pose), for
-a multi-category model (one map per model) and with fewer than MIN_NORMALS held-out normals to fit the
-map on.
+angles, 0.61. Then ONE_POSE_NORMAL_MAP, else 'off'; always 'off' for a surface (no object to keep a
+pose), for a multi-category model (one map per model) and with fewer held-out normals than it needs
+(`normal_map.min_normals`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import ml_collections
 import numpy as np
 
 from diff_fastener_jax.config import class_names
-from diff_fastener_jax.config_schema import AUTO
+from diff_fastener_jax.config_schema import AUTO, ONE_POSE_NORMAL_MAP
 from diff_fastener_jax.data.image_io import image_to_float, load_image
 from diff_fastener_jax.data.sizing import resize_of
 from diff_fastener_jax.data.synthesis import MIN_FOREGROUND_SHARE, otsu_object
-from diff_fastener_jax.deploy.normal_map import MIN_NORMALS
+from diff_fastener_jax.deploy import normal_map
 from diff_fastener_jax.errors import DatasetError
 
 OBJECT_MIN_SEPARABILITY = 0.8
@@ -98,11 +98,11 @@ def resolve(
 ) -> tuple[ml_collections.ConfigDict, dict | None]:
     """(config, record): `config` as it is with record None unless data.foreground or infer.normal_map
     is 'auto'; then a copy with each 'auto' decided from up to SAMPLE_IMAGES evenly spaced
-    `train_samples` at the training resolution ('otsu' or 'full'; 'subtract' or 'off'), and the facts
+    `train_samples` at the training resolution ('otsu' or 'full'; ONE_POSE_NORMAL_MAP or 'off'), and the facts
     behind the choices: {'images'}, with {'foreground', 'object_images', 'separability_median',
     'outline_median'} and {'normal_map', 'pose_overlap', 'held_out_normals'} for the settings that were
     'auto'. `held_out_normals`: how many normals the normal map would be fitted on (fewer than
-    MIN_NORMALS: 'off'); None where the caller does not use the normal map.
+    it needs: 'off'); None where the caller does not use the normal map.
     Deterministic: the same samples give the same choices (a resume repeats them)."""
     auto_foreground = config.data.foreground == AUTO
     auto_normal_map = config.infer.normal_map == AUTO
@@ -130,9 +130,9 @@ def resolve(
         # one map per model, and a surface has no object to keep a pose
         one_object = out.data.foreground == "otsu" and not class_names(out) and len(splits) > 1
         overlap = pose_overlap([mask for _, mask in splits]) if one_object else None
-        fits = held_out_normals is None or held_out_normals >= MIN_NORMALS
+        fits = held_out_normals is None or held_out_normals >= normal_map.min_normals(ONE_POSE_NORMAL_MAP)
         one_pose = overlap is not None and overlap >= POSE_MIN_OVERLAP
-        out.infer.normal_map = "subtract" if one_pose and fits else "off"
+        out.infer.normal_map = ONE_POSE_NORMAL_MAP if one_pose and fits else "off"
         record.update(normal_map=out.infer.normal_map, pose_overlap=overlap, held_out_normals=held_out_normals)
     return out, record
 
@@ -153,7 +153,8 @@ def describe(record: dict) -> str:
             else f"the objects of {record['images']} training images overlap by {overlap:.2f} "
             f"(median IoU; one pose from {POSE_MIN_OVERLAP})"
         )
-        if held_out is not None and held_out < MIN_NORMALS:
-            why += f"; {held_out} held-out normal image(s) are too few to fit a normal map on ({MIN_NORMALS})"
+        need = normal_map.min_normals(ONE_POSE_NORMAL_MAP)
+        if held_out is not None and held_out < need:
+            why += f"; {held_out} held-out normal image(s) are too few to fit a normal map on ({need})"
         lines.append(f"infer.normal_map auto -> {record['normal_map']}: {why}")
     return "\n".join(lines)

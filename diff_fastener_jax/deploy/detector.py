@@ -140,7 +140,8 @@ class Detector:
 
             if normal_map.missing(config, params):
                 raise UserError(
-                    f"{path}: infer.normal_map is 'subtract', but the run holds no normal map fitted for step {step}",
+                    f"{path}: infer.normal_map is {config.infer.normal_map!r}, but the run holds no normal map "
+                    f"fitted for step {step}",
                     hint="training writes normal_map.npy with detector.json at its end; export the run "
                     "(python -m diff_fastener_jax.export fits one) and load the export folder",
                 )

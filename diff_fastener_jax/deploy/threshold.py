@@ -39,6 +39,11 @@ PIXEL_THRESHOLD = 0.5
 # Fewer held-out normal images than this make a calibrated threshold unreliable: with n images the
 # smallest false-positive rate the calibration can tell apart from 0 is 1/n.
 MIN_CALIBRATION_NORMALS = 20
+# How detector.json's "score" text names each fitted normal map (infer.normal_map)
+NORMAL_MAP_SCORE_TEXT = {
+    "subtract": " minus the normal map",
+    "standardise": " minus the normal map's mean, divided by its scale",
+}
 
 
 def is_anomalous(score, threshold: float) -> np.ndarray:
@@ -81,8 +86,8 @@ def calibrate(
 ) -> tuple[dict, np.ndarray | None]:
     """(threshold record, normal map) for `params`. The threshold is `eval.threshold` if >= 0, else the
     score exceeded by `eval.fpr_target` of the held-out NORMAL validation images (never the test set).
-    The normal map (H, W) is fitted on the same images when `infer.normal_map='subtract'` (else None;
-    `normal_map.fit`: each image is then scored against the other images' normal map).
+    The normal map is fitted on the same images when `infer.normal_map` is 'subtract' or 'standardise'
+    (else None; `normal_map.fit`: each image is then scored against the other images' normal map).
 
     The record is {"value": float | None, "source": str, "fpr_target", "num_images", "rule",
     "calibration"} (+ "normal_map": how it was fitted); value is None (with the reason as source) when
@@ -91,11 +96,13 @@ def calibrate(
     says so. A unified multi-category model also gets "per_category": {name: value}, each calibrated on
     that category's own held-out normals (`threshold_for` picks an image's). `infer`, when given, is
     the program built for `config` (and `mesh` its mesh); it is rebuilt for the normal map's fit when
-    the score reads a differently smoothed map than the program returns (`infer.score_sigma`).
+    the score reads another map than the program returns (`infer.score_sigma`, `infer.score_chroma_weight`).
     """
+    from diff_fastener_jax.deploy import normal_map
+
     record = {"rule": "score > threshold", "fpr_target": float(config.eval.fpr_target), "num_images": 0}
-    subtract_normal = config.infer.normal_map == "subtract"
-    if config.eval.threshold >= 0 and not subtract_normal:
+    fits_normal_map = normal_map.fitted(config)
+    if config.eval.threshold >= 0 and not fits_normal_map:
         return record | {"value": float(config.eval.threshold), "source": "config eval.threshold"}, None
     if calibration_samples is None:
         calibration_samples = datasets.list_samples(config.data, "val", seed=config.seed)
@@ -103,7 +110,7 @@ def calibrate(
     given = config.eval.threshold >= 0
     if not given:
         record["calibration"] = calibration_facts(len(calib))
-    if not calib and not subtract_normal:
+    if not calib and not fits_normal_map:
         return record | {
             "value": None,
             "source": "not calibrated: no held-out normal validation images (data.val_fraction is 0)",
@@ -111,7 +118,6 @@ def calibrate(
     import jax
 
     from diff_fastener_jax.data.synthesis import foreground_mask  # the program's region rule (tested equal)
-    from diff_fastener_jax.deploy import normal_map
     from diff_fastener_jax.inference import (
         model_image_shape,
         prepare_inference,
@@ -122,8 +128,8 @@ def calibrate(
         top_k_count,
     )
 
-    if subtract_normal:
-        normal_map.check_count(len(calib))
+    if fits_normal_map:
+        normal_map.check_count(len(calib), config.infer.normal_map)
     if not given and not record["calibration"]["reliable"] and jax.process_index() == 0:
         print(
             f"warning: the threshold is calibrated on only {len(calib)} held-out normal image(s) (fewer than "
@@ -134,10 +140,10 @@ def calibrate(
             flush=True,
         )
     h, w, _ = model_image_shape(config)
-    if subtract_normal:  # a zero normal map: the program's scores and maps are the model's own
-        params = normal_map.attach(params or {}, np.zeros((h, w), np.float32))
-    # the normal map's fit needs the maps the score is read from (`infer.score_sigma`); the scores agree
-    program_config = scored_map_config(config) if subtract_normal else config
+    if fits_normal_map:  # a neutral normal map: the program's scores and maps are the model's own
+        params = normal_map.attach(params or {}, normal_map.neutral(config, h, w))
+    # the normal map's fit needs the maps the score is read from (`scored_map_config`); the scores agree
+    program_config = scored_map_config(config) if fits_normal_map else config
     if infer is None or program_config is not config:
         infer, params, mesh = prepare_inference(program_config, params)
     maps, regions = [], []
@@ -155,19 +161,23 @@ def calibrate(
         sample_batches(calib, config.data.image_size, bs),
         mesh=mesh,
         total=len(calib),
-        on_batch=keep_maps if subtract_normal else None,
+        on_batch=keep_maps if fits_normal_map else None,
         show_progress=False,
         pad_to=bs,
         class_ids=datasets.class_id_array(config, calib),
     )
     fitted = None
-    if subtract_normal:
+    if fits_normal_map:
         fitted, scores = normal_map.fit(
-            np.concatenate(maps), top_k_count(config, h, w), np.concatenate(regions) if regions else None
+            np.concatenate(maps),
+            top_k_count(config, h, w),
+            np.concatenate(regions) if regions else None,
+            standardise=normal_map.standardised(config),
         )
         record["normal_map"] = {
             "num_images": len(calib),
             "blur_sigma_px": normal_map.blur_sigma(h, w),
+            "standardised": normal_map.standardised(config),
             "file": normal_map.NORMAL_MAP_FILE,
             "scores": "each held-out normal scored against the normal map of the others (leave-one-out)",
         }
@@ -255,7 +265,7 @@ def resolve_threshold(
     """(threshold record, where it came from, normal map) for evaluation: `eval.threshold` if >= 0, else
     the stored calibration unless `recalibrate` (or nothing usable is stored), else a fresh calibration.
     The record's "value" is set; "per_category" too for unified models (see `calibrate`). The normal map
-    is the freshly fitted one when this calibrated with `infer.normal_map='subtract'`, else None (the
+    is the freshly fitted one when this calibrated with a fitted `infer.normal_map`, else None (the
     params keep the one they carry); params without one are always calibrated afresh."""
     from diff_fastener_jax.deploy import normal_map
 
@@ -279,10 +289,12 @@ def detector_record(
     from diff_fastener_jax.inference import (
         map_smoothing,
         model_image_shape,
+        score_chroma_weight,
         score_smoothing,
         scores_otsu_foreground,
         tiling_record,
         top_k_count,
+        weighs_own_score_error,
     )
 
     h, w, c = model_image_shape(config)
@@ -305,6 +317,7 @@ def detector_record(
             "method": config.infer.method,
             "anomaly_map": config.infer.map,
             "chroma_weight": float(config.infer.chroma_weight),
+            "score_chroma_weight": score_chroma_weight(config),
             "dtype": compute_dtype_name(config),
             "t_small": int(d.eval_t_small),
             "t_big": int(d.eval_t_big),
@@ -317,7 +330,8 @@ def detector_record(
             "score_sigma_px": list(score_smoothing(config, h, w)),
             "top_k": top_k_count(config, h, w),
             "score": "mean of the top_k values of the anomaly map smoothed by score_sigma_px"
-            + (" minus the normal map" if config.infer.normal_map == "subtract" else "")
+            + (", its error weighted by score_chroma_weight" if weighs_own_score_error(config) else "")
+            + NORMAL_MAP_SCORE_TEXT.get(config.infer.normal_map, "")
             + (" inside the image's Otsu foreground" if scores_otsu_foreground(config) else ""),
             "score_region": config.infer.score_region,
         },
@@ -372,17 +386,17 @@ def stored_threshold(workdir: str, step: int, config: ml_collections.ConfigDict)
 
 
 def stored_normal_map(workdir: str, step: int, config: ml_collections.ConfigDict) -> np.ndarray | None:
-    """The run's normal map (normal_map.npy) when `infer.normal_map='subtract'` and it was fitted with
+    """The run's normal map (normal_map.npy) when `infer.normal_map` fits one and it was fitted with
     the stored threshold of checkpoint `step` under this very config (`stored_threshold`), else None."""
     from diff_fastener_jax.deploy import normal_map
     from diff_fastener_jax.inference import model_image_shape
 
-    if config.infer.normal_map != "subtract":
+    if not normal_map.fitted(config):
         return None
     stored = stored_threshold(workdir, step, config)
     if not stored or "normal_map" not in stored:
         return None
-    return normal_map.load(workdir, model_image_shape(config)[:2])
+    return normal_map.load(workdir, normal_map.array_shape(config, *model_image_shape(config)[:2]))
 
 
 def host_params(params):
@@ -401,7 +415,7 @@ def calibrate_and_save(
     config: ml_collections.ConfigDict, params, workdir: str, step: int, selection: dict | None = None
 ) -> dict:
     """Calibrates the threshold for the kept `params` (EMA when on) of checkpoint `step` and writes
-    <workdir>/detector.json (and normal_map.npy with `infer.normal_map='subtract'`).
+    <workdir>/detector.json (and normal_map.npy where `infer.normal_map` fits one).
 
     Called once at the end of training; only process 0 writes. Returns the record.
     """

@@ -18,12 +18,12 @@ from diff_fastener_jax.inference import (
     model_image_shape,
     place_params,
     prepare_inference,
-    reads_own_score_map,
     run_infer,
     sample_batches,
     score_in_batches,
     score_smoothing,
     smoothing_matrix,
+    smooths_own_score_map,
     top_k_count,
 )
 from diff_fastener_jax.training.run_loading import load_run_config, load_run_params
@@ -46,7 +46,7 @@ def make_reference(config, train_samples, with_pixels: bool) -> reference.Refere
         which,
         top_k=top_k_count(config, h, w),
         smooth=matrices(*map_sigmas) if map_sigmas[0] > 0 else None,
-        score_smooth=matrices(*score_smoothing(config, h, w)) if reads_own_score_map(config) else None,
+        score_smooth=matrices(*score_smoothing(config, h, w)) if smooths_own_score_map(config) else None,
         with_pixels=with_pixels,
         aupro_limit=config.eval.aupro_limit,
     )
@@ -97,7 +97,7 @@ def evaluate_run(
     if copies:
         print(f"warning: {identical_images_warning(copies)}", file=sys.stderr)
 
-    # The threshold (and, with infer.normal_map='subtract', the normal map the test scores need) first.
+    # The threshold (and, where infer.normal_map fits one, the normal map the test scores need) first.
     record, threshold_source, fitted = resolve_threshold(
         config, params, infer, mesh, stored_threshold, recalibrate=recalibrate, calibration_samples=calibration_samples
     )
@@ -175,12 +175,14 @@ def evaluate_run(
         }
     per_defect = result["per_defect"]
     notes = [f"Checkpoint parameters: {'EMA' if config.optim.ema_decay > 0 else 'raw'}; threshold: {threshold_source}."]
-    if config.infer.normal_map == "subtract":
+    if normal_map.fitted(config):
         fit = record.get("normal_map") or {}
         result["normal_map"] = fit
+        spread = ", divided by their spread" if normal_map.standardised(config) else ""
         notes.append(
             f"Image scores: the map minus the normal map, the mean map of {fit.get('num_images', '?')} held-out "
-            "normal images (infer.normal_map='subtract'); the maps shown are the model's own."
+            f"normal images{spread} (infer.normal_map={config.infer.normal_map!r}); the maps shown are the "
+            "model's own."
         )
     if ref is not None:
         result["reference"] = ref.compute()

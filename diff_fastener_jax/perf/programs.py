@@ -10,6 +10,7 @@ import numpy as np
 from diff_fastener_jax import parallel
 from diff_fastener_jax.config import class_names
 from diff_fastener_jax.data.sizing import size_hw
+from diff_fastener_jax.deploy import normal_map
 from diff_fastener_jax.inference import NORMAL_MAP_PARAM, make_infer_fn, model_image_shape, network_image_shape
 from diff_fastener_jax.models import init_params
 from diff_fastener_jax.perf.flop_count import compile_counted, jaxpr_flops
@@ -54,10 +55,11 @@ def _infer_inputs(config, batch: int, mesh, abstract: bool, params=None):
     num_classes = len(class_names(config))
     if abstract:
         params = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)) if params is None else params
-    if config.infer.normal_map == "subtract":  # a stand-in normal map: the program's cost does not depend on it
+    if normal_map.fitted(config):  # a stand-in normal map: the program's cost does not depend on it
+        neutral = normal_map.neutral(config, h, w)
         params = {
             **params,
-            NORMAL_MAP_PARAM: jax.ShapeDtypeStruct((h, w), jnp.float32) if abstract else jnp.zeros((h, w)),
+            NORMAL_MAP_PARAM: jax.ShapeDtypeStruct(neutral.shape, jnp.float32) if abstract else jnp.asarray(neutral),
         }
     if abstract:
         sharding = None if mesh is None else parallel.data_sharding(mesh)

@@ -83,7 +83,7 @@ def _validation_scores(infer, params, val_batches, mesh=None, unified: bool = Fa
 def real_validation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config whose inference program scores validation images during training: `config` with
     infer.normal_map 'off', since the normal map is fitted after training, on the kept checkpoint."""
-    if config.infer.normal_map != "subtract":
+    if not normal_map.fitted(config):
         return config
     out = ml_collections.ConfigDict(config.to_dict())
     out.infer.normal_map = "off"
@@ -254,12 +254,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
     """
     mesh = parallel.make_mesh()
     config, samples = prepare_run(config, workdir, mesh.devices.size)  # before anything compiles
-    # data.foreground='auto' becomes 'otsu' or 'full' and infer.normal_map='auto' 'subtract' or 'off'
+    # data.foreground='auto' becomes 'otsu' or 'full' and infer.normal_map='auto' ONE_POSE_NORMAL_MAP or 'off'
     # here, so config.json, synthesis, calibration and every later scoring of the run use the one choice
     held_out_normals = sum(s.label == 0 for s in samples["val"])
     config, auto_choices = foreground_kind.resolve(config, samples["train"], held_out_normals)
-    if config.infer.normal_map == "subtract":  # fitted on the held-out normals after the last step
-        normal_map.check_count(held_out_normals)
+    if normal_map.fitted(config):  # fitted on the held-out normals after the last step
+        normal_map.check_count(held_out_normals, config.infer.normal_map)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

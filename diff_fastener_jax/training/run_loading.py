@@ -35,7 +35,7 @@ def default_step(workdir: str, steps: list[int]) -> int:
 
 def load_run_params(workdir: str, config: ml_collections.ConfigDict, step: int | None = None):
     """(params, step): the checkpoint's EMA params when EMA was on, else its raw params, with the run's
-    normal map attached where `infer.normal_map='subtract'` and one was fitted for this step
+    normal map attached where `infer.normal_map` fits one and one was fitted for this step
     (`threshold.stored_normal_map`). `step` defaults to `default_step` (the selected checkpoint of a
     finished run)."""
     directory = os.path.join(workdir, "checkpoints")
