@@ -41,8 +41,8 @@ PIXEL_THRESHOLD = 0.5
 MIN_CALIBRATION_NORMALS = 20
 # How detector.json's "score" text names each fitted normal map (infer.normal_map)
 NORMAL_MAP_SCORE_TEXT = {
-    "subtract": " minus the normal map",
-    "standardise": " minus the normal map's mean, divided by its scale",
+    "subtract": ", minus the normal map",
+    "standardise": ", minus the normal map's mean and divided by its scale",
 }
 
 
@@ -332,7 +332,7 @@ def detector_record(
             "score": "mean of the top_k values of the anomaly map smoothed by score_sigma_px"
             + (", its error weighted by score_chroma_weight" if weighs_own_score_error(config) else "")
             + NORMAL_MAP_SCORE_TEXT.get(config.infer.normal_map, "")
-            + (" inside the image's Otsu foreground" if scores_otsu_foreground(config) else ""),
+            + (", inside the image's Otsu foreground" if scores_otsu_foreground(config) else ""),
             "score_region": config.infer.score_region,
         },
         "threshold": threshold,
