@@ -43,7 +43,7 @@ Measured (docs/experiments.md, the 2-core VM): MPDD metal_plate (plates in varyi
 map) image AUROC 0.985-0.996 over three runs, pixel AUROC 0.975-0.982, AUPRO 0.899-0.921 (without
 the colour weight the same models scored 0.742-0.955), the per-pixel Gaussian reference 0.867;
 MVTec bottle (one pose: normal map) image AUROC 0.984-0.992 over its three latest runs (0.971-0.980
-with the mean map alone), the Gaussian 0.972-0.973. Training takes 18-30 min, with the host's
+with the mean map alone), the Gaussian 0.972-0.973. Training takes 18-32 min, with the host's
 speed; the same seed gives another model on another host. Twice the steps (`train.num_steps=1400`,
 about an hour) took MPDD's weakest run without the colour weight from 0.742 to 0.967.
 """
