@@ -49,6 +49,7 @@ from diff_fastener_jax.config_schema import (
     PATCH_OFF,
     REAL_VAL_METRICS,
     REFERENCE_DETECTORS,
+    REGIONS,
     REMAT_MODES,
     RENAMED_KEYS,
     RESIZE_MODES,
@@ -56,7 +57,6 @@ from diff_fastener_jax.config_schema import (
     RESUME_FREE,
     SCHEDULES,
     SCORE_AS_MAP,
-    SCORE_REGIONS,
     SEG_CLASS_CONDITIONINGS,
     SELECT_METRICS,
     SELECT_ON,
@@ -669,7 +669,8 @@ def validate_infer(config: ml_collections.ConfigDict) -> None:
         "infer.score_chroma_weight",
         f"must be >= 0, or {SCORE_AS_MAP:g} for the map's own (infer.chroma_weight), got {i.score_chroma_weight}",
     )
-    _one_of("infer.score_region", i.score_region, SCORE_REGIONS)
+    _one_of("infer.score_region", i.score_region, REGIONS)
+    _one_of("infer.map_region", i.map_region, REGIONS)
     _one_of("infer.normal_map", i.normal_map, NORMAL_MAPS)
     _need(
         not (i.normal_map in FITTED_NORMAL_MAPS and class_names(config)),

@@ -26,9 +26,10 @@ LR_SCHEDULES = ("constant", "warmup_cosine")
 STEP_DEPENDENT_LR_SCHEDULES = ("warmup_cosine",)
 INFER_METHODS = ("norm_guided", "one_step", "ddim", "ddpm", "adaptive")
 ANOMALY_MAPS = ("segmentation", "recon_error", "segmentation+recon_error")
-# infer.score_region: where the image score's top-K pixels are taken: the whole image, or the object's
-# Otsu foreground (the rule that places the synthetic anomalies; diff_fastener_jax/foreground.py)
-SCORE_REGIONS = ("image", "foreground")
+# infer.score_region, infer.map_region: where the image score's top-K pixels are taken, and where the
+# returned map may mark anything: the whole image, or the object's Otsu foreground (the rule that places
+# the synthetic anomalies; diff_fastener_jax/foreground.py)
+REGIONS = ("image", "foreground")
 # infer.normal_map: 'off' | 'subtract' (score the map minus the held-out normals' mean map) |
 # 'standardise' (that difference divided by the normals' spread there) | 'auto' (ONE_POSE_NORMAL_MAP
 # where the training normals show one object in one pose, else 'off'; data/foreground_kind.py)
@@ -77,6 +78,7 @@ ADDED_KEY_DEFAULTS = {
     "infer.score_sigma": SCORE_AS_MAP,
     "infer.chroma_weight": 0.0,
     "infer.score_chroma_weight": SCORE_AS_MAP,
+    "infer.map_region": "image",
 }
 
 # data.resize (RESIZE_MODES): 'square' = both sides become data.image_size (the paper; non-square images
@@ -327,12 +329,18 @@ def base_config(preset: str = "mvtec") -> ml_collections.ConfigDict:
     # normals (3 to standardise; data.val_fraction) and a one-category model. 'auto' decides when
     # training starts, from how much the training normals' objects overlap.
     c.infer.normal_map = "off"
-    # SCORE_REGIONS: 'image' | 'foreground' = the top-K of the image's data.foreground region only: the
-    # Otsu object ('otsu'), everywhere ('full'); the map stays whole. Training draws its anomalies there,
-    # so the segmentation net's answer on the background (a shadow in a corner, a cable) is no evidence of
-    # a defect. For objects on a background, or with data.foreground='auto'; not with 'otsu' on surfaces
-    # and textures, whose Otsu class is half the surface (docs/experiments.md)
+    # REGIONS: 'image' | 'foreground' = the top-K of the image's data.foreground region only: the Otsu
+    # object ('otsu'), everywhere ('full'); the map stays whole (infer.map_region). Training draws its
+    # anomalies there, so the segmentation net's answer on the background (a shadow in a corner, a cable)
+    # is no evidence of a defect. For objects on a background, or with data.foreground='auto'; not with
+    # 'otsu' on surfaces and textures, whose Otsu class is half the surface (docs/experiments.md)
     c.infer.score_region = "image"
+    # REGIONS: 'image' | 'foreground' = the returned map is zero outside the image's data.foreground region
+    # (the Otsu object with 'otsu'; everywhere with 'full') before it is smoothed; the image score is
+    # unchanged. The segmentation net never saw an anomaly drawn outside that region, so what it marks
+    # there (a shadow, the background's texture) is no evidence, and in pixel metrics every such pixel
+    # counts as a false positive against every defect.
+    c.infer.map_region = "image"
     c.infer.batch_size = 16
     c.infer.seed = 0
     # data.patch_size > 0: how the patch-trained network covers a whole image at data.image_size (TILINGS):

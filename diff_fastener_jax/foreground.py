@@ -1,10 +1,11 @@
-"""The object's foreground inside the inference program (`infer.score_region='foreground'`).
+"""The object's foreground inside the inference program (`infer.score_region`, `infer.map_region`).
 
 Training draws its synthetic anomalies inside the foreground (`data.synthesis.foreground_mask`, mode
 'otsu': the Otsu class of the greyscale image that touches the border less), so the segmentation net
 learns what a defect looks like on the object, and nothing about the background around it. Its answer
 on the background (a shadow in a corner, a cable in front of the plate) is therefore not evidence of a
-defect; with `infer.score_region='foreground'` the image score counts the foreground alone.
+defect; with `infer.score_region='foreground'` the image score counts the foreground alone, and with
+`infer.map_region='foreground'` the returned map is zero outside it.
 
 This is the same rule in jax.numpy, batched and traceable, so that the exported StableHLO and ONNX
 programs compute it too: a 256-bin histogram of the grey image on [0, 1], Otsu's threshold (the upper

@@ -31,15 +31,15 @@ from diff_fastener_jax import diffusion, foreground, parallel, tiling
 from diff_fastener_jax.config_schema import (
     ANOMALY_MAPS,
     AUTO,
-    FITTED_NORMAL_MAPS,
     INFER_METHODS,
     PATCH_OFF,
+    REGIONS,
     SCORE_AS_MAP,
-    SCORE_REGIONS,
     TILE_STRIDE_HALF_PATCH,
     TILINGS,
 )
 from diff_fastener_jax.data import datasets
+from diff_fastener_jax.deploy import normal_map
 from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models, tile_rows
 from diff_fastener_jax.perf import xla_options
@@ -199,13 +199,24 @@ def tile_plans(config: ml_collections.ConfigDict) -> tuple[tiling.AxisPlan, tili
     return tiling.axis_plan(h, p, stride), tiling.axis_plan(w, p, stride)
 
 
+def draws_in_otsu_foreground(config: ml_collections.ConfigDict) -> bool:
+    """Whether the region where training draws its anomalies (`data.foreground`) is the Otsu object;
+    with data.foreground='full' (textures) it is the whole image. A run's config holds 'auto' resolved
+    (`foreground_kind.resolve`); an unresolved 'auto' (a config never trained, as the benchmark builds
+    it) counts as the Otsu object, the costlier program."""
+    return config.data.foreground in ("otsu", AUTO)
+
+
 def scores_otsu_foreground(config: ml_collections.ConfigDict) -> bool:
-    """Whether the image score takes its top-K from the Otsu foreground alone: `infer.score_region` is
-    'foreground', the region where training draws its anomalies (`data.foreground`), and that is the
-    Otsu object; with data.foreground='full' (textures) the foreground is the whole image. A run's config
-    holds 'auto' resolved (`foreground_kind.resolve`); an unresolved 'auto' (a config never trained, as the
-    benchmark builds it) computes the Otsu region, the costlier program."""
-    return config.infer.score_region == "foreground" and config.data.foreground in ("otsu", AUTO)
+    """Whether the image score takes its top-K from the Otsu foreground alone (`infer.score_region`
+    'foreground' where `draws_in_otsu_foreground`)."""
+    return config.infer.score_region == "foreground" and draws_in_otsu_foreground(config)
+
+
+def maps_otsu_foreground(config: ml_collections.ConfigDict) -> bool:
+    """Whether the returned map is zero outside the Otsu foreground (`infer.map_region` 'foreground'
+    where `draws_in_otsu_foreground`)."""
+    return config.infer.map_region == "foreground" and draws_in_otsu_foreground(config)
 
 
 def top_k_count(config: ml_collections.ConfigDict, height: int, width: int) -> int:
@@ -267,9 +278,10 @@ def score_chroma_weight(config: ml_collections.ConfigDict) -> float:
 
 def reads_own_score_map(config: ml_collections.ConfigDict) -> bool:
     """Whether the image score reads another map than the returned one: smoothed otherwise
-    (`infer.score_sigma`) or, where the map holds the reconstruction error, weighted otherwise
-    (`infer.score_chroma_weight`)."""
-    return smooths_own_score_map(config) or weighs_own_score_error(config)
+    (`infer.score_sigma`), where the map holds the reconstruction error weighted otherwise
+    (`infer.score_chroma_weight`), or whole where the returned map is cut to the foreground
+    (`infer.map_region`)."""
+    return smooths_own_score_map(config) or weighs_own_score_error(config) or maps_otsu_foreground(config)
 
 
 def smooths_own_score_map(config: ml_collections.ConfigDict) -> bool:
@@ -291,13 +303,14 @@ def score_smoothing(config: ml_collections.ConfigDict, height: int, width: int) 
 
 def scored_map_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose program returns the map its image score is read from (`infer.map_sigma`
-    and `infer.chroma_weight` set to the score's); the same config when the two are one map. The scores
-    are the same."""
+    and `infer.chroma_weight` set to the score's, `infer.map_region` 'image'); the same config when the
+    two are one map. The scores are the same."""
     if not reads_own_score_map(config):
         return config
     c = ml_collections.ConfigDict(config.to_dict())
     c.infer.map_sigma = score_sigma_at_256(config)
     c.infer.chroma_weight = score_chroma_weight(config)
+    c.infer.map_region = "image"
     c.infer.score_sigma = SCORE_AS_MAP
     c.infer.score_chroma_weight = SCORE_AS_MAP
     return c
@@ -363,8 +376,9 @@ def check_infer_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"infer.chroma_weight must be >= 0, got {config.infer.chroma_weight}")
     if not score_chroma_weight(config) >= 0:
         raise ValueError(f"infer.score_chroma_weight must be >= 0 or -1, got {config.infer.score_chroma_weight}")
-    if config.infer.score_region not in SCORE_REGIONS:
-        raise ValueError(f"infer.score_region must be one of {SCORE_REGIONS}, got {config.infer.score_region!r}")
+    for key in ("score_region", "map_region"):
+        if config.infer[key] not in REGIONS:
+            raise ValueError(f"infer.{key} must be one of {REGIONS}, got {config.infer[key]!r}")
     if not config.infer.map_sigma >= 0:
         raise ValueError(f"infer.map_sigma must be >= 0 (pixels at 256²), got {config.infer.map_sigma}")
     if not score_sigma_at_256(config) >= 0:
@@ -383,7 +397,8 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     images (N, H, W, C) in [-1, 1] at `data.image_size` (tiled for a patch-trained model: module
     docstring); recon (N, H, W, C); anomaly_map (N, H, W) in [0, 1] (segmentation probability;
     `reconstruction_error` for `infer.map='recon_error'`; the mean of the two for
-    'segmentation+recon_error'), Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
+    'segmentation+recon_error'), zero outside the image's Otsu foreground with
+    `infer.map_region='foreground'`, then Gaussian-smoothed when `infer.map_sigma` > 0; score (N,) = mean of the
     top-K map values (of the raw map smoothed by `infer.score_sigma` and its error weighted by
     `infer.score_chroma_weight` where those are set; of that map
     minus params[NORMAL_MAP_PARAM] with `infer.normal_map='subtract'`, standardised by it with
@@ -423,8 +438,9 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     score_weight = score_chroma_weight(config)
     method = config.infer.method
     normal_mode = config.infer.normal_map
-    uses_normal_map = normal_mode in FITTED_NORMAL_MAPS
+    uses_normal_map = normal_map.fitted(config)
     foreground_only = scores_otsu_foreground(config)
+    map_foreground_only = maps_otsu_foreground(config)
 
     def infer(params, images, class_ids=None):
         if tuple(images.shape[1:]) != shape:
@@ -455,8 +471,13 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
         raw = amap  # (N, H, W)
         if not own_score_error:
             score_raw = raw
+        region = foreground.otsu_foreground(images) if foreground_only or map_foreground_only else None  # (N, H, W)
+        if map_foreground_only:
+            raw = jnp.where(region, raw, 0.0)  # the map's floor: training draws no anomaly outside
         if sigma_h > 0:
             amap = smooth_map(raw, smooth_rows, smooth_cols)
+        else:
+            amap = raw
         if not own_score_map:
             scored = amap
         elif score_h > 0:
@@ -469,7 +490,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
             mean, scale = params[NORMAL_MAP_PARAM][0], params[NORMAL_MAP_PARAM][1]  # (H, W) each
             scored = (scored - mean) / scale
         if foreground_only:
-            scored = foreground.masked_to_foreground(scored, foreground.otsu_foreground(images))
+            scored = foreground.masked_to_foreground(scored, region)
         return InferOutputs(recon, amap, top_k_score(scored, k), step)
 
     def network_pass(params, images, class_ids):

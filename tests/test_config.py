@@ -338,6 +338,7 @@ def test_the_real_data_recipe_covers_256_px_images_by_5x5_overlapping_128_px_til
     assert record["tiles"] == [5, 5] and record["tile_stride"] == 32 and record["patch_size"] == 128
     assert not config.loss.anomaly_oriented_noise and config.train.num_steps == 700
     assert (config.data.foreground, config.infer.normal_map) == ("auto", "auto")
+    assert (config.infer.score_region, config.infer.map_region) == ("foreground", "foreground")
     assert (config.infer.map, config.infer.chroma_weight, config.infer.score_chroma_weight) == (
         "segmentation+recon_error",
         0.0,

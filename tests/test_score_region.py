@@ -1,5 +1,6 @@
 """infer.score_region='foreground': the program's Otsu foreground equals the synthesis rule's, and the
-image score is the top-K of the map inside it, in JAX and in the exported ONNX program alike."""
+image score is the top-K of the map inside it, in JAX and in the exported ONNX program alike; both
+region settings follow data.foreground (infer.map_region's map: test_map_region.py)."""
 
 import numpy as np
 import pytest
@@ -70,15 +71,21 @@ def test_the_foreground_score_is_the_top_k_inside_the_foreground(smoke_run, tmp_
     np.testing.assert_allclose(onnx_score, np.asarray(out.score), atol=1e-4)
 
 
-def test_the_region_follows_data_foreground_and_unknown_regions_are_refused():
+@pytest.mark.parametrize(
+    "key,uses_otsu", [("score_region", "scores_otsu_foreground"), ("map_region", "maps_otsu_foreground")]
+)
+def test_the_region_follows_data_foreground_and_unknown_regions_are_refused(key, uses_otsu):
+    """infer.score_region and infer.map_region: 'foreground' is the Otsu object where training draws its
+    anomalies on the object ('otsu'), the whole image on a surface ('full'); other values are refused."""
     from helpers import tiny_config
 
+    from diff_fastener_jax import inference
     from diff_fastener_jax.config import ConfigError, validate_config
-    from diff_fastener_jax.inference import scores_otsu_foreground
 
-    assert scores_otsu_foreground(tiny_config(**{"infer.score_region": "foreground"}))
+    otsu = getattr(inference, uses_otsu)
+    assert otsu(tiny_config(**{f"infer.{key}": "foreground"}))
     # Textures: training draws anomalies everywhere, so the whole image is the foreground.
-    assert not scores_otsu_foreground(tiny_config(**{"infer.score_region": "foreground", "data.foreground": "full"}))
-    assert not scores_otsu_foreground(tiny_config())
-    with pytest.raises(ConfigError, match="infer.score_region: 'object' is not one of image, foreground"):
-        validate_config(tiny_config(**{"infer.score_region": "object"}), check_data=False)
+    assert not otsu(tiny_config(**{f"infer.{key}": "foreground", "data.foreground": "full"}))
+    assert not otsu(tiny_config())
+    with pytest.raises(ConfigError, match=f"infer.{key}: 'object' is not one of image, foreground"):
+        validate_config(tiny_config(**{f"infer.{key}": "object"}), check_data=False)

@@ -110,8 +110,14 @@ def test_a_key_added_at_its_old_behaviour_keeps_a_saved_runs_digest():
         "infer.score_sigma": SCORE_AS_MAP,
         "infer.chroma_weight": 0.0,
         "infer.score_chroma_weight": SCORE_AS_MAP,
+        "infer.map_region": "image",
     }
-    other_values = {"infer.score_sigma": 4.0, "infer.chroma_weight": 2.0, "infer.score_chroma_weight": 2.0}
+    other_values = {
+        "infer.score_sigma": 4.0,
+        "infer.chroma_weight": 2.0,
+        "infer.score_chroma_weight": 2.0,
+        "infer.map_region": "foreground",
+    }
     config = tiny_config()
     saved_before = config.to_dict()
     for dotted, value in ADDED_KEY_DEFAULTS.items():

@@ -316,6 +316,7 @@ def detector_record(
         "inference": {
             "method": config.infer.method,
             "anomaly_map": config.infer.map,
+            "map_region": config.infer.map_region,
             "chroma_weight": float(config.infer.chroma_weight),
             "score_chroma_weight": score_chroma_weight(config),
             "dtype": compute_dtype_name(config),

@@ -15,6 +15,7 @@ from diff_fastener_jax.evaluation import metrics as M
 from diff_fastener_jax.evaluation import outputs, reference, report
 from diff_fastener_jax.inference import (
     map_smoothing,
+    maps_otsu_foreground,
     model_image_shape,
     place_params,
     prepare_inference,
@@ -183,6 +184,11 @@ def evaluate_run(
             f"Image scores: the map minus the normal map, the mean map of {fit.get('num_images', '?')} held-out "
             f"normal images{spread} (infer.normal_map={config.infer.normal_map!r}); the maps shown are the "
             "model's own."
+        )
+    if maps_otsu_foreground(config):
+        notes.append(
+            "Maps: zero outside each image's Otsu foreground, where training draws its anomalies "
+            "(infer.map_region='foreground'); the pixel metrics read them so, the image scores do not."
         )
     if ref is not None:
         result["reference"] = ref.compute()
