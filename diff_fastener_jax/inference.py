@@ -31,6 +31,7 @@ from diff_fastener_jax import diffusion, foreground, parallel, tiling
 from diff_fastener_jax.config_schema import (
     ANOMALY_MAPS,
     AUTO,
+    FITTED_NORMAL_MAPS,
     INFER_METHODS,
     PATCH_OFF,
     REGIONS,
@@ -39,7 +40,6 @@ from diff_fastener_jax.config_schema import (
     TILINGS,
 )
 from diff_fastener_jax.data import datasets
-from diff_fastener_jax.deploy import normal_map
 from diff_fastener_jax.logging_utils import ProgressBar
 from diff_fastener_jax.models import build_models, tile_rows
 from diff_fastener_jax.perf import xla_options
@@ -438,7 +438,7 @@ def make_infer_program(config: ml_collections.ConfigDict, *, fuse_passes: bool =
     score_weight = score_chroma_weight(config)
     method = config.infer.method
     normal_mode = config.infer.normal_map
-    uses_normal_map = normal_map.fitted(config)
+    uses_normal_map = normal_mode in FITTED_NORMAL_MAPS  # deploy.normal_map.fitted inlined: it imports this module
     foreground_only = scores_otsu_foreground(config)
     map_foreground_only = maps_otsu_foreground(config)
 
