@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from diff_fastener_jax.config_schema import FITTED_NORMAL_MAPS
 from diff_fastener_jax.errors import UserError
 from diff_fastener_jax.foreground import OUTSIDE_REGION
 
@@ -41,8 +42,6 @@ MIN_SCALE = 1e-6
 
 def fitted(config) -> bool:
     """Whether `config` scores with a normal map fitted on the held-out normals."""
-    from diff_fastener_jax.config_schema import FITTED_NORMAL_MAPS
-
     return config.infer.normal_map in FITTED_NORMAL_MAPS
 
 

@@ -96,7 +96,7 @@ def calibrate(
     says so. A unified multi-category model also gets "per_category": {name: value}, each calibrated on
     that category's own held-out normals (`threshold_for` picks an image's). `infer`, when given, is
     the program built for `config` (and `mesh` its mesh); it is rebuilt for the normal map's fit when
-    the score reads another map than the program returns (`infer.score_sigma`, `infer.score_chroma_weight`).
+    the score reads another map than the program returns (`inference.reads_own_score_map`).
     """
     from diff_fastener_jax.deploy import normal_map
 
