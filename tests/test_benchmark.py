@@ -152,6 +152,7 @@ def test_benchmark_command_writes_record(tmp_path):
     assert all(v > 0 for v in r["compile_s"].values())
     assert r["params_recon"] > r["params_seg"] > 0
     assert r["xla_options"] == xla_options.compiler_options("cpu")
+    assert (r["group_norm"], r["upsample_conv"]) == ("hand_written", "phases")  # the CPU's choices
     # 32 px, one level: attention in the middle block at 32 x 32, in query chunks of 512 rows
     assert r["attention_query_chunk"] == {"1024": 512}
     # What the process ran with: the malloc tunable the command set for itself, or none (see hostenv).

@@ -289,34 +289,46 @@ def test_implementations_are_resolved_once_per_backend_with_the_environment_over
 
     config = tiny_config(**{"model.dtype": "auto"})
     cpu = resolve_implementations(config, "cpu", environ={})
-    assert (cpu.dtype, cpu.groupnorm, cpu.attention, cpu.attention_chunk_bytes, cpu.attention_chunk_rows) == (
-        "float32",
-        "hand_written",
-        None,
-        CPU_CHUNK_BYTES,
-        0,
-    )
+    assert (
+        cpu.dtype,
+        cpu.groupnorm,
+        cpu.upsample_conv,
+        cpu.attention,
+        cpu.attention_chunk_bytes,
+        cpu.attention_chunk_rows,
+    ) == ("float32", "hand_written", "phases", None, CPU_CHUNK_BYTES, 0)
     gpu = resolve_implementations(config, "gpu", environ={})
     # the smoke model's heads are 8 wide: cuDNN's kernel applies in bf16
-    assert (gpu.dtype, gpu.groupnorm, gpu.attention, gpu.attention_chunk_bytes) == ("bfloat16", "flax", "cudnn", 0)
-    forced = resolve_implementations(
-        config, "gpu", environ={"DFJ_GROUPNORM": "hand_written", "DFJ_ATTENTION_CHUNK": "16"}
+    assert (gpu.dtype, gpu.groupnorm, gpu.upsample_conv, gpu.attention, gpu.attention_chunk_bytes) == (
+        "bfloat16",
+        "flax",
+        "resize",
+        "cudnn",
+        0,
     )
-    assert (forced.groupnorm, forced.attention_chunk_rows) == ("hand_written", 16)
+    forced = resolve_implementations(
+        config,
+        "gpu",
+        environ={"DFJ_GROUPNORM": "hand_written", "DFJ_UPSAMPLE_CONV": "phases", "DFJ_ATTENTION_CHUNK": "16"},
+    )
+    assert (forced.groupnorm, forced.upsample_conv, forced.attention_chunk_rows) == ("hand_written", "phases", 16)
+    assert resolve_implementations(config, "cpu", environ={"DFJ_UPSAMPLE_CONV": "resize"}).upsample_conv == "resize"
     off = resolve_implementations(config, "cpu", environ={"DFJ_ATTENTION_CHUNK": "0"})
     assert (off.attention_chunk_bytes, off.attention_chunk_rows) == (0, 0)
     with pytest.raises(ValueError, match="DFJ_ATTENTION_CHUNK='half'"):
         resolve_implementations(config, "cpu", environ={"DFJ_ATTENTION_CHUNK": "half"})
     with pytest.raises(ValueError, match="DFJ_GROUPNORM='fast'"):
         resolve_implementations(config, "cpu", environ={"DFJ_GROUPNORM": "fast"})
+    with pytest.raises(ValueError, match="DFJ_UPSAMPLE_CONV='subpixel'"):
+        resolve_implementations(config, "cpu", environ={"DFJ_UPSAMPLE_CONV": "subpixel"})
 
 
 def test_layers_read_neither_the_environment_nor_the_backend():
     import inspect
 
-    from diff_fastener_jax.models import dacm, layers, norm, segmentation, unet
+    from diff_fastener_jax.models import dacm, layers, norm, segmentation, unet, upsample_conv
 
-    for module in (layers, norm, unet, segmentation, dacm):
+    for module in (layers, norm, unet, segmentation, dacm, upsample_conv):
         source = inspect.getsource(module)
         for word in ("os.environ", "getenv", "default_backend", "DFJ_"):
             assert word not in source, (module.__name__, word)
@@ -420,7 +432,8 @@ def test_query_chunk_rule():
 def test_every_implementation_choice_gives_the_same_networks_on_cpu():
     """GroupNorm (flax's or hand-written), attention (XLA ops batched or in query chunks, or
     jax.nn.dot_product_attention's 'xla' kernel): the same parameter tree and, in float32, the same
-    outputs of both networks to 1e-5. Chunked attention is taken for train=False only."""
+    outputs of both networks to 1e-5. Chunked attention is taken for train=False only. (The
+    up-sampling conv's two implementations: tests/test_upsample_conv.py.)"""
     from diff_fastener_jax.models.backend import Implementations
 
     config = tiny_config(**{"model.dtype": "float32"})  # the middle block's attention at 32x32: 1024 positions

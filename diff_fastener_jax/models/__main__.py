@@ -34,14 +34,20 @@ def forward_gflops(fn, *args) -> float:
 
 
 def model_summary(config, batch: int = 1) -> dict:
-    """Params and per-image forward GFLOPs of both networks at `config.data.image_size`."""
+    """Params and per-image forward GFLOPs of both networks at `config.data.image_size`.
+
+    The up-sampling convs are counted as the networks are written, at the doubled size, so the count
+    is the architecture's on every backend; on CPU they run by phases with 2.25x fewer FLOPs
+    (`models/upsample_conv.py`), which `benchmark` counts in the program it times."""
     # JAX loads here, inside the command (cli.run turns its absence into one error line)
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
-    from diff_fastener_jax.models import build_models, count_params, kept_skips
+    from diff_fastener_jax.models import build_models, count_params, kept_skips, resolve_implementations
 
-    recon, seg = build_models(config)
+    recon, seg = build_models(config, dataclasses.replace(resolve_implementations(config), upsample_conv="resize"))
     size = config.data.image_size
     c = config.model.in_channels
     x = jnp.zeros((batch, size, size, c), jnp.float32)

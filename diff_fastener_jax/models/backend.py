@@ -2,13 +2,16 @@
 
 Some layers have several implementations that compute the same function at different speeds on
 different hardware: GroupNorm (flax's, or `models/norm.py`'s hand-written sums and gradient, faster
-on XLA:CPU), self-attention (XLA's composed ops, optionally in query chunks that stay in a CPU core's
-cache outside training, or cuDNN's fused kernel on GPUs in 16-bit compute) and the compute dtype of
-`model.dtype='auto'`. `resolve_implementations(config)` makes every one of these choices here, from
-the config, the JAX backend and two environment overrides for A/B measurements:
+on XLA:CPU), the up-sampling blocks' first conv (at the doubled size, or as one 2x2 conv at the low
+size: `models/upsample_conv.py`), self-attention (XLA's composed ops, optionally in query chunks
+that stay in a CPU core's cache outside training, or cuDNN's fused kernel on GPUs in 16-bit compute)
+and the compute dtype of `model.dtype='auto'`. `resolve_implementations(config)` makes every one of
+these choices here, from the config, the JAX backend and three environment overrides for A/B
+measurements:
 
   DFJ_GROUPNORM=flax | hand_written   force a GroupNorm implementation
   DFJ_ATTENTION_CHUNK=0 | R           no query chunking, or R query rows per chunk
+  DFJ_UPSAMPLE_CONV=resize | phases   force an up-sampling conv implementation
 
 `build_models` passes the result down to the layers as module fields; the layers themselves read
 neither the environment nor the backend. None of the choices changes the parameter tree, so a
@@ -29,6 +32,8 @@ from diff_fastener_jax.models.layout import attention_head_dims
 
 GROUPNORM_IMPLS = ("flax", "hand_written")
 GROUPNORM_ENV = "DFJ_GROUPNORM"
+UPSAMPLE_CONV_IMPLS = ("resize", "phases")
+UPSAMPLE_CONV_ENV = "DFJ_UPSAMPLE_CONV"
 ATTENTION_CHUNK_ENV = "DFJ_ATTENTION_CHUNK"
 
 # The (rows, N) float32 logits of one query chunk: small enough to stay in a core's L2 cache
@@ -44,6 +49,8 @@ class Implementations:
 
     dtype: the concrete compute dtype name ('float32' | 'bfloat16' | 'float16').
     groupnorm: 'flax' (flax's nn.GroupNorm) | 'hand_written' (`norm.GroupNorm`).
+    upsample_conv: 'resize' (upsample, then a 3x3 conv at the doubled size) | 'phases' (one 2x2 conv
+        at the low size whose outputs are the four phases: `models/upsample_conv.py`).
     attention: the `implementation` of `jax.nn.dot_product_attention`: None = XLA ops
         (`layers.composed_attention` / `layers.chunked_attention`) | 'cudnn' (the fused kernel).
     attention_chunk_bytes: > 0: outside training, XLA-ops attention splits the queries into chunks whose
@@ -55,6 +62,7 @@ class Implementations:
 
     dtype: str = "float32"
     groupnorm: str = "flax"
+    upsample_conv: str = "resize"
     attention: str | None = None
     attention_chunk_bytes: int = 0
     attention_chunk_rows: int = 0
@@ -112,16 +120,28 @@ def attention_kernel(name: str, dtype, head_dims=(), backend: str | None = None)
     return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 and fits else None
 
 
+def _forced_choice(environ, variable: str, allowed: tuple[str, ...]) -> str:
+    """`variable`'s value in `environ` (default: os.environ), '' when unset; a ValueError for a value
+    not in `allowed`."""
+    environ = os.environ if environ is None else environ
+    forced = environ.get(variable, "")
+    if forced and forced not in allowed:
+        raise ValueError(f"{variable}={forced!r}: expected one of {', '.join(allowed)}")
+    return forced
+
+
 def groupnorm_impl(backend: str | None = None, environ=None) -> str:
     """'hand_written' on XLA:CPU, where it is the faster one (docs/performance.md); flax's elsewhere,
     whose GPU speed is the one measured. DFJ_GROUPNORM forces either."""
-    environ = os.environ if environ is None else environ
-    forced = environ.get(GROUPNORM_ENV, "")
-    if forced:
-        if forced not in GROUPNORM_IMPLS:
-            raise ValueError(f"{GROUPNORM_ENV}={forced!r}: expected one of {', '.join(GROUPNORM_IMPLS)}")
-        return forced
-    return "hand_written" if (backend or jax.default_backend()) == "cpu" else "flax"
+    forced = _forced_choice(environ, GROUPNORM_ENV, GROUPNORM_IMPLS)
+    return forced or ("hand_written" if (backend or jax.default_backend()) == "cpu" else "flax")
+
+
+def upsample_conv_impl(backend: str | None = None, environ=None) -> str:
+    """'phases' on XLA:CPU, where it is the faster one (docs/performance.md); 'resize' elsewhere, whose
+    GPU speed is the one measured. DFJ_UPSAMPLE_CONV forces either."""
+    forced = _forced_choice(environ, UPSAMPLE_CONV_ENV, UPSAMPLE_CONV_IMPLS)
+    return forced or ("phases" if (backend or jax.default_backend()) == "cpu" else "resize")
 
 
 def attention_chunking(backend: str | None = None, environ=None) -> tuple[int, int]:
@@ -140,7 +160,8 @@ def resolve_implementations(
     config: ml_collections.ConfigDict, backend: str | None = None, environ=None
 ) -> Implementations:
     """Every implementation choice for `config` on `backend` (default: JAX's default backend), with the
-    DFJ_GROUPNORM / DFJ_ATTENTION_CHUNK overrides of `environ` (default: os.environ) applied."""
+    DFJ_GROUPNORM / DFJ_UPSAMPLE_CONV / DFJ_ATTENTION_CHUNK overrides of `environ` (default:
+    os.environ) applied."""
     backend = backend or jax.default_backend()
     m = config.model
     dtype = resolve_dtype_name(m.dtype, backend)
@@ -148,6 +169,7 @@ def resolve_implementations(
     return Implementations(
         dtype=dtype,
         groupnorm=groupnorm_impl(backend, environ),
+        upsample_conv=upsample_conv_impl(backend, environ),
         attention=attention_kernel(m.attention, _DTYPES[dtype], attention_head_dims(config), backend),
         attention_chunk_bytes=chunk_bytes,
         attention_chunk_rows=chunk_rows,

@@ -2,9 +2,9 @@
 
 All modules take a compute `dtype`; parameters stay float32 (flax's `param_dtype` default) and the
 GroupNorm statistics are always computed in float32 so bf16 compute does not drift. Where a layer has
-several implementations (GroupNorm, attention), the choice arrives as a module field, made once per
-model build by `models.backend.resolve_implementations`; nothing here reads the environment or asks
-which backend runs.
+several implementations (GroupNorm, the up-sampling conv, attention), the choice arrives as a module
+field, made once per model build by `models.backend.resolve_implementations`; nothing here reads the
+environment or asks which backend runs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from jax import lax
 from diff_fastener_jax.config_schema import REMAT_MODES
 from diff_fastener_jax.models import norm
 from diff_fastener_jax.models.backend import GROUPNORM_IMPLS, Implementations
+from diff_fastener_jax.models.upsample_conv import UpsampleConv3x3
 
 Dtype = Any
 
@@ -169,7 +170,9 @@ class ResBlock(nn.Module):
     """GN-act-conv, + time projection, GN-act-dropout-conv(zero init), with a 1x1 skip if widths change.
 
     `resample` = 'down' / 'up' makes it a BigGAN-style resampling block: both the residual path (after
-    the first activation) and the skip path are average-pooled / nearest-upsampled.
+    the first activation) and the skip path are average-pooled / nearest-upsampled. With
+    `impl.upsample_conv='phases'` the residual path's upsample and first conv run as one conv at the
+    low resolution (`models/upsample_conv.py`), with the same parameters.
     """
 
     out_channels: int
@@ -185,9 +188,11 @@ class ResBlock(nn.Module):
         act = get_activation(self.activation)
         resize = {None: lambda a: a, "down": avg_pool2, "up": upsample_nearest2}[self.resample]
         h = act(GroupNorm32(self.groups, self.dtype, self.impl.groupnorm)(x))
-        h = resize(h)
         x = resize(x)
-        h = Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(h)
+        if self.resample == "up" and self.impl.upsample_conv == "phases":
+            h = UpsampleConv3x3(self.out_channels, dtype=self.dtype, name="conv_in")(h)  # the same parameters
+        else:
+            h = Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(resize(h))
         # (B, 4*base) -> (B, 1, 1, C): the timestep shifts every channel.
         emb = Dense(self.out_channels, dtype=self.dtype, name="temb_proj")(act(temb.astype(self.dtype)))
         h = h + emb[:, None, None, :]

@@ -59,6 +59,7 @@ def _record_head(config, devices) -> dict:
         "attention": m.get("attention", "auto"),
         "remat": m.get("remat", "none"),
         "group_norm": impl.groupnorm,
+        "upsample_conv": impl.upsample_conv,
         # Inference attention blocks, positions N -> query rows per chunk (None: the batched form).
         "attention_query_chunk": _attention_chunks(config, impl),
         # The per-program compiler options of the timed programs (None: XLA's defaults).
