@@ -37,10 +37,10 @@ PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float
 def phase_kernel(kernel: jax.Array) -> jax.Array:
     """(3, 3, C, O) -> (2, 2, C, 4O): the 2x2 kernel whose output channel (a, b, o) is phase (a, b).
 
-    The tap sums run in float32 whatever the kernel's dtype; the result has the kernel's dtype."""
+    The tap sums run in float32 whatever the kernel's dtype, and the result is float32."""
     c, o = kernel.shape[2:]
     k2 = jnp.einsum("atu,bsv,uvio->tsiabo", PHASE_TAPS, PHASE_TAPS, kernel.astype(jnp.float32))
-    return k2.reshape(2, 2, c, 4 * o).astype(kernel.dtype)
+    return k2.reshape(2, 2, c, 4 * o)
 
 
 def _conv2x2(xp: jax.Array, k2: jax.Array) -> jax.Array:
@@ -59,7 +59,7 @@ def _conv2x2_fwd(xp, k2):
 
 def _conv2x2_bwd(saved, dy):
     xp, k2 = saved
-    (dx,) = jax.vjp(lambda a: _conv2x2(a, k2), xp)[1](dy)  # XLA's own input gradient: fast
+    (dx,) = jax.linear_transpose(lambda a: _conv2x2(a, k2), xp)(dy)  # XLA's own input gradient: fast
     h, w, n = dy.shape[1:]
     c = xp.shape[-1]
     dy_rows = dy.reshape(-1, n)  # (B*H*W, N)
